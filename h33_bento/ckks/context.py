@@ -1,0 +1,45 @@
+"""OpenFHE CryptoContexts built from CKKSParams, one per parameter set per process.
+
+OpenFHE deduplicates contexts with equal parameters internally, and its evaluation keys live in
+static maps keyed by the secret key's tag, so one context serves every tenant with these params.
+"""
+from __future__ import annotations
+
+import threading
+
+import openfhe
+
+from .params import CKKSParams
+
+_lock = threading.Lock()
+_contexts: dict[str, openfhe.CryptoContext] = {}
+
+
+def build_context(params: CKKSParams) -> openfhe.CryptoContext:
+    """A fresh context for ``params`` (raises RuntimeError when OpenFHE rejects them)."""
+    p = openfhe.CCParamsCKKSRNS()
+    p.SetMultiplicativeDepth(params.multiplicative_depth)
+    p.SetScalingModSize(params.scale_bits)
+    p.SetFirstModSize(params.first_mod_bits)
+    p.SetSecurityLevel(getattr(openfhe, params.security_level))
+    p.SetScalingTechnique(getattr(openfhe, params.scaling_technique))
+    p.SetRingDim(params.ring_dim)
+    p.SetBatchSize(params.slots)
+    if params.num_large_digits:
+        p.SetNumLargeDigits(params.num_large_digits)
+    cc = openfhe.GenCryptoContext(p)
+    for feature in (openfhe.PKE, openfhe.KEYSWITCH, openfhe.LEVELEDSHE, openfhe.ADVANCEDSHE):
+        cc.Enable(feature)
+    if cc.GetRingDimension() != params.ring_dim:
+        raise RuntimeError(f"OpenFHE chose ring dimension {cc.GetRingDimension()}, not {params.ring_dim}")
+    return cc
+
+
+def get_context(params: CKKSParams) -> openfhe.CryptoContext:
+    """The shared context for ``params`` in this process."""
+    key = params.fingerprint
+    with _lock:
+        cc = _contexts.get(key)
+        if cc is None:
+            cc = _contexts[key] = build_context(params)
+        return cc

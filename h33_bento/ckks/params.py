@@ -1,0 +1,165 @@
+"""CKKS parameters: validated, fingerprinted, JSON-serializable, and chosen for 128-bit security.
+
+The parameters are the contract between client and server: both build the same OpenFHE
+context from them, and every envelope and key bundle carries their fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SecurityLevel = Literal["HEStd_128_classic", "HEStd_192_classic", "HEStd_256_classic", "HEStd_NotSet"]
+ScalingTechnique = Literal["FLEXIBLEAUTO", "FLEXIBLEAUTOEXT", "FIXEDAUTO", "FIXEDMANUAL"]
+
+#: Largest ring dimension we plan for; 2^17 works in OpenFHE but is too slow to be useful here.
+MAX_RING_DIM = 1 << 16
+MIN_RING_DIM = 1 << 10
+
+
+class BootstrapConfig(BaseModel):
+    """Reserved for bootstrapping (a later release); recorded so artifacts stay forward-compatible."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    level_budget: tuple[int, int] = (4, 4)
+    levels_after: int = 10
+
+
+class CKKSParams(BaseModel):
+    """Everything needed to rebuild the same CryptoContext on the client and the server."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ring_dim: int = Field(description="polynomial ring dimension N (a power of two)")
+    multiplicative_depth: int = Field(ge=1, le=60)
+    scale_bits: int = Field(ge=20, le=60, description="bits of each rescaling modulus (the CKKS scale)")
+    first_mod_bits: int = Field(ge=20, le=60, description="bits of the first (decryption) modulus")
+    scaling_technique: ScalingTechnique = "FLEXIBLEAUTO"
+    lanes: int = Field(default=8, ge=1, description="independent inputs interleaved in one ciphertext")
+    security_level: SecurityLevel = "HEStd_128_classic"
+    num_large_digits: int = Field(default=0, ge=0, description="hybrid key-switching digits (0 = OpenFHE default)")
+    rotation_indices: tuple[int, ...] = Field(default=(), description="slot rotations the program needs keys for")
+    bootstrapping: Optional[BootstrapConfig] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "CKKSParams":
+        n = self.ring_dim
+        if n & (n - 1) or not MIN_RING_DIM <= n <= (1 << 17):
+            raise ValueError(f"ring_dim must be a power of two in [{MIN_RING_DIM}, 2^17], got {n}")
+        if self.lanes & (self.lanes - 1) or self.lanes > self.slots:
+            raise ValueError(f"lanes must be a power of two no larger than the {self.slots} slots, got {self.lanes}")
+        if self.first_mod_bits < self.scale_bits:
+            raise ValueError("first_mod_bits must be at least scale_bits")
+        bad = [r for r in self.rotation_indices if not 0 < r < self.slots]
+        if bad:
+            raise ValueError(f"rotation indices must lie in (0, {self.slots}), got {bad[:5]}")
+        return self
+
+    @property
+    def slots(self) -> int:
+        return self.ring_dim // 2
+
+    @property
+    def lane_length(self) -> int:
+        """Values each lane holds: every lane sees its own cyclic vector of this length."""
+        return self.slots // self.lanes
+
+    @property
+    def modulus_bits(self) -> int:
+        """Bits of the ciphertext modulus Q at the top level (special primes excluded)."""
+        return self.first_mod_bits + self.multiplicative_depth * self.scale_bits
+
+    @property
+    def is_128_bit_secure(self) -> bool:
+        return self.security_level != "HEStd_NotSet"
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:32]
+
+    def summary(self) -> dict:
+        """The flat fields that MLflow run params and model cards show."""
+        return {
+            "ring_dim": self.ring_dim,
+            "multiplicative_depth": self.multiplicative_depth,
+            "scale_bits": self.scale_bits,
+            "first_mod_bits": self.first_mod_bits,
+            "modulus_bits": self.modulus_bits,
+            "scaling_technique": self.scaling_technique,
+            "security_level": self.security_level,
+            "lanes": self.lanes,
+            "num_rotation_keys": len(self.rotation_indices),
+        }
+
+
+@lru_cache(maxsize=64)
+def _accepted(ring_dim: int, depth: int, scale_bits: int, first_mod_bits: int, security_level: str) -> bool:
+    """Does OpenFHE accept this ring dimension for the modulus chain at this security level?"""
+    from .context import build_context
+
+    probe = CKKSParams(
+        ring_dim=ring_dim,
+        multiplicative_depth=depth,
+        scale_bits=scale_bits,
+        first_mod_bits=first_mod_bits,
+        lanes=1,
+        security_level=security_level,  # type: ignore[arg-type]
+    )
+    try:
+        build_context(probe)
+    except RuntimeError:
+        return False
+    return True
+
+
+def max_depth(ring_dim: int, scale_bits: int = 40, first_mod_bits: int = 60,
+              security_level: SecurityLevel = "HEStd_128_classic") -> int:
+    """Largest multiplicative depth OpenFHE accepts at this ring dimension and security level."""
+    lo, hi = 0, 60
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _accepted(ring_dim, mid, scale_bits, first_mod_bits, security_level):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def select_params(
+    depth: int,
+    slots_needed: int,
+    lanes: int = 8,
+    scale_bits: int = 40,
+    first_mod_bits: int = 60,
+    security_level: SecurityLevel = "HEStd_128_classic",
+    rotation_indices: tuple[int, ...] = (),
+) -> CKKSParams:
+    """Smallest ring dimension OpenFHE accepts for ``depth`` levels with ``slots_needed`` slots.
+
+    Raises DepthExceededError when even the largest ring dimension cannot hold the depth.
+    """
+    from ..errors import DepthExceededError
+
+    ring_dim = MIN_RING_DIM
+    while ring_dim // 2 < slots_needed and ring_dim < MAX_RING_DIM:
+        ring_dim *= 2
+    while not _accepted(ring_dim, depth, scale_bits, first_mod_bits, security_level):
+        if ring_dim >= MAX_RING_DIM:
+            raise DepthExceededError(depth, max_depth(MAX_RING_DIM, scale_bits, first_mod_bits, security_level),
+                                     MAX_RING_DIM)
+        ring_dim *= 2
+    return CKKSParams(
+        ring_dim=ring_dim,
+        multiplicative_depth=depth,
+        scale_bits=scale_bits,
+        first_mod_bits=first_mod_bits,
+        lanes=lanes,
+        security_level=security_level,
+        rotation_indices=tuple(sorted(set(rotation_indices))),
+    )

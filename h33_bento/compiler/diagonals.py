@@ -1,0 +1,152 @@
+"""Linear transforms as generalized diagonals with a baby-step giant-step (BSGS) schedule.
+
+Each lane holds a cyclic vector of length ``n``; a tensor larger than ``n`` spans several
+ciphertexts ("blocks") and its matrix is treated blockwise.  For output block o the program is
+
+    t_o = sum_g rot( sum_{i,b} rot(d_{o,i,g+b}, -g) * rot(x_i, b), g )
+
+with the baby rotations rot(x_i, b) hoisted (one ``EvalFastRotationPrecompute`` per input
+block) and shared by every output block.  With ``fold = M`` the output is gathered modulo M
+instead of modulo n: only M diagonals are needed however wide the input, followed by
+log2(n/M) rotate-and-add steps, and the result repeats with period M.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # the runtime imports this module and must not need scipy
+    import scipy.sparse as sp
+
+#: Relative primitive costs used to choose layouts and BSGS splits (a key-switching rotation
+#: is 1).  Measured on OpenFHE 1.6 at N=2^14; only the ratios matter for the choices.
+REL_COST = {"rotate": 1.0, "fast_rotate": 0.53, "precompute": 0.43, "mult_plain": 0.033, "add": 0.015}
+
+
+@dataclass
+class DiagonalPlan:
+    """Diagonals of one linear transform under fixed input/output layouts."""
+
+    n: int
+    in_blocks: int
+    out_blocks: int
+    fold: int
+    terms: np.ndarray  # (T, 3) int64 rows: out_block, in_block, k
+    diags: np.ndarray  # (T, n) float64, or shape (T, 0) when only counting
+    bias: np.ndarray  # (out_blocks, n) float64
+    baby_step: int = 1
+
+    @property
+    def fold_steps(self) -> list[int]:
+        """Rotations (per-lane units) of the rotate-and-add fold; empty without fold."""
+        if not self.fold:
+            return []
+        steps, s = [], self.fold
+        while s < self.n:
+            steps.append(s)
+            s *= 2
+        return steps
+
+    def split(self, baby_step: int | None = None) -> tuple[dict[int, set[int]], dict[int, set[int]]]:
+        """Baby rotations per input block and giant rotations per output block for a split."""
+        n1 = baby_step or self.baby_step
+        ks = self.terms[:, 2]
+        babies: dict[int, set[int]] = {}
+        giants: dict[int, set[int]] = {}
+        for (ob, ib), b, g in zip(self.terms[:, :2].tolist(), (ks % n1).tolist(), (ks - ks % n1).tolist()):
+            babies.setdefault(ib, set()).add(b)
+            giants.setdefault(ob, set()).add(g)
+        return babies, giants
+
+    def counts(self, baby_step: int | None = None) -> dict[str, int]:
+        """Operation counts of the schedule: what the plan report and cost model use."""
+        n1 = baby_step or self.baby_step
+        ob, ib, ks = self.terms[:, 0], self.terms[:, 1], self.terms[:, 2]
+        b, g = ks % n1, ks - ks % n1
+        baby_pairs = np.unique(ib[b != 0] * self.n + b[b != 0])
+        giant_pairs = np.unique(ob[g != 0] * self.n + g[g != 0])
+        folds = len(self.fold_steps) * self.out_blocks
+        return {
+            "diagonals": int(len(self.terms)),
+            "precompute": int(len(np.unique(baby_pairs // self.n))),
+            "fast_rotate": int(len(baby_pairs)),
+            "rotate": int(len(giant_pairs)) + folds,
+            "mult_plain": int(len(self.terms)),
+            "add": int(len(self.terms)) + folds,
+        }
+
+    def rotations(self) -> set[int]:
+        """Per-lane rotation amounts (mod n) this transform needs keys for."""
+        babies, giants = self.split()
+        used = set().union(*babies.values(), *giants.values(), self.fold_steps)
+        return {r % self.n for r in used} - {0}
+
+    def choose_baby_step(self) -> None:
+        """Pick the BSGS split that minimizes the relative cost."""
+        ks = np.unique(self.terms[:, 2])
+        candidates = sorted(set(range(1, min(self.n, 64) + 1)) | {1 << p for p in range(int(np.log2(self.n)) + 1)})
+        best = None
+        for n1 in candidates:
+            if n1 > max(int(ks.max(initial=0)) + 1, 1) and n1 != 1:
+                break
+            cost = relative_cost(self.counts(n1))
+            if best is None or cost < best[0]:
+                best = (cost, n1)
+        self.baby_step = best[1] if best else 1
+
+
+def relative_cost(counts: dict[str, int]) -> float:
+    return sum(REL_COST[k] * counts.get(k, 0) for k in REL_COST)
+
+
+def build_diagonals(
+    matrix: "sp.spmatrix",
+    bias: np.ndarray,
+    in_pos: np.ndarray,
+    out_pos: np.ndarray,
+    n: int,
+    fold: int = 0,
+    values: bool = True,
+) -> DiagonalPlan:
+    """Extract the non-zero (generalized) diagonals of ``matrix`` under the given layouts.
+
+    ``in_pos``/``out_pos`` map each logical element to its slot position (block * n + offset).
+    With ``values=False`` only the diagonal indices are computed (for planning huge models).
+    """
+    coo = matrix.tocoo()
+    in_p = in_pos[coo.col]
+    out_p = out_pos[coo.row]
+    ib, io = np.divmod(in_p, n)
+    ob, oo = np.divmod(out_p, n)
+    in_blocks = int(in_pos.max()) // n + 1 if len(in_pos) else 1
+    out_blocks = int(out_pos.max()) // n + 1 if len(out_pos) else 1
+    if fold:
+        if out_blocks != 1 or int(out_pos.max()) >= fold:
+            raise ValueError("folded outputs must fit in [0, fold) of one block")
+        k = (io - oo) % fold
+        slot = (io - k) % n
+    else:
+        k = (io - oo) % n
+        slot = oo
+    key = (ob * in_blocks + ib) * n + k
+    uniq, inverse = np.unique(key, return_inverse=True)
+    terms = np.stack([uniq // (in_blocks * n), (uniq // n) % in_blocks, uniq % n], axis=1).astype(np.int64)
+    diags = np.zeros((len(uniq), n if values else 0))
+    if values:
+        flat = inverse.reshape(-1) * n + slot
+        if len(np.unique(flat)) != len(flat):
+            raise AssertionError("layout collision: two matrix entries map to one diagonal slot")
+        diags.reshape(-1)[flat] = coo.data
+    bias_vec = np.zeros((out_blocks, n))
+    b_ob, b_oo = np.divmod(out_pos, n)
+    if fold:
+        for r in range(0, n, fold):
+            bias_vec[b_ob, b_oo + r] = bias
+    else:
+        bias_vec[b_ob, b_oo] = bias
+    plan = DiagonalPlan(n=n, in_blocks=in_blocks, out_blocks=out_blocks, fold=fold,
+                        terms=terms, diags=diags, bias=bias_vec)
+    plan.choose_baby_step()
+    return plan

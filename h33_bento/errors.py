@@ -1,0 +1,68 @@
+"""Exception hierarchy: every failure a user can cause has its own class and a clear message."""
+from __future__ import annotations
+
+
+class H33Error(Exception):
+    """Base class for all h33-bento errors."""
+
+
+class CompileError(H33Error):
+    """The model cannot be compiled (unsupported op, bad shape, ...)."""
+
+
+class UnsupportedOpError(CompileError):
+    """An ONNX/PyTorch op the compiler does not support."""
+
+    def __init__(self, op_type: str, node_name: str, hint: str = "") -> None:
+        msg = f"unsupported op {op_type!r} at node {node_name!r}"
+        if hint:
+            msg += f": {hint}"
+        super().__init__(msg)
+        self.op_type = op_type
+        self.node_name = node_name
+
+
+class DepthExceededError(CompileError):
+    """The network needs more levels than 128-bit parameters allow without bootstrapping."""
+
+    def __init__(self, levels_needed: int, levels_available: int, ring_dim: int) -> None:
+        super().__init__(
+            f"the network needs {levels_needed} multiplicative levels, but 128-bit CKKS "
+            f"parameters allow at most {levels_available} at ring dimension {ring_dim} "
+            "without bootstrapping; use fewer or lower-degree activations, or compile with "
+            "plan_only=True to inspect the plan"
+        )
+        self.levels_needed = levels_needed
+        self.levels_available = levels_available
+
+
+class ModelFormatError(H33Error):
+    """A saved CompiledModel is missing files, has been tampered with, or is of an unknown version."""
+
+
+class EnvelopeError(H33Error, ValueError):
+    """Base class for problems with an encrypted envelope (ciphertext or key bundle bytes)."""
+
+
+class UnsupportedVersionError(EnvelopeError):
+    """The wire-format version is not one this build understands."""
+
+
+class ModelMismatchError(EnvelopeError):
+    """The envelope was made for another model."""
+
+
+class ParamsMismatchError(EnvelopeError):
+    """The envelope (or key bundle) was made for other CKKS parameters."""
+
+
+class KeyMismatchError(EnvelopeError):
+    """The envelope was encrypted under a key other than the one loaded."""
+
+
+class TruncatedDataError(EnvelopeError):
+    """The bytes end before the header says they should."""
+
+
+class TamperedDataError(EnvelopeError):
+    """The bytes do not match their recorded digest."""

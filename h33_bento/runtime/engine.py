@@ -1,0 +1,204 @@
+"""The server-side engine: runs a CompiledModel on ciphertexts with evaluation keys only.
+
+It never sees a secret key.  Plaintext diagonals are lane-expanded, encoded at the level where
+they are consumed and cached up to a memory budget; the first run encodes, later runs reuse.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+import openfhe
+
+from ..ckks.keys import EvaluationKeys
+from ..ckks.serialization import EncryptedTensor
+from ..compiler.activations import to_openfhe_coeffs
+from ..compiler.program import CompiledModel, Step
+from ..errors import EnvelopeError, KeyMismatchError, TamperedDataError
+
+DEFAULT_CACHE_BYTES = 2 << 30
+
+
+class _PlaintextCache:
+    """LRU of encoded plaintexts keyed by (step, term, level, scale degree), bounded in bytes."""
+
+    def __init__(self, budget_bytes: int, bytes_per_tower: int, towers: int) -> None:
+        self.budget = budget_bytes
+        self.per_tower = bytes_per_tower
+        self.towers = towers
+        self.used = 0
+        self._items: OrderedDict[tuple, tuple[openfhe.Plaintext, int]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple, level: int, make) -> openfhe.Plaintext:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item[0]
+        self.misses += 1
+        pt = make()
+        size = self.per_tower * (self.towers - level)
+        if size <= self.budget:
+            self._items[key] = (pt, size)
+            self.used += size
+            while self.used > self.budget:
+                _, (_, old) = self._items.popitem(last=False)
+                self.used -= old
+        return pt
+
+
+class Engine:
+    """Runs one compiled model for the holder of one evaluation-key bundle."""
+
+    def __init__(self, compiled: CompiledModel, evaluation_keys: EvaluationKeys | bytes,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        if not compiled.runnable:
+            raise ValueError("this compiled model is a plan only (its depth needs bootstrapping); it cannot run")
+        if isinstance(evaluation_keys, (bytes, bytearray, memoryview)):
+            evaluation_keys = EvaluationKeys.from_bytes(bytes(evaluation_keys), compiled.params)
+        self.model = compiled
+        self.params = compiled.params
+        self.keys = evaluation_keys
+        self.key_id = evaluation_keys.key_id
+        self.cc = evaluation_keys.install(compiled.params)
+        self._m = self.cc.GetCyclotomicOrder()
+        self._lock = threading.Lock()
+        self.cache = _PlaintextCache(cache_bytes, self.params.ring_dim * 8, self.params.multiplicative_depth + 1)
+        self.last_timings: dict[str, float] = {}
+
+    # ----------------------------------------------------------------- envelopes
+    def run(self, envelope: EncryptedTensor | bytes) -> EncryptedTensor:
+        """Validate an input envelope, run the program, and return the output envelope."""
+        enc = EncryptedTensor.from_bytes(envelope) if isinstance(envelope, (bytes, bytearray)) else envelope
+        enc.check(self.model.fingerprint, self.params.fingerprint, {self.key_id})
+        if tuple(enc.shape) not in (tuple(self.model.input_shape),
+                                    (enc.lanes_used, *self.model.input_shape)):
+            raise EnvelopeError(f"envelope holds shape {tuple(enc.shape)}, the model takes {self.model.input_shape}")
+        if len(enc.ciphertexts) != self.model.input_blocks:
+            raise EnvelopeError(f"envelope holds {len(enc.ciphertexts)} ciphertexts, the model takes "
+                                f"{self.model.input_blocks}")
+        cts = [self.deserialize(blob) for blob in enc.ciphertexts]
+        out = self.run_ciphertexts(cts)
+        return EncryptedTensor(
+            model_fingerprint=self.model.fingerprint,
+            params_fingerprint=self.params.fingerprint,
+            key_id=self.key_id,
+            shape=((enc.lanes_used, *self.model.output_shape) if enc.batched else self.model.output_shape),
+            lanes_used=enc.lanes_used,
+            level=self.model.depth,
+            ciphertexts=[openfhe.Serialize(ct, openfhe.BINARY) for ct in out],
+            batched=enc.batched,
+            lane=enc.lane,
+        )
+
+    def deserialize(self, blob: bytes) -> openfhe.Ciphertext:
+        """An untrusted ciphertext blob -> Ciphertext, checked against this key and ring."""
+        try:
+            ct = openfhe.DeserializeCiphertextString(blob, openfhe.BINARY)
+        except RuntimeError as exc:
+            raise TamperedDataError(f"ciphertext could not be deserialized: {exc}") from exc
+        if ct.GetKeyTag() != self.keys.key_tag:
+            raise KeyMismatchError("ciphertext was encrypted under a key other than this bundle's")
+        if ct.GetCryptoContext().GetRingDimension() != self.params.ring_dim or ct.GetLevel() != 0:
+            raise TamperedDataError("ciphertext does not match the model's ring dimension or starting level")
+        return ct
+
+    # ----------------------------------------------------------------- program
+    def run_ciphertexts(self, inputs: Sequence[openfhe.Ciphertext]) -> list[openfhe.Ciphertext]:
+        """Execute every step; returns the output blocks."""
+        with self._lock:
+            values: dict[str, list[openfhe.Ciphertext]] = {self.model.input_name: list(inputs)}
+            timings: dict[str, float] = {}
+            for step in self.model.steps:
+                t0 = time.perf_counter()
+                values[step.name] = self._run_step(step, [values[i] for i in step.inputs])
+                timings[step.name] = (time.perf_counter() - t0) * 1000.0
+            self.last_timings = timings
+            return values[self.model.output]
+
+    def _run_step(self, step: Step, args: list[list[openfhe.Ciphertext]]) -> list[openfhe.Ciphertext]:
+        cc = self.cc
+        if step.op == "linear":
+            return self._linear(step, args[0])
+        if step.op == "poly":
+            coeffs = to_openfhe_coeffs(step.attrs["coeffs"])
+            return [cc.EvalChebyshevSeries(ct, coeffs, step.attrs["lower"], step.attrs["upper"]) for ct in args[0]]
+        if step.op == "square":
+            return [cc.EvalSquare(ct) for ct in args[0]]
+        if step.op == "add":
+            return [cc.EvalAdd(a, b) for a, b in zip(*args)]
+        if step.op == "mul":
+            return [cc.EvalMult(a, b) for a, b in zip(*args)]
+        raise ValueError(f"unknown step op {step.op!r}")
+
+    def _encode(self, values: np.ndarray, level: int, scale_degree: int = 1) -> openfhe.Plaintext:
+        lanes = np.repeat(values, self.params.lanes)  # slot = position * lanes + lane
+        return self.cc.MakeCKKSPackedPlaintext(lanes, scale_degree, level)
+
+    def _diagonal(self, step: Step, index: int, giant: int, level: int) -> openfhe.Plaintext:
+        plan = step.linear
+        return self.cache.get(
+            (step.name, index, level, 1), level,
+            lambda: self._encode(np.roll(plan.diags[index], giant), level),
+        )
+
+    def _linear(self, step: Step, xs: list[openfhe.Ciphertext]) -> list[openfhe.Ciphertext]:
+        cc, plan, lanes = self.cc, step.linear, self.params.lanes
+        n1 = plan.baby_step
+        ks = plan.terms[:, 2]
+        babies_needed: dict[int, set[int]] = {}
+        for ib, k in zip(plan.terms[:, 1].tolist(), ks.tolist()):
+            babies_needed.setdefault(ib, set()).add(k % n1)
+        rotated: dict[tuple[int, int], openfhe.Ciphertext] = {}
+        for ib, babies in babies_needed.items():
+            x = xs[ib]
+            nonzero = sorted(babies - {0})
+            if nonzero:
+                digits = cc.EvalFastRotationPrecompute(x)
+                for b in nonzero:
+                    rotated[ib, b] = cc.EvalFastRotation(x, b * lanes, self._m, digits)
+            rotated[ib, 0] = x
+        # a ciphertext pending a rescale (scale degree 2) is rescaled inside EvalMult first
+        x0 = xs[0]
+        level = x0.GetLevel() + x0.GetNoiseScaleDeg() - 1
+        outs = []
+        for ob in range(plan.out_blocks):
+            acc: dict[int, openfhe.Ciphertext] = {}
+            for t in np.flatnonzero(plan.terms[:, 0] == ob).tolist():
+                ib, k = int(plan.terms[t, 1]), int(ks[t])
+                b, g = k % n1, k - k % n1
+                prod = cc.EvalMult(rotated[ib, b], self._diagonal(step, t, g, level))
+                if g in acc:
+                    cc.EvalAddInPlace(acc[g], prod)
+                else:
+                    acc[g] = prod
+            out = acc.pop(0, None)
+            for g, part in acc.items():
+                r = cc.EvalRotate(part, g * lanes)
+                out = r if out is None else cc.EvalAdd(out, r)
+            for f in plan.fold_steps:
+                cc.EvalAddInPlace(out, cc.EvalRotate(out, f * lanes))
+            if np.any(plan.bias[ob]):
+                lvl, deg = out.GetLevel(), out.GetNoiseScaleDeg()
+                bias = self.cache.get((step.name, "bias", ob, lvl, deg), lvl,
+                                      lambda: self._encode(plan.bias[ob], lvl, deg))
+                out = cc.EvalAdd(out, bias)
+            outs.append(out)
+        return outs
+
+    # ----------------------------------------------------------------- lane packing
+    def pack_lanes(self, requests: Sequence[tuple[int, list[openfhe.Ciphertext]]]) -> list[openfhe.Ciphertext]:
+        """Merge single-input ciphertexts (each in lane 0) into one, request i moved to its lane."""
+        merged: list[openfhe.Ciphertext] | None = None
+        for lane, blocks in requests:
+            if not 0 <= lane < self.params.lanes:
+                raise ValueError(f"lane {lane} outside 0..{self.params.lanes - 1}")
+            shifted = [ct if lane == 0 else self.cc.EvalRotate(ct, self.params.slots - lane) for ct in blocks]
+            merged = shifted if merged is None else [self.cc.EvalAdd(a, b) for a, b in zip(merged, shifted)]
+        if merged is None:
+            raise ValueError("no requests to pack")
+        return merged

@@ -1,2 +1,33 @@
-"""h33-bento: encrypted inference with CKKS."""
+"""h33-bento: encrypted (CKKS) neural-network inference that deploys like any other model.
+
+Public API (imported lazily, so ``import h33_bento`` stays light and never pulls in torch):
+``compile``, ``CompiledModel``, ``simulate``, ``Engine``, ``FHEInferenceClient``, ``Prediction``,
+``KeyChain``, ``EvaluationKeys``, ``EncryptedTensor``, ``CKKSParams``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "compile": "h33_bento.compiler",
+    "CompiledModel": "h33_bento.compiler.program",
+    "simulate": "h33_bento.runtime.simulate",
+    "Engine": "h33_bento.runtime.engine",
+    "FHEInferenceClient": "h33_bento.client",
+    "Prediction": "h33_bento.client",
+    "KeyChain": "h33_bento.ckks.keys",
+    "EvaluationKeys": "h33_bento.ckks.keys",
+    "EncryptedTensor": "h33_bento.ckks.serialization",
+    "CKKSParams": "h33_bento.ckks.params",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'h33_bento' has no attribute {name!r}")

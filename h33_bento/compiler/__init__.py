@@ -5,6 +5,7 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..ckks.params import CKKSParams, SecurityLevel, max_depth, select_params, MAX_RING_DIM
 from ..errors import CompileError, DepthExceededError
@@ -59,20 +60,25 @@ def compile(
     range_margin: float = 0.1,
     plan_only: bool = False,
     measure_costs: bool = True,
+    progress: bool = False,
 ) -> CompiledModel:
     """Compile ``model`` for encrypted inference with ``lanes`` inputs per ciphertext.
 
     ``calibration_data`` (a batch shaped like the input) sets the ranges of the polynomial
     activations that replace ReLU/Sigmoid/Tanh/GELU/SiLU.  With ``plan_only=True`` the diagonal
     values are not materialized and a network deeper than 128-bit parameters allow still gets
-    a plan (marked not runnable) instead of a DepthExceededError.
+    a plan (marked not runnable) instead of a DepthExceededError.  ``progress`` shows a bar.
     """
+    bar = tqdm(total=5, desc="compile", unit="stage", disable=not progress, leave=False)
+    bar.set_postfix_str("import")
     graph = load_graph(model, input_shape)
     input_node = graph.nodes[graph.input]
     if calibration_data is not None:
         calibration_data = np.asarray(calibration_data, dtype=np.float64).reshape(-1, *input_node.shape)
+    bar.update(); bar.set_postfix_str("fuse + calibrate")
     graph = fuse_linear_chains(graph)
     graph = calibrate(graph, calibration_data, range_margin, activation_degrees)
+    bar.update(); bar.set_postfix_str("levels + parameters")
     levels = plan_levels(graph)
     depth = max(levels.values())
     n = _lane_length(graph, lanes)
@@ -86,6 +92,7 @@ def compile(
         params = CKKSParams(ring_dim=MAX_RING_DIM, multiplicative_depth=max_depth(MAX_RING_DIM), scale_bits=scale_bits,
                             first_mod_bits=first_mod_bits, lanes=lanes, security_level=security_level)
     n = params.lane_length
+    bar.update(); bar.set_postfix_str("layout + diagonals")
     positions, plans = assign_layouts(graph, n, values=not plan_only)
 
     steps: list[Step] = []
@@ -103,6 +110,7 @@ def compile(
     lane_shifts = {params.slots - lane for lane in range(1, lanes)}  # server-side lane packing
     params = CKKSParams(**{**params.model_dump(), "rotation_indices": tuple(sorted(slot_rotations | lane_shifts))})
 
+    bar.update(); bar.set_postfix_str("measure primitive costs")
     costs: dict[str, float] = {}
     sizes: dict[str, int] = {}
     if measure_costs and runnable:
@@ -110,6 +118,8 @@ def compile(
 
         degrees = tuple(len(s.attrs["coeffs"]) - 1 for s in steps if s.op == "poly")
         costs, sizes = measure_primitives(params, degrees)
+    bar.update()
+    bar.close()
     out_node = graph.nodes[graph.output]
     if labels is not None and len(labels) != out_node.size:
         raise CompileError(f"{len(labels)} labels given for {out_node.size} outputs")

@@ -1,0 +1,28 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test`.
+# Both create the virtual environment on first use.
+PYTHON ?= python3.10
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/mnist_end_to_end.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_convnet.py
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

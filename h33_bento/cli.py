@@ -1,0 +1,200 @@
+"""The ``h33`` command line: compile, inspect, keygen, encrypt, infer, decrypt, run.
+
+The split mirrors the deployment: ``keygen``/``encrypt``/``decrypt`` are the data owner's and use
+the secret key; ``infer`` is the server's and reads only the evaluation-key bundle.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from tqdm.auto import tqdm
+
+from .errors import H33Error
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Encrypted (CKKS) inference: compile a network once, run it on ciphertexts.")
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected a shape like 1,28,28, got {text!r}") from None
+
+
+def _load_model_source(model: str, weights: Optional[Path]):
+    """An ONNX file path, or ``package.module:Class`` (a torch module) plus a state-dict file."""
+    if model.endswith(".onnx") or Path(model).is_file():
+        return model
+    if ":" not in model:
+        raise typer.BadParameter(f"{model!r} is neither an ONNX file nor a 'package.module:Class' spec")
+    import torch
+
+    mod_name, cls_name = model.split(":", 1)
+    module = getattr(importlib.import_module(mod_name), cls_name)()
+    if weights is not None:
+        module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return module.eval()
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(f"cannot read {path} as a .npy array: {exc}") from exc
+
+
+@app.command("compile")
+def compile_cmd(
+    model: str = typer.Argument(..., help="ONNX file, or package.module:Class of a torch module"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to write the compiled model to"),
+    input_shape: str = typer.Option(..., "--input-shape", help="input shape without batch, e.g. 1,28,28"),
+    weights: Optional[Path] = typer.Option(None, help="torch state_dict for a module spec"),
+    calibration: Optional[Path] = typer.Option(None, help=".npy batch of inputs to calibrate activation ranges"),
+    lanes: int = typer.Option(8, help="inputs per ciphertext"),
+    labels: Optional[str] = typer.Option(None, help="comma-separated class labels"),
+) -> None:
+    """Compile a network to a CKKS program (128-bit parameters)."""
+    from .compiler import compile as compile_model
+
+    try:
+        source = _load_model_source(model, weights)
+        data = _load_array(calibration) if calibration else None
+        t0 = time.perf_counter()
+        compiled = compile_model(source, _shape(input_shape), data, lanes=lanes,
+                                 labels=labels.split(",") if labels else None, progress=True)
+        compiled.save(out)
+    except H33Error as exc:
+        _fail(exc)
+    typer.echo(compiled.plan)
+    typer.echo(f"\ncompiled in {time.perf_counter() - t0:.1f} s -> {out}")
+
+
+@app.command()
+def inspect(model_dir: Path = typer.Argument(..., help="compiled model directory")) -> None:
+    """Print the plan: levels, diagonals, rotations and predicted time per layer."""
+    from .compiler.program import CompiledModel
+
+    try:
+        typer.echo(CompiledModel.load(model_dir).plan)
+    except H33Error as exc:
+        _fail(exc)
+
+
+@app.command()
+def keygen(
+    model_dir: Path = typer.Argument(..., help="compiled model directory"),
+    keys: Path = typer.Option(..., "--keys", help="directory for this client's keys (holds the secret key)"),
+) -> None:
+    """Generate a key pair and the evaluation-key bundle the model needs."""
+    from .ckks.keys import EVAL_KEYS_FILE, KeyChain
+    from .compiler.program import CompiledModel
+
+    try:
+        compiled = CompiledModel.load(model_dir)
+        with tqdm(total=1, desc="keygen", leave=False):
+            chain = KeyChain.generate(compiled.params)
+        chain.save(keys)
+    except H33Error as exc:
+        _fail(exc)
+    size = chain.evaluation_keys().size_bytes
+    typer.echo(f"key_id {chain.key_id}; evaluation keys {size / 2**20:.1f} MiB in {keys / EVAL_KEYS_FILE} "
+               "(upload this file; keep secret.key on this machine)")
+
+
+@app.command()
+def encrypt(
+    model_dir: Path = typer.Argument(...),
+    keys: Path = typer.Option(..., "--keys"),
+    input: Path = typer.Option(..., "--input", help=".npy with one input or up to `lanes` inputs"),
+    out: Path = typer.Option(..., "--out", "-o"),
+) -> None:
+    """Encrypt inputs into one envelope (up to `lanes` inputs share a ciphertext)."""
+    from .client import FHEInferenceClient
+
+    try:
+        client = FHEInferenceClient(str(model_dir), keys=keys)
+        out.write_bytes(client.encrypt(_load_array(input)).to_bytes())
+    except (H33Error, ValueError) as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
+@app.command()
+def infer(
+    model_dir: Path = typer.Argument(...),
+    eval_keys: Path = typer.Option(..., "--eval-keys", help="evaluation-key bundle (no secret key)"),
+    input: Path = typer.Option(..., "--input", help="encrypted envelope"),
+    out: Path = typer.Option(..., "--out", "-o"),
+) -> None:
+    """Server side: run the program on an encrypted envelope with evaluation keys only."""
+    from .compiler.program import CompiledModel
+    from .runtime.engine import Engine
+
+    try:
+        engine = Engine(CompiledModel.load(model_dir), eval_keys.read_bytes())
+        t0 = time.perf_counter()
+        out.write_bytes(engine.run(input.read_bytes()).to_bytes())
+    except H33Error as exc:
+        _fail(exc)
+    typer.echo(f"ran in {time.perf_counter() - t0:.2f} s -> {out}")
+
+
+@app.command()
+def decrypt(
+    model_dir: Path = typer.Argument(...),
+    keys: Path = typer.Option(..., "--keys"),
+    input: Path = typer.Option(..., "--input", help="encrypted result envelope"),
+    top_k: int = typer.Option(3, help="how many classes to show"),
+) -> None:
+    """Decrypt a result envelope and print predictions."""
+    from .client import FHEInferenceClient
+
+    try:
+        client = FHEInferenceClient(str(model_dir), keys=keys)
+        preds = client.decrypt(input.read_bytes())
+    except H33Error as exc:
+        _fail(exc)
+    for i, p in enumerate(preds if isinstance(preds, list) else [preds]):
+        typer.echo(f"[{i}] {p.label} ({p.confidence:.3f})  top-{top_k}: {p.top_k(top_k)}")
+
+
+@app.command()
+def run(
+    model_dir: Path = typer.Argument(...),
+    input: Path = typer.Option(..., "--input", help=".npy batch of inputs"),
+    labels: Optional[Path] = typer.Option(None, help=".npy of true labels, to report accuracy"),
+) -> None:
+    """Local end to end: keygen, encrypt, infer, decrypt; prints predictions and timings."""
+    from .client import FHEInferenceClient
+
+    try:
+        client = FHEInferenceClient(str(model_dir))
+    except H33Error as exc:
+        _fail(exc)
+    x = _load_array(input).reshape(-1, *client.model.input_shape)
+    preds, t0 = [], time.perf_counter()
+    for start in tqdm(range(0, len(x), client.lanes), desc="encrypted passes", unit="ct"):
+        preds += client.infer_batch(x[start:start + client.lanes])
+    elapsed = time.perf_counter() - t0
+    for i, p in enumerate(preds):
+        typer.echo(f"[{i}] {p.label} ({p.confidence:.3f})")
+    typer.echo(f"{len(x)} inputs in {elapsed:.2f} s: {1000 * elapsed / len(x):.1f} ms/input amortized")
+    if labels is not None:
+        truth = _load_array(labels).reshape(-1)
+        acc = np.mean([p.index == t for p, t in zip(preds, truth)])
+        typer.echo(f"accuracy {acc:.4f}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,65 @@
+"""Shared fixtures: real MNIST data, trained networks, compiled programs and key chains.
+
+Everything is session-scoped: training and key generation happen once per test run.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from h33_bento import compile, datasets, zoo  # noqa: E402
+from h33_bento.client import FHEInferenceClient  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def mnist_train():
+    return datasets.mnist_train5k()
+
+
+@pytest.fixture(scope="session")
+def mnist_test():
+    return datasets.mnist_test()
+
+
+@pytest.fixture(scope="session")
+def cnn(mnist_train):
+    """Conv + BN + x^2 + AvgPool + dense, trained on 5k real MNIST images."""
+    x, y = mnist_train
+    return zoo.train(zoo.MnistCNN(), x, y, epochs=4)
+
+
+@pytest.fixture(scope="session")
+def cnn_compiled(cnn, mnist_train):
+    return compile(cnn, (1, 28, 28), calibration_data=mnist_train[0][:256], labels=[str(i) for i in range(10)])
+
+
+@pytest.fixture(scope="session")
+def cnn_client(cnn_compiled):
+    return FHEInferenceClient(cnn_compiled)
+
+
+@pytest.fixture(scope="session")
+def convnet(mnist_train):
+    x, y = mnist_train
+    return zoo.train(zoo.ConvNet(), x, y, epochs=2)
+
+
+@pytest.fixture(scope="session")
+def convnet_compiled(convnet, mnist_train):
+    return compile(convnet, (1, 28, 28), calibration_data=mnist_train[0][:128])
+
+
+@pytest.fixture(scope="session")
+def convnet_client(convnet_compiled):
+    return FHEInferenceClient(convnet_compiled)
+
+
+def assert_logits_close(got: np.ndarray, want: np.ndarray, rel: float = 1e-2) -> None:
+    """Max |error| at most ``rel`` times the range of the reference logits."""
+    span = float(want.max() - want.min())
+    err = float(np.abs(got - want).max())
+    assert err <= rel * span, f"max logit error {err:.3g} exceeds {rel} x logit range {span:.3g}"

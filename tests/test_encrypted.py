@@ -95,7 +95,7 @@ def _held_bytes(obj, seen=None) -> list[bytes]:
 
 def test_server_never_holds_the_secret_key(convnet_compiled):
     chain = KeyChain.generate(convnet_compiled.params)
-    secret = openfhe.Serialize(chain._keypair.secretKey, openfhe.BINARY)
+    secret = openfhe.Serialize(chain._secret_key, openfhe.BINARY)
     bundle = chain.evaluation_keys().to_bytes()
     engine = Engine(convnet_compiled, bundle)
     # any 64-byte window of the secret key's coefficient data would betray it

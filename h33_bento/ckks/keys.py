@@ -25,9 +25,12 @@ EVAL_KEYS_FILE = "evaluation_keys.h33k"
 PARAMS_FILE = "params.json"
 
 
-def key_id_for(public_key_bytes: bytes) -> str:
-    """A key's public identity: the fingerprint of its serialized public key."""
-    return hashlib.sha256(public_key_bytes).hexdigest()[:32]
+def key_id_for(key_tag: str) -> str:
+    """A key's public identity, derived from OpenFHE's key tag (which every ciphertext carries).
+
+    The serialized public key is not byte-stable across a save/load, so it cannot be the id.
+    """
+    return hashlib.sha256(f"h33-key:{key_tag}".encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,8 @@ class EvaluationKeys:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TamperedDataError(f"evaluation-key bundle header is not valid: {exc}") from exc
-        if key_id_for(keys.public_key) != keys.key_id:
-            raise TamperedDataError("evaluation-key bundle's key_id does not match its public key")
+        if key_id_for(keys.key_tag) != keys.key_id:
+            raise TamperedDataError("evaluation-key bundle's key_id does not match its key tag")
         if params is not None:
             keys.check_params(params)
         return keys
@@ -96,6 +99,9 @@ class EvaluationKeys:
         # OpenFHE keeps evaluation keys in process-wide maps keyed by the key tag and refuses to
         # overwrite them, so a bundle whose tag is already loaded (same client, re-upload) is skipped.
         try:
+            public = openfhe.DeserializePublicKeyString(self.public_key, openfhe.BINARY)
+            if public is None or public.GetKeyTag() != self.key_tag:
+                raise TamperedDataError("evaluation-key bundle's public key does not carry its key tag")
             if self.key_tag not in cc.GetAllEvalMultKeys():
                 openfhe.DeserializeEvalMultKeyString(self.mult_key, openfhe.BINARY)
             if self.rotation_keys and self.key_tag not in cc.GetAllEvalAutomorphismKeys():
@@ -110,12 +116,13 @@ class EvaluationKeys:
 class KeyChain:
     """The client's keys.  Holds the secret key; never hand this object to a server."""
 
-    def __init__(self, params: CKKSParams, keypair: openfhe.KeyPair) -> None:
+    def __init__(self, params: CKKSParams, public_key: openfhe.PublicKey, secret_key: openfhe.PrivateKey) -> None:
         self.params = params
         self._cc = get_context(params)
-        self._keypair = keypair
-        self._public_bytes = openfhe.Serialize(keypair.publicKey, openfhe.BINARY)
-        self.key_id = key_id_for(self._public_bytes)
+        self._public_key = public_key
+        self._secret_key = secret_key
+        self._public_bytes = openfhe.Serialize(public_key, openfhe.BINARY)
+        self.key_id = key_id_for(public_key.GetKeyTag())
         self._eval_keys: EvaluationKeys | None = None
 
     @classmethod
@@ -126,11 +133,11 @@ class KeyChain:
         cc.EvalMultKeyGen(keypair.secretKey)
         if params.rotation_indices:
             cc.EvalRotateKeyGen(keypair.secretKey, list(params.rotation_indices))
-        return cls(params, keypair)
+        return cls(params, keypair.publicKey, keypair.secretKey)
 
     @property
     def key_tag(self) -> str:
-        return self._keypair.publicKey.GetKeyTag()
+        return self._public_key.GetKeyTag()
 
     def evaluation_keys(self) -> EvaluationKeys:
         """The bundle to upload to a server: no secret key in it."""
@@ -151,7 +158,7 @@ class KeyChain:
     def encrypt_slots(self, values: np.ndarray) -> bytes:
         """Encrypt one full slot vector and return OpenFHE's BINARY serialization."""
         pt = self._cc.MakeCKKSPackedPlaintext(np.ascontiguousarray(values, dtype=np.float64))
-        return openfhe.Serialize(self._cc.Encrypt(self._keypair.publicKey, pt), openfhe.BINARY)
+        return openfhe.Serialize(self._cc.Encrypt(self._public_key, pt), openfhe.BINARY)
 
     def decrypt_slots(self, blob: bytes) -> np.ndarray:
         """Decrypt one serialized ciphertext to its real slot values."""
@@ -159,9 +166,11 @@ class KeyChain:
             ct = openfhe.DeserializeCiphertextString(blob, openfhe.BINARY)
         except RuntimeError as exc:
             raise TamperedDataError(f"ciphertext could not be deserialized: {exc}") from exc
+        if ct is None:
+            raise TamperedDataError("ciphertext could not be deserialized")
         if ct.GetKeyTag() != self.key_tag:
             raise KeyMismatchError("ciphertext was produced under another key")
-        pt = self._cc.Decrypt(ct, self._keypair.secretKey)
+        pt = self._cc.Decrypt(ct, self._secret_key)
         pt.SetLength(self.params.slots)
         return np.asarray(pt.GetRealPackedValue(), dtype=np.float64)
 
@@ -173,7 +182,7 @@ class KeyChain:
         secret = d / SECRET_KEY_FILE
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(openfhe.Serialize(self._keypair.secretKey, openfhe.BINARY))
+            fh.write(openfhe.Serialize(self._secret_key, openfhe.BINARY))
         (d / "public.key").write_bytes(self._public_bytes)
         (d / EVAL_KEYS_FILE).write_bytes(self.evaluation_keys().to_bytes())
         return d
@@ -189,9 +198,7 @@ class KeyChain:
         except FileNotFoundError as exc:
             raise EnvelopeError(f"key directory {d} is incomplete: {exc.filename} is missing") from exc
         get_context(params)  # deserializing keys needs the context to exist
-        keypair = openfhe.KeyPair()
-        keypair.secretKey = openfhe.DeserializePrivateKeyString(secret, openfhe.BINARY)
-        keypair.publicKey = openfhe.DeserializePublicKeyString(public, openfhe.BINARY)
-        chain = cls(params, keypair)
+        chain = cls(params, openfhe.DeserializePublicKeyString(public, openfhe.BINARY),
+                    openfhe.DeserializePrivateKeyString(secret, openfhe.BINARY))
         chain._eval_keys = bundle
         return chain

@@ -78,11 +78,15 @@ def to_openfhe_coeffs(coeffs: np.ndarray) -> list[float]:
     return out
 
 
-def chebyshev_depth(degree: int) -> int:
-    """Levels EvalChebyshevSeries consumes for a series of this degree."""
+def chebyshev_depth(degree: int, lower: float = 0.0, upper: float = 0.0) -> int:
+    """Levels EvalChebyshevSeries consumes for a series of this degree on [lower, upper].
+
+    OpenFHE skips the affine map (and its level) when the range is exactly [-1, 1].
+    """
+    identity_map = 1 if (lower, upper) == (-1.0, 1.0) else 0
     for bound, depth in _CHEB_DEPTH:
         if degree <= bound:
-            return depth
+            return depth - identity_map
     raise ValueError(f"Chebyshev degree {degree} is too large")
 
 

@@ -15,7 +15,7 @@ def node_depth(node: Node) -> int:
     if node.op in ("linear", "square", "mul"):
         return 1
     if node.op == "poly":
-        return chebyshev_depth(len(node.attrs["coeffs"]) - 1)
+        return chebyshev_depth(len(node.attrs["coeffs"]) - 1, node.attrs["lower"], node.attrs["upper"])
     return 0
 
 

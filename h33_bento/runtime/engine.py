@@ -101,6 +101,8 @@ class Engine:
             ct = openfhe.DeserializeCiphertextString(blob, openfhe.BINARY)
         except RuntimeError as exc:
             raise TamperedDataError(f"ciphertext could not be deserialized: {exc}") from exc
+        if ct is None:
+            raise TamperedDataError("ciphertext could not be deserialized")
         if ct.GetKeyTag() != self.keys.key_tag:
             raise KeyMismatchError("ciphertext was encrypted under a key other than this bundle's")
         if ct.GetCryptoContext().GetRingDimension() != self.params.ring_dim or ct.GetLevel() != 0:

@@ -1,0 +1,73 @@
+"""The ``h33`` command line, run as a user would: a real subprocess per step."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from h33_bento.compiler.torch_import import export_onnx
+
+H33 = str(Path(sys.executable).parent / "h33")
+
+
+def h33(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([H33, *args], capture_output=True, text=True, timeout=600)
+    if ok:
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, convnet, mnist_train, mnist_test):
+    d = tmp_path_factory.mktemp("cli")
+    onnx.save(export_onnx(convnet, (1, 28, 28)), d / "convnet.onnx")
+    np.save(d / "calib.npy", mnist_train[0][:128])
+    np.save(d / "x.npy", mnist_test[0][:8])
+    np.save(d / "y.npy", mnist_test[1][:8])
+    return d
+
+
+def test_compile_inspect_keygen_encrypt_infer_decrypt(workdir, convnet):
+    d = workdir
+    out = h33("compile", str(d / "convnet.onnx"), "--input-shape", "1,28,28", "--calibration", str(d / "calib.npy"),
+              "--out", str(d / "model"), "--labels", ",".join("zero one two three four five six seven eight nine".split()))
+    assert "HEStd_128_classic" in out.stdout and (d / "model" / "manifest.json").exists()
+    assert "rotation keys" in h33("inspect", str(d / "model")).stdout
+    keys = h33("keygen", str(d / "model"), "--keys", str(d / "keys")).stdout
+    assert "key_id" in keys and (d / "keys" / "secret.key").exists()
+    h33("encrypt", str(d / "model"), "--keys", str(d / "keys"), "--input", str(d / "x.npy"), "--out", str(d / "x.h33"))
+    # the server step sees only the evaluation-key bundle
+    h33("infer", str(d / "model"), "--eval-keys", str(d / "keys" / "evaluation_keys.h33k"),
+        "--input", str(d / "x.h33"), "--out", str(d / "y.h33"))
+    text = h33("decrypt", str(d / "model"), "--keys", str(d / "keys"), "--input", str(d / "y.h33")).stdout
+    from h33_bento import zoo
+
+    names = "zero one two three four five six seven eight nine".split()
+    want = [names[i] for i in zoo.predict_logits(convnet, np.load(d / "x.npy")).argmax(1)]
+    got = [line.split()[1] for line in text.splitlines() if line.startswith("[")]
+    assert got == want
+
+
+def test_run_reports_accuracy_and_timing(workdir):
+    d = workdir
+    if not (d / "model").exists():
+        h33("compile", str(d / "convnet.onnx"), "--input-shape", "1,28,28", "--calibration", str(d / "calib.npy"),
+            "--out", str(d / "model"))
+    out = h33("run", str(d / "model"), "--input", str(d / "x.npy"), "--labels", str(d / "y.npy")).stdout
+    assert "ms/input amortized" in out and "accuracy" in out
+
+
+def test_errors_are_clear_and_exit_nonzero(workdir, tmp_path):
+    missing = h33("inspect", str(tmp_path / "nope"), ok=False)
+    assert missing.returncode == 2 and "is not a compiled h33 model" in missing.stderr
+    bad = h33("compile", str(tmp_path / "nope.onnx"), "--input-shape", "1,28,28", "--out", str(tmp_path / "o"), ok=False)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
+    (tmp_path / "junk.h33").write_bytes(b"H33T" + b"\x00" * 20)
+    if (workdir / "model").exists() and (workdir / "keys").exists():
+        junk = h33("infer", str(workdir / "model"), "--eval-keys", str(workdir / "keys" / "evaluation_keys.h33k"),
+                   "--input", str(tmp_path / "junk.h33"), "--out", str(tmp_path / "o.h33"), ok=False)
+        assert junk.returncode == 2 and "error:" in junk.stderr

@@ -1,0 +1,166 @@
+"""Compiler stages: fusion, layouts, level planning, persistence and the plan report."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from h33_bento import CompiledModel, compile, simulate
+from h33_bento.compiler.diagonals import build_diagonals
+from h33_bento.compiler.fusion import fuse_linear_chains
+from h33_bento.compiler.graph import Graph, Node
+from h33_bento.compiler.layout import grid_positions
+from h33_bento.errors import CompileError, DepthExceededError, ModelFormatError
+
+
+def _linear(name, inp, w, b, shape):
+    return Node(name, "linear", [inp], shape, {"matrix": sp.csr_matrix(w), "bias": np.asarray(b, float)})
+
+
+def test_fusion_merges_linear_chains_only_between_nonlinearities():
+    rng = np.random.default_rng(0)
+    a, b, c = rng.normal(size=(6, 4)), rng.normal(size=(5, 6)), rng.normal(size=(3, 5))
+    g = Graph({}, "x", "l3")
+    g.add(Node("x", "input", [], (4,)))
+    g.add(_linear("l1", "x", a, np.ones(6), (6,)))
+    g.add(_linear("l2", "l1", b, np.zeros(5), (5,)))
+    g.add(Node("sq", "square", ["l2"], (5,)))
+    g.add(_linear("l3", "sq", c, np.ones(3), (3,)))
+    x = rng.normal(size=(7, 4))
+    fused = fuse_linear_chains(g)
+    assert [n.op for n in fused.nodes.values()] == ["input", "linear", "square", "linear"]
+    assert np.allclose(fused.evaluate(x), g.evaluate(x))
+
+
+@pytest.mark.parametrize("fold", [0, 16, 64])
+def test_diagonals_reproduce_the_matrix(fold):
+    rng = np.random.default_rng(1)
+    n, m, d = 256, 10, 120
+    w = sp.random(m, d, density=0.3, random_state=2, format="csr")
+    in_pos = rng.permutation(n)[:d]
+    out_pos = np.arange(m) if fold else rng.permutation(n)[:m]
+    plan = build_diagonals(w, np.arange(m, dtype=float), in_pos, out_pos, n, fold)
+    x = rng.normal(size=d)
+    vec = np.zeros(n)
+    vec[in_pos] = x
+    out = np.zeros(n)
+    for t, (_, _, k) in enumerate(plan.terms.tolist()):
+        out += plan.diags[t] * np.roll(vec, -k)
+    for f in plan.fold_steps:
+        out += np.roll(out, -f)
+    out += plan.bias[0]
+    assert np.allclose(out[out_pos], w @ x + np.arange(m))
+    if fold:
+        assert len(plan.terms) <= fold
+
+
+def test_strided_conv_grid_layout_keeps_diagonals_per_tap():
+    conv = nn.Conv2d(1, 4, 7, stride=3)
+    from h33_bento.compiler.torch_import import import_torch
+
+    g = import_torch(conv, (1, 28, 28))
+    node = [n for n in g.nodes.values() if n.op == "linear"][0]
+    grid = grid_positions(node.attrs["matrix"], np.arange(784), 1024)
+    assert grid is not None and len(set(grid.tolist())) == 256
+    plan = build_diagonals(node.attrs["matrix"], node.attrs["bias"], np.arange(784), grid, 1024)
+    compact = build_diagonals(node.attrs["matrix"], node.attrs["bias"], np.arange(784), np.arange(256), 1024)
+    assert len(plan.terms) <= 4 * 49 < len(compact.terms)
+
+
+def test_plan_report_and_summary(convnet_compiled):
+    plan = convnet_compiled.plan
+    for word in ("N=16384", "depth=5", "HEStd_128_classic", "rotation keys", "key bundle", "pred ms"):
+        assert word in plan
+    summary = convnet_compiled.plan_summary()
+    assert summary["levels"] == 5 and summary["bootstraps"] == 0
+    assert summary["rotation_keys"] == len(convnet_compiled.params.rotation_indices) > 0
+    assert summary["key_bundle_bytes"] > 10 * 2**20
+    assert summary["predicted_latency_ms"] > 0
+
+
+def test_save_load_roundtrip(tmp_path, convnet_compiled, mnist_test):
+    convnet_compiled.save(tmp_path / "m")
+    loaded = CompiledModel.load(tmp_path / "m")
+    assert loaded.fingerprint == convnet_compiled.fingerprint
+    assert loaded.params == convnet_compiled.params
+    x = mnist_test[0][:16]
+    assert np.array_equal(simulate(loaded, x), simulate(convnet_compiled, x))
+    assert not any(p.suffix in (".pkl", ".pickle") for p in (tmp_path / "m").iterdir())
+
+
+def test_tampered_artifacts_are_refused(tmp_path, convnet_compiled):
+    d = convnet_compiled.save(tmp_path / "m")
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["steps"][0]["level"] = 3
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError, match="integrity check"):
+        CompiledModel.load(d)
+    d2 = convnet_compiled.save(tmp_path / "m2")
+    with np.load(d2 / "arrays.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["0.diags"][0, 0] += 1.0
+    np.savez(d2 / "arrays.npz", **arrays)
+    with pytest.raises(ModelFormatError, match="modified"):
+        CompiledModel.load(d2)
+
+
+def test_unknown_format_version_is_refused(tmp_path, convnet_compiled):
+    d = convnet_compiled.save(tmp_path / "m")
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError, match="format version 999"):
+        CompiledModel.load(d)
+    with pytest.raises(ModelFormatError, match="missing"):
+        CompiledModel.load(tmp_path / "nowhere")
+
+
+class _Deep(nn.Module):
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+            x = x * x
+        return x
+
+
+def test_too_deep_network_gives_levels_needed_and_available():
+    with pytest.raises(DepthExceededError, match="needs 40 multiplicative levels.*at most 30"):
+        compile(_Deep(20), (8,), measure_costs=False)
+    plan = compile(_Deep(20), (8,), plan_only=True, measure_costs=False)
+    assert not plan.runnable and plan.depth == 40
+
+
+def test_named_activation_needs_calibration_data():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(CompileError, match="calibration_data"):
+        compile(model, (4,), measure_costs=False)
+
+
+def test_relu_network_compiles_to_chebyshev_and_runs_encrypted():
+    from sklearn.datasets import load_breast_cancer
+
+    from h33_bento import FHEInferenceClient, zoo
+
+    data = load_breast_cancer()
+    x = ((data.data - data.data.mean(0)) / data.data.std(0)).astype(np.float32)
+    y = data.target
+    model = zoo.train(nn.Sequential(nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 2)), x, y, epochs=20)
+    compiled = compile(model, (30,), calibration_data=x, labels=["malignant", "benign"],
+                       activation_degrees={"relu": 7})
+    assert [s.op for s in compiled.steps] == ["linear", "poly", "linear"]
+    ref = zoo.predict_logits(model, x)
+    sim = simulate(compiled, x)
+    assert (sim.argmax(1) == ref.argmax(1)).mean() > 0.97
+    client = FHEInferenceClient(compiled)
+    got = client.decrypt_logits(client.infer(client.encrypt(x[:8])))
+    assert np.abs(got - sim[:8]).max() < 1e-3
+    assert [p.label for p in client.decrypt(client.infer(client.encrypt(x[:8])))] == \
+        [compiled.labels[i] for i in sim[:8].argmax(1)]

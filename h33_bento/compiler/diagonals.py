@@ -49,22 +49,23 @@ class DiagonalPlan:
             s *= 2
         return steps
 
-    def split(self, baby_step: int | None = None) -> tuple[dict[int, set[int]], dict[int, set[int]]]:
-        """Baby rotations per input block and giant rotations per output block for a split."""
+    def schedule(self, baby_step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Baby and giant rotation (per-lane units) of every term: k = giant + baby.
+
+        Diagonal indices are taken in (-n/2, n/2] so that a window of taps around zero (a
+        convolution's negative offsets) splits as neatly as the positive ones.
+        """
         n1 = baby_step or self.baby_step
         ks = self.terms[:, 2]
-        babies: dict[int, set[int]] = {}
-        giants: dict[int, set[int]] = {}
-        for (ob, ib), b, g in zip(self.terms[:, :2].tolist(), (ks % n1).tolist(), (ks - ks % n1).tolist()):
-            babies.setdefault(ib, set()).add(b)
-            giants.setdefault(ob, set()).add(g)
-        return babies, giants
+        signed = np.where(ks > self.n // 2, ks - self.n, ks)
+        baby = signed % n1
+        return baby, signed - baby
 
     def counts(self, baby_step: int | None = None) -> dict[str, int]:
         """Operation counts of the schedule: what the plan report and cost model use."""
-        n1 = baby_step or self.baby_step
-        ob, ib, ks = self.terms[:, 0], self.terms[:, 1], self.terms[:, 2]
-        b, g = ks % n1, ks - ks % n1
+        ob, ib = self.terms[:, 0], self.terms[:, 1]
+        b, g = self.schedule(baby_step)
+        g = g % self.n
         baby_pairs = np.unique(ib[b != 0] * self.n + b[b != 0])
         giant_pairs = np.unique(ob[g != 0] * self.n + g[g != 0])
         folds = len(self.fold_steps) * self.out_blocks
@@ -79,13 +80,12 @@ class DiagonalPlan:
 
     def rotations(self) -> set[int]:
         """Per-lane rotation amounts (mod n) this transform needs keys for."""
-        babies, giants = self.split()
-        used = set().union(*babies.values(), *giants.values(), self.fold_steps)
-        return {r % self.n for r in used} - {0}
+        b, g = self.schedule()
+        return (set((b % self.n).tolist()) | set((g % self.n).tolist()) | set(self.fold_steps)) - {0}
 
     def choose_baby_step(self) -> None:
         """Pick the BSGS split that minimizes the relative cost."""
-        ks = np.unique(self.terms[:, 2])
+        ks = np.abs(np.where(self.terms[:, 2] > self.n // 2, self.terms[:, 2] - self.n, self.terms[:, 2]))
         candidates = sorted(set(range(1, min(self.n, 64) + 1)) | {1 << p for p in range(int(np.log2(self.n)) + 1)})
         best = None
         for n1 in candidates:

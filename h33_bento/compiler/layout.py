@@ -28,8 +28,13 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x - 1).bit_length())
 
 
-def grid_positions(matrix, in_pos: np.ndarray, capacity: int) -> np.ndarray | None:
-    """Place each output at its receptive field's first input position, channels at offsets."""
+def grid_positions(matrix, in_pos: np.ndarray, capacity: int, n: int, tries: int = 64) -> np.ndarray | None:
+    """Place each output at its receptive field's first input position, channels at offsets.
+
+    Outputs sharing an anchor (the channels of one pixel) are placed in rounds; each round
+    takes, among the first ``tries`` collision-free offsets, the one adding the fewest new
+    diagonals, breaking ties by what the next round could then achieve.
+    """
     csr = matrix.tocsr()
     m = csr.shape[0]
     first = np.where(np.diff(csr.indptr) > 0, csr.indices[np.minimum(csr.indptr[:-1], len(csr.indices) - 1)], 0)
@@ -39,21 +44,44 @@ def grid_positions(matrix, in_pos: np.ndarray, capacity: int) -> np.ndarray | No
     starts = np.r_[0, np.flatnonzero(np.diff(sorted_anchor)) + 1]
     rank = np.empty(m, dtype=np.int64)
     rank[order] = np.arange(m) - np.repeat(starts, np.diff(np.r_[starts, m]))
+    rounds = [np.flatnonzero(rank == j) for j in range(int(rank.max()) + 1)]
+
+    def options(rows: np.ndarray, occupied: np.ndarray, diagonals: set[int]) -> list[tuple[int, int, set[int]]]:
+        """(new diagonals, offset, diagonal keys) for the first ``tries`` free offsets."""
+        base = anchor[rows]
+        sub = csr[rows].tocoo()
+        src = in_pos[sub.col]
+        found, delta = [], 0
+        while len(found) < tries and delta <= capacity and base.max() + delta < capacity:
+            cand = base + delta
+            if not occupied[cand].any():
+                dst = cand[sub.row]
+                keys = set(((dst // n) * capacity + (src // n) * n + (src - dst) % n).tolist())
+                found.append((len(keys - diagonals), delta, keys))
+                if found[-1][0] == 0:
+                    break
+            delta += 1
+        return sorted(found, key=lambda f: (f[0], f[1]))
+
     occupied = np.zeros(capacity, dtype=bool)
     positions = np.empty(m, dtype=np.int64)
-    delta = 0
-    for j in range(int(rank.max()) + 1):
-        rows = np.flatnonzero(rank == j)
-        base = anchor[rows]
-        while True:
-            cand = base + delta
-            if cand.max() >= capacity or delta > 4 * capacity:
-                return None
-            if not occupied[cand].any():
-                break
-            delta += 1
-        occupied[cand] = True
-        positions[rows] = cand
+    diagonals: set[int] = set()
+    for j, rows in enumerate(rounds):
+        found = options(rows, occupied, diagonals)
+        if not found:
+            return None
+        choice = found[0]
+        tied = [f for f in found if f[0] == choice[0]]
+        if len(tied) > 1 and j + 1 < len(rounds):
+            def next_cost(f: tuple[int, int, set[int]]) -> int:
+                occ = occupied.copy()
+                occ[anchor[rows] + f[1]] = True
+                nxt = options(rounds[j + 1], occ, diagonals | f[2])
+                return nxt[0][0] if nxt else 1 << 30
+            choice = min(tied[:8], key=next_cost)
+        positions[rows] = anchor[rows] + choice[1]
+        occupied[positions[rows]] = True
+        diagonals |= choice[2]
     return positions
 
 
@@ -68,7 +96,7 @@ def _candidates(node: Node, in_pos: np.ndarray, n: int) -> list[tuple[np.ndarray
             fold *= 2
     in_blocks = int(in_pos.max()) // n + 1
     capacity = max(in_blocks, -(-m // n)) * n
-    grid = grid_positions(node.attrs["matrix"], in_pos, capacity)
+    grid = grid_positions(node.attrs["matrix"], in_pos, capacity, n)
     if grid is not None:
         cands.append((grid, 0))
     return cands

@@ -149,16 +149,15 @@ class Engine:
         )
 
     def _linear(self, step: Step, xs: list[openfhe.Ciphertext]) -> list[openfhe.Ciphertext]:
-        cc, plan, lanes = self.cc, step.linear, self.params.lanes
-        n1 = plan.baby_step
-        ks = plan.terms[:, 2]
+        cc, plan, lanes, n = self.cc, step.linear, self.params.lanes, self.params.lane_length
+        babies, giants = plan.schedule()
         babies_needed: dict[int, set[int]] = {}
-        for ib, k in zip(plan.terms[:, 1].tolist(), ks.tolist()):
-            babies_needed.setdefault(ib, set()).add(k % n1)
+        for ib, b in zip(plan.terms[:, 1].tolist(), babies.tolist()):
+            babies_needed.setdefault(ib, set()).add(b)
         rotated: dict[tuple[int, int], openfhe.Ciphertext] = {}
-        for ib, babies in babies_needed.items():
+        for ib, needed in babies_needed.items():
             x = xs[ib]
-            nonzero = sorted(babies - {0})
+            nonzero = sorted(needed - {0})
             if nonzero:
                 digits = cc.EvalFastRotationPrecompute(x)
                 for b in nonzero:
@@ -171,8 +170,7 @@ class Engine:
         for ob in range(plan.out_blocks):
             acc: dict[int, openfhe.Ciphertext] = {}
             for t in np.flatnonzero(plan.terms[:, 0] == ob).tolist():
-                ib, k = int(plan.terms[t, 1]), int(ks[t])
-                b, g = k % n1, k - k % n1
+                ib, b, g = int(plan.terms[t, 1]), int(babies[t]), int(giants[t]) % n
                 prod = cc.EvalMult(rotated[ib, b], self._diagonal(step, t, g, level))
                 if g in acc:
                     cc.EvalAddInPlace(acc[g], prod)

@@ -4,8 +4,15 @@ Everything is session-scoped: training and key generation happen once per test r
 """
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
+
+# OpenFHE parallelizes with OpenMP; with busy-waiting threads, two processes sharing two cores
+# (pytest's client and a `bentoml serve` worker) slow each other down tenfold. Passive waiting
+# keeps both threads useful. Set before openfhe is first imported; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..ckks.params import CKKSParams
+from ..ckks.params import BootstrapConfig, CKKSParams
 from ..errors import ModelFormatError
+from .activations import chebyshev_depth
 from .diagonals import DiagonalPlan
 
 FORMAT_VERSION = 1
@@ -110,14 +112,43 @@ class CompiledModel:
         total = sum(costs.get(k, 0.0) * v for k, v in counts.items() if k != "diagonals")
         return total * scale
 
+    def bootstrap_estimate(self) -> tuple[int, int]:
+        """(bootstrap operations, ciphertext bootstraps) per run: 0 when the depth fits.
+
+        An estimate for plans deeper than the ring allows: a fresh ciphertext has the parameters'
+        full depth, each bootstrap restores ``BootstrapConfig.levels_after`` levels (10 by default,
+        what OpenFHE leaves at N=2^16 after a (4, 4) level budget), and a tensor is bootstrapped
+        lazily, right before the first step that would run out of levels.  Every ciphertext block
+        of the tensor is bootstrapped (the second number).
+        """
+        budget = self.params.multiplicative_depth
+        if self.depth <= budget:
+            return 0, 0
+        refresh = (self.params.bootstrapping or BootstrapConfig()).levels_after
+        remaining = {self.input_name: budget}
+        blocks = {self.input_name: self.input_blocks}
+        ops = cts = 0
+        for s in self.steps:
+            need = chebyshev_depth(len(s.attrs["coeffs"]) - 1) if s.op == "poly" else int(s.op != "add")
+            for i in s.inputs:
+                if remaining[i] < need:
+                    remaining[i] = refresh
+                    ops += 1
+                    cts += blocks[i]
+            remaining[s.name] = min(remaining[i] for i in s.inputs) - need
+            blocks[s.name] = s.linear.out_blocks if s.linear is not None else blocks[s.inputs[0]]
+        return ops, cts
+
     def plan_summary(self) -> dict[str, Any]:
         """Machine-readable plan: what MLflow records and ``/model`` returns."""
         rotations = sum(self.step_counts(s).get("rotate", 0) + self.step_counts(s).get("fast_rotate", 0)
                         for s in self.steps)
         predicted = sum(self.predicted_ms(s) for s in self.steps)
+        bootstraps, ct_bootstraps = self.bootstrap_estimate()
         return {
             "levels": self.depth,
-            "bootstraps": 0,
+            "bootstraps": bootstraps,
+            "ciphertext_bootstraps": ct_bootstraps,
             "steps": len(self.steps),
             "rotations_per_run": rotations,
             "rotation_keys": len(self.params.rotation_indices),
@@ -158,7 +189,13 @@ class CompiledModel:
         summ = self.plan_summary()
         lines += [
             "",
-            f"levels: {summ['levels']}, bootstraps: 0, rotations per run: {summ['rotations_per_run']}",
+            f"levels: {summ['levels']}"
+            + (f" (the largest 128-bit ring holds {p.multiplicative_depth})" if summ["bootstraps"] else "")
+            + f", bootstraps: {summ['bootstraps']}"
+            + (f" (estimate: {summ['ciphertext_bootstraps']} ciphertext bootstraps, "
+               f"{(p.bootstrapping or BootstrapConfig()).levels_after} levels each; latency excludes them)"
+               if summ["bootstraps"] else "")
+            + f", rotations per run: {summ['rotations_per_run']}",
             f"rotation keys: {summ['rotation_keys']} "
             f"(indices {list(p.rotation_indices)[:12]}{' ...' if len(p.rotation_indices) > 12 else ''})",
             f"key bundle: {summ['key_bundle_bytes'] / 2**20:.1f} MiB, predicted latency "
@@ -219,7 +256,7 @@ class CompiledModel:
                 arrays = {k: npz[k] for k in npz.files}
         except FileNotFoundError as exc:
             raise ModelFormatError(f"{d} is not a compiled h33 model: {exc.filename} is missing") from exc
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise ModelFormatError(f"compiled model at {d} is unreadable: {exc}") from exc
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:

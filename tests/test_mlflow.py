@@ -1,0 +1,488 @@
+"""The ``mlflow.h33`` flavor against a real MLflow tracking server, a local file store and
+``mlflow models serve``, on the benchmark ConvNet (N = 2^14) and real MNIST images.
+
+Encrypted results are compared with running the Engine directly on the same envelope.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+mlflow = pytest.importorskip("mlflow")
+httpx = pytest.importorskip("httpx")
+pd = pytest.importorskip("pandas")
+
+import h33_bento  # noqa: E402,F401  (attaches mlflow.h33)
+from h33_bento import mlflow_flavor as flavor  # noqa: E402
+from h33_bento import simulate  # noqa: E402
+from h33_bento.errors import EnvelopeError, KeyMismatchError, ModelFormatError, TamperedDataError  # noqa: E402
+from h33_bento.runtime.engine import Engine  # noqa: E402
+
+BIN = Path(sys.executable).parent
+NAME = "mnist-fhe"
+ALIAS = "champion"
+
+
+# ----------------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This environment with the venv's bin first on PATH (mlflow runs `uvicorn` from PATH)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**env, **extra}
+
+
+def _start(args: list[str], log: Path, **env: str) -> subprocess.Popen:
+    with open(log, "wb") as fh:
+        return subprocess.Popen([str(BIN / "mlflow"), *args], env=_env(**env), stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=log.parent)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a server started with start_new_session (its process group: mlflow + uvicorn)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+@contextmanager
+def _tracking(uri: str):
+    """Point tracking (and so the registry) at ``uri``; restore the previous setting after."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri mirrors itself there
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield mlflow.MlflowClient()
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _assert_same_logits(got: np.ndarray, want: np.ndarray) -> None:
+    span = float(want.max() - want.min())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * max(span, 1.0))
+
+
+def _edit_flavor(model_dir: Path, **changes) -> None:
+    mlmodel = model_dir / "MLmodel"
+    doc = yaml.safe_load(mlmodel.read_text())
+    for dotted, value in changes.items():
+        section = doc["flavors"]["h33"]
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            section = section[p]
+        section[leaf] = value
+    mlmodel.write_text(yaml.safe_dump(doc))
+
+
+def _flip_byte(path: Path, at: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def _server_process(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with a sqlite backend and proxied artifact storage."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = root / "server.log"
+    proc = _start(["server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                   "--artifacts-destination", str(root / "artifacts"),
+                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], log)
+    yield proc, f"http://127.0.0.1:{port}", log
+    _stop(proc)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_server_early(request):
+    """Start the tracking server while the session fixtures train and compile, if a test needs it."""
+    if any({"tracking_server", "backend"} & set(getattr(item, "fixturenames", ()))
+           for item in request.session.items):
+        request.getfixturevalue("_server_process")
+
+
+@pytest.fixture(scope="session")
+def tracking_server(_server_process) -> str:
+    proc, url, log = _server_process
+    _wait_ready(f"{url}/health", proc, log)
+    return url
+
+
+@pytest.fixture(params=["tracking-server", "file-store"])
+def backend(request, tmp_path, monkeypatch):
+    """An MLflow tracking + registry URI: the real server, or a local ``file://`` store."""
+    if request.param == "tracking-server":
+        uri = request.getfixturevalue("tracking_server")
+    else:
+        # MLflow 3 keeps the file store in maintenance mode behind this opt-out.
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri = (tmp_path / "mlruns").as_uri()
+    with _tracking(uri) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def key_store(tmp_path_factory, convnet_client):
+    store = tmp_path_factory.mktemp("key-store")
+    key_id = flavor.save_evaluation_keys(convnet_client, store)
+    assert key_id == convnet_client.keys.key_id
+    assert sorted(p.name for p in store.iterdir()) == [f"{key_id}.h33k"]
+    return store
+
+
+@pytest.fixture(scope="session")
+def envelope(convnet_client, mnist_test) -> bytes:
+    """Eight real MNIST test images in one ciphertext."""
+    return convnet_client.encrypt(mnist_test[0][:8]).to_bytes()
+
+
+@pytest.fixture(scope="session")
+def direct_logits(convnet_compiled, convnet_client, envelope) -> np.ndarray:
+    """The reference: a fresh Engine given only the evaluation-key bytes, run on the envelope."""
+    engine = Engine(convnet_compiled, convnet_client.keys.evaluation_keys().to_bytes())
+    return convnet_client.decrypt_logits(engine.run(envelope))
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory, convnet_compiled) -> Path:
+    path = tmp_path_factory.mktemp("saved") / "model"
+    flavor.save_model(convnet_compiled, path)
+    return path
+
+
+@pytest.fixture
+def model_copy(saved_model, tmp_path) -> Path:
+    return Path(shutil.copytree(saved_model, tmp_path / "model"))
+
+
+# ----------------------------------------------------------------------------- mlflow.h33
+HOOK_CHECKS = {
+    "h33_bento-then-mlflow": """
+        import sys, h33_bento
+        assert "mlflow" not in sys.modules, "import h33_bento must not import mlflow"
+        import mlflow
+        assert mlflow.h33 is sys.modules["h33_bento.mlflow_flavor"]
+        assert type(mlflow.__loader__).__name__ == "SourceFileLoader" and mlflow.__spec__.loader is mlflow.__loader__
+        import mlflow.h33
+        from mlflow.h33 import load_model, log_model, save_model
+        assert mlflow.h33.FLAVOR_NAME == "h33"
+    """,
+    "mlflow-then-h33_bento": """
+        import sys, mlflow
+        assert not hasattr(mlflow, "h33")
+        import h33_bento
+        assert mlflow.h33.log_model is sys.modules["h33_bento.mlflow_flavor"].log_model
+        import mlflow.h33
+    """,
+    "pyfunc-loader-module-alone": """
+        import importlib
+        flavor = importlib.import_module("h33_bento.mlflow_flavor")
+        import mlflow
+        assert mlflow.h33 is flavor and callable(flavor._load_pyfunc)
+    """,
+}
+
+
+def test_import_h33_bento_attaches_mlflow_h33(tmp_path):
+    """In fresh interpreters (run side by side): either import order, and the pyfunc loader path."""
+    procs = {
+        name: subprocess.Popen([sys.executable, "-c", textwrap.dedent(code) + "\nprint('ok')\n"], cwd=tmp_path,
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, code in HOOK_CHECKS.items()
+    }
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out.strip() == "ok", f"{name}:\n{err[-3000:]}"
+    assert mlflow.h33 is flavor
+
+
+def test_log_register_alias_load_and_infer(backend, convnet_compiled, convnet_client, key_store, envelope,
+                                           direct_logits, tmp_path, request):
+    """log -> register -> alias -> load by alias -> encrypted inference == the Engine run directly."""
+    client = backend
+    accuracy = {"plaintext": 0.975, "polynomial": 0.974, "encrypted": 0.973}
+    with mlflow.start_run() as run:
+        info = mlflow.h33.log_model(convnet_compiled, name=NAME, registered_model_name=NAME, accuracy=accuracy)
+    assert str(info.registered_model_version) == "1"
+    client.set_registered_model_alias(NAME, ALIAS, info.registered_model_version)
+    uri = f"models:/{NAME}@{ALIAS}"
+    assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "1"
+
+    # run params and metrics
+    data = client.get_run(run.info.run_id).data
+    params = convnet_compiled.params
+    assert data.params["ckks.ring_dim"] == str(params.ring_dim)
+    assert data.params["ckks.multiplicative_depth"] == str(params.multiplicative_depth)
+    assert data.params["ckks.scale_bits"] == str(params.scale_bits)
+    assert data.params["ckks.security_level"] == "HEStd_128_classic"
+    assert data.params["ckks.params_fingerprint"] == params.fingerprint
+    assert data.params["h33.model_fingerprint"] == convnet_compiled.fingerprint
+    assert {k: data.metrics[f"accuracy.{k}"] for k in accuracy} == accuracy
+
+    # the native flavor
+    loaded = mlflow.h33.load_model(uri)
+    assert loaded.fingerprint == convnet_compiled.fingerprint and loaded.params == params
+
+    # pyfunc: base64 text in a list gives base64 text back; bytes (one per row) give bytes
+    model = mlflow.pyfunc.load_model(uri, model_config={"key_store": str(key_store)})
+    if request.node.callspec.params["backend"] == "tracking-server":
+        (out,) = model.predict([_b64(envelope)])
+        assert isinstance(out, str)
+        out = base64.b64decode(out)
+    else:
+        (out,) = model.predict(pd.DataFrame({"ciphertext": [envelope]}))
+        assert isinstance(out, bytes)
+    _assert_same_logits(convnet_client.decrypt_logits(out), direct_logits)
+    assert list(model._model_impl._engines) == [convnet_client.keys.key_id]  # one cached Engine per key
+
+    # what was stored: the native program, an h33 flavor section, no key material
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl")))
+    _check_stored_model(local, convnet_compiled, convnet_client, accuracy)
+
+
+def _check_stored_model(local: Path, compiled, client, accuracy) -> None:
+    files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert sorted(p for p in files if p.startswith("model/")) == ["model/arrays.npz", "model/manifest.json"]
+    assert not [p for p in files if p.endswith((".h33k", ".key"))], files
+    keys = client.keys.evaluation_keys()
+    probes = [blob[len(blob) // 2: len(blob) // 2 + 48] for blob in (keys.public_key, keys.mult_key, keys.rotation_keys)]
+    for f in files:
+        content = (local / f).read_bytes()
+        assert not any(p in content for p in probes), f"key material in {f}"
+
+    doc = yaml.safe_load((local / "MLmodel").read_text())
+    h33 = doc["flavors"]["h33"]
+    p = compiled.params
+    assert h33["format_version"] == flavor.FLAVOR_FORMAT_VERSION and h33["model_data"] == "model"
+    assert h33["ckks"] == {
+        "ring_dim": p.ring_dim, "multiplicative_depth": p.multiplicative_depth, "scale_bits": p.scale_bits,
+        "first_mod_bits": p.first_mod_bits, "modulus_bits": p.modulus_bits,
+        "scaling_technique": p.scaling_technique, "security_level": p.security_level,
+        "num_large_digits": p.num_large_digits, "slots": p.slots,
+    }
+    assert h33["lanes"] == 8
+    assert h33["params_fingerprint"] == p.fingerprint and h33["model_fingerprint"] == compiled.fingerprint
+    assert h33["evaluation_keys"] == {
+        "relinearization": True, "rotation_indices": list(p.rotation_indices), "bootstrapping": None,
+        "predicted_bundle_bytes": compiled.predicted_key_bundle_bytes,
+    }
+    assert h33["input"]["shape"] == [1, 28, 28] and h33["input"]["dtype"] == "float64"
+    assert h33["output"]["shape"] == [10] and h33["labels"] == [str(i) for i in range(10)]
+    assert h33["plan"] == compiled.plan_summary()
+    assert {"levels", "rotations_per_run", "predicted_latency_ms"} <= set(h33["plan"])
+    assert h33["accuracy"] == accuracy
+
+    pyfunc = doc["flavors"]["python_function"]
+    assert pyfunc["loader_module"] == "h33_bento.mlflow_flavor" and pyfunc["config"] == {"key_store": None}
+    sig = doc["signature"]
+    assert json.loads(sig["inputs"]) == [{"type": "binary", "required": True}]
+    assert json.loads(sig["outputs"]) == [{"type": "binary", "name": "ciphertext", "required": True}]
+    assert json.loads(sig["params"])[0]["name"] == "mode"
+    assert "h33-bento==" in (local / "requirements.txt").read_text()
+
+    def strings(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from strings(k)
+                yield from strings(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from strings(v)
+        else:
+            assert not isinstance(node, (bytes, bytearray)), "bytes in the MLmodel"
+            yield str(node)
+
+    assert max(len(s) for s in strings(doc["flavors"])) < 200, "a long value (key material?) in the flavor"
+
+
+def test_pyfunc_simulate_mode_matches_simulate(saved_model, convnet_compiled, mnist_test):
+    x = mnist_test[0][:5]
+    want = simulate(convnet_compiled, x)
+    model = mlflow.pyfunc.load_model(str(saved_model))
+    for plaintext in (pd.Series(list(x)), pd.DataFrame({"plaintext": list(x)})):
+        got = model.predict(plaintext, params={"mode": "simulate"})
+        assert isinstance(got, np.ndarray) and got.shape == (5, 10)
+        np.testing.assert_array_equal(got, want)
+    assert model.get_raw_model().fingerprint == convnet_compiled.fingerprint
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        model.predict(pd.Series(list(x)), params={"mode": "fast"})
+
+
+def test_simulate_takes_a_bare_ndarray_without_input_schema(convnet_compiled, mnist_test, tmp_path):
+    flavor.save_model(convnet_compiled, tmp_path / "m", signature=flavor.envelope_signature(input_schema=False))
+    model = mlflow.pyfunc.load_model(str(tmp_path / "m"))
+    x = mnist_test[0][:3]
+    np.testing.assert_array_equal(model.predict(x, params={"mode": "simulate"}), simulate(convnet_compiled, x))
+
+
+# ----------------------------------------------------------------------------- serving
+def test_mlflow_models_serve_answers_an_encrypted_request(tracking_server, convnet_compiled, convnet_client,
+                                                           key_store, envelope, direct_logits, tmp_path):
+    """`mlflow models serve --env-manager local` on a registered model, base64 envelope in JSON."""
+    name = f"{NAME}-served"
+    with _tracking(tracking_server) as client, mlflow.start_run():
+        info = mlflow.h33.log_model(convnet_compiled, name=name, registered_model_name=name)
+        client.set_registered_model_alias(name, "prod", info.registered_model_version)
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    proc = _start(["models", "serve", "-m", f"models:/{name}@prod", "--env-manager", "local",
+                   "-h", "127.0.0.1", "-p", str(port), "-t", "600"], log,
+                  MLFLOW_TRACKING_URI=tracking_server,
+                  MLFLOW_PYFUNC_INFERENCE_CONFIG=json.dumps({"key_store": str(key_store)}))
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/ping", proc, log)
+        url = f"http://127.0.0.1:{port}/invocations"
+        answer = httpx.post(url, json={"inputs": [_b64(envelope)]}, timeout=600)
+        assert answer.status_code == 200, answer.text[-3000:]
+        (out,) = answer.json()["predictions"]
+        _assert_same_logits(convnet_client.decrypt_logits(base64.b64decode(out)), direct_logits)
+
+        refused = httpx.post(url, json={"inputs": ["bm90IGFuIGVudmVsb3Bl"]}, timeout=60)
+        assert refused.status_code == 400 and "EnvelopeError" in refused.text
+    finally:
+        _stop(proc)
+
+
+# ----------------------------------------------------------------------------- clear errors
+def test_log_model_outside_a_run_and_one_model_per_run(monkeypatch, tmp_path, convnet_compiled):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    with _tracking((tmp_path / "mlruns").as_uri()) as client:
+        info = mlflow.h33.log_model(convnet_compiled, name=NAME)  # starts and ends its own run
+        assert mlflow.active_run() is None
+        run = client.get_run(info.run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.params["ckks.params_fingerprint"] == convnet_compiled.params.fingerprint
+
+        other = dataclasses.replace(convnet_compiled, params=convnet_compiled.params.model_copy(update={"lanes": 4}),
+                                    _fingerprint=None)
+        with mlflow.start_run():
+            mlflow.h33.log_model(convnet_compiled, name="a")
+            with pytest.raises(mlflow.exceptions.MlflowException, match="already records other values"):
+                mlflow.h33.log_model(other, name="b")
+
+
+def test_tampered_artifacts_are_refused(monkeypatch, tmp_path, convnet_compiled):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    with _tracking((tmp_path / "mlruns").as_uri()) as client, mlflow.start_run():
+        info = mlflow.h33.log_model(convnet_compiled, name=NAME)
+        stored = Path(client.get_logged_model(info.model_id).artifact_location.removeprefix("file://")) / "model"
+        pristine = {f: (stored / f).read_bytes() for f in ("arrays.npz", "manifest.json")}
+
+        _flip_byte(stored / "arrays.npz")
+        with pytest.raises(ModelFormatError, match="corrupted|unreadable|integrity"):
+            mlflow.h33.load_model(info.model_uri)
+        (stored / "arrays.npz").write_bytes(pristine["arrays.npz"])
+
+        manifest = json.loads(pristine["manifest.json"])
+        manifest["steps"][0]["level"] += 1
+        (stored / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ModelFormatError, match="fails its integrity check"):
+            mlflow.h33.load_model(info.model_uri)
+        with pytest.raises(ModelFormatError, match="fails its integrity check"):
+            mlflow.pyfunc.load_model(info.model_uri)
+
+        (stored / "manifest.json").write_bytes(pristine["manifest.json"])
+        assert mlflow.h33.load_model(info.model_uri).fingerprint == convnet_compiled.fingerprint
+
+
+def test_unknown_flavor_format_version(model_copy):
+    _edit_flavor(model_copy, format_version=99)
+    with pytest.raises(flavor.FlavorFormatError, match="format version 99; .* reads version 1"):
+        mlflow.h33.load_model(str(model_copy))
+    with pytest.raises(flavor.FlavorFormatError, match="format version 99"):
+        mlflow.pyfunc.load_model(str(model_copy))
+
+
+def test_params_fingerprint_mismatch(model_copy):
+    _edit_flavor(model_copy, params_fingerprint="0" * 32)
+    with pytest.raises(flavor.ParamsFingerprintMismatchError, match="params_fingerprint '0{32}'"):
+        mlflow.h33.load_model(str(model_copy))
+    with pytest.raises(flavor.ParamsFingerprintMismatchError):
+        mlflow.pyfunc.load_model(str(model_copy))
+
+
+def test_recorded_ckks_params_must_match(model_copy):
+    _edit_flavor(model_copy, ckks__ring_dim=8192)
+    with pytest.raises(flavor.ParamsFingerprintMismatchError, match="ckks.ring_dim 8192 .* 16384"):
+        mlflow.h33.load_model(str(model_copy))
+
+
+def test_model_fingerprint_mismatch(model_copy):
+    _edit_flavor(model_copy, model_fingerprint="f" * 32)
+    with pytest.raises(flavor.ModelFingerprintMismatchError, match="model_fingerprint 'f{32}'"):
+        mlflow.h33.load_model(str(model_copy))
+
+
+def test_pyfunc_predict_without_keys(saved_model, convnet_client, envelope, tmp_path, monkeypatch):
+    monkeypatch.delenv(flavor.KEY_STORE_ENV, raising=False)
+    key_id = convnet_client.keys.key_id
+
+    model = mlflow.pyfunc.load_model(str(saved_model))
+    with pytest.raises(flavor.EvaluationKeysNotFoundError, match=f"key_id {key_id}: no key store is configured"):
+        model.predict([envelope])
+
+    empty = tmp_path / "keys"
+    empty.mkdir()
+    model = mlflow.pyfunc.load_model(str(saved_model), model_config={"key_store": str(empty)})
+    with pytest.raises(flavor.EvaluationKeysNotFoundError, match=f"key_id {key_id}: .* has no {key_id}.h33k") as err:
+        model.predict([_b64(envelope)])
+    assert err.value.key_id == key_id and isinstance(err.value, KeyMismatchError)
+
+    monkeypatch.setenv(flavor.KEY_STORE_ENV, str(tmp_path / "missing"))
+    model = mlflow.pyfunc.load_model(str(saved_model))
+    with pytest.raises(flavor.EvaluationKeysNotFoundError, match="missing does not exist"):
+        model.predict(envelope)
+
+
+def test_bad_inputs_and_arguments(saved_model, convnet_compiled, envelope, key_store):
+    model = mlflow.pyfunc.load_model(str(saved_model), model_config={"key_store": str(key_store)})
+    with pytest.raises(EnvelopeError, match="not an h33 encrypted tensor"):
+        model.predict(["bm90IGFuIGVudmVsb3Bl"])
+    with pytest.raises(TamperedDataError):
+        model.predict([envelope[:-1] + bytes([envelope[-1] ^ 1])])
+    with pytest.raises(ValueError, match="unknown model_config keys"):
+        flavor.save_model(convnet_compiled, saved_model.parent / "x", model_config={"keystore": "/k"})
+    with pytest.raises(ValueError, match="accuracy"):
+        flavor.log_model(convnet_compiled, name="m", accuracy={"encrypted": "high"})

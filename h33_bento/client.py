@@ -7,16 +7,27 @@ computes logits on ciphertexts.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from .ckks.keys import KeyChain
+from .ckks.params import CKKSParams
 from .ckks.serialization import EncryptedTensor
 from .compiler.program import CompiledModel
-from .errors import EnvelopeError
+from .errors import (
+    EnvelopeError,
+    H33Error,
+    KeyMismatchError,
+    ModelMismatchError,
+    ParamsMismatchError,
+    TamperedDataError,
+    TruncatedDataError,
+    UnsupportedVersionError,
+)
 from .runtime.simulate import pack
 
 
@@ -51,29 +62,177 @@ class Prediction:
         return [(self.labels[i], float(probs[i])) for i in order]
 
 
+class RemoteError(H33Error):
+    """An error answer from the inference server: HTTP ``status``, stable ``code``, ``message``.
+
+    Envelope faults are raised as subclasses that are also the matching local error class, so
+    ``except TamperedDataError`` works the same for local and remote inference.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+def _remote_error_class(base: type[Exception]) -> type[RemoteError]:
+    return type(f"Remote{base.__name__}", (RemoteError, base), {"__module__": __name__})
+
+
+_RemoteEnvelopeError = _remote_error_class(EnvelopeError)
+_REMOTE_ERRORS: dict[str, type[RemoteError]] = {
+    "tampered": _remote_error_class(TamperedDataError),
+    "truncated": _remote_error_class(TruncatedDataError),
+    "model_mismatch": _remote_error_class(ModelMismatchError),
+    "params_mismatch": _remote_error_class(ParamsMismatchError),
+    "key_mismatch": _remote_error_class(KeyMismatchError),
+    "unsupported_version": _remote_error_class(UnsupportedVersionError),
+    "invalid_envelope": _RemoteEnvelopeError,
+    "invalid_bundle": _RemoteEnvelopeError,
+}
+
+
 class FHEInferenceClient:
     """Encrypt locally, infer on a server (or a local engine), decrypt locally.
 
     ``model`` is a CompiledModel or the directory it was saved to.  Without ``url`` inference runs
     in a local Engine that gets only the evaluation keys.  ``weight_mode`` is "plaintext": the
     server holds the weights in the clear and only the data is encrypted.
+
+    With ``url`` (an h33 BentoML service) and ``api_key`` the client fetches ``GET /model``,
+    generates keys for the served parameters if ``keys`` is not given, uploads the evaluation keys
+    to ``POST /keys`` once (skipped when the server already holds them), and ``infer`` posts
+    envelopes to ``POST /infer``.  ``model`` is then optional: without it the client uses the
+    public layout the server publishes (where inputs go, where logits are read); with it, the
+    client checks that the server serves exactly that model.  Secret keys never leave the client.
     """
 
-    def __init__(self, model: CompiledModel | str | os.PathLike, url: str | None = None,
+    #: seconds to wait for one HTTP answer (an upload of a ~0.5 GB key bundle, or a queued run)
+    http_timeout: float = 900.0
+
+    def __init__(self, model: CompiledModel | str | os.PathLike | None = None, url: str | None = None,
                  api_key: str | None = None, weight_mode: str = "plaintext",
                  keys: KeyChain | str | os.PathLike | None = None) -> None:
         if weight_mode != "plaintext":
             raise ValueError(f"weight_mode {weight_mode!r} is not supported; only 'plaintext' weights are")
-        self.model = model if isinstance(model, CompiledModel) else CompiledModel.load(model)
-        if url is not None:
-            raise NotImplementedError("remote inference arrives with the BentoML service")
         self.url, self.api_key, self.weight_mode = url, api_key, weight_mode
+        self._http: Any = None
+        self._uploaded_key_id: str | None = None
+        self._upload_lock = threading.Lock()
+        self.server_info: dict[str, Any] | None = None
+        #: facts about the last remote run (engine_run, lane, run_requests, ...), from the X-H33-* headers
+        self.last_run: dict[str, str] = {}
+        if url is not None:
+            self._connect(url, api_key)
+            self.model = self._remote_model(model)
+        elif model is None:
+            raise ValueError("a model (CompiledModel or its directory) is required without a server url")
+        else:
+            self.model = model if isinstance(model, CompiledModel) else CompiledModel.load(model)
         if isinstance(keys, (str, os.PathLike)):
             keys = KeyChain.load(keys)
         self.keys = keys if keys is not None else KeyChain.generate(self.model.params)
         if self.keys.params.fingerprint != self.model.params.fingerprint:
             raise EnvelopeError("the key chain was generated for other CKKS parameters than this model's")
         self._engine = None
+
+    # ----------------------------------------------------------------- remote plumbing
+    def _connect(self, url: str, api_key: str | None) -> None:
+        import httpx
+
+        headers = {"User-Agent": "h33-bento-client"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers,
+                                  timeout=httpx.Timeout(self.http_timeout, connect=30.0))
+        self.server_info = self._json(self._http.get("/model"))
+
+    @staticmethod
+    def _raise_for(resp: Any) -> None:
+        if resp.status_code < 400:
+            return
+        try:
+            err = resp.json()["error"]
+            code, message = str(err["code"]), str(err["message"])
+        except Exception:  # not our JSON error shape (a proxy, an ingress limit, ...)
+            code, message = "http_error", resp.text[:500]
+        raise _REMOTE_ERRORS.get(code, RemoteError)(resp.status_code, code, message)
+
+    def _json(self, resp: Any) -> dict[str, Any]:
+        self._raise_for(resp)
+        return resp.json()
+
+    def _remote_model(self, model: CompiledModel | str | os.PathLike | None) -> CompiledModel:
+        info = self.server_info or {}
+        served_fp = info["model"]["fingerprint"]
+        if model is not None:
+            local = model if isinstance(model, CompiledModel) else CompiledModel.load(model)
+            if local.fingerprint != served_fp:
+                raise ModelMismatchError(f"the server at {self.url} serves model {served_fp}, "
+                                         f"not this model ({local.fingerprint})")
+            return local
+        params = CKKSParams.model_validate({k: v for k, v in info["params"].items() if k != "fingerprint"})
+        if params.fingerprint != info["params"]["fingerprint"]:
+            raise ParamsMismatchError("the server's parameters do not match their fingerprint")
+        m = info["model"]
+        return CompiledModel(  # a layout-only view: enough to pack inputs and read outputs, no weights
+            params=params,
+            input_shape=tuple(m["input_shape"]),
+            input_name=m.get("input_name", "input"),
+            input_positions=np.asarray(info["layout"]["input_positions"], dtype=np.int64),
+            output_shape=tuple(m["output_shape"]),
+            output_positions=np.asarray(info["layout"]["output_positions"], dtype=np.int64),
+            steps=[],
+            labels=list(m["labels"]) if m.get("labels") else None,
+            depth=int(m.get("depth", 0)),
+            runnable=False,
+            metadata={"layout_only": True, "server": self.url},
+            _fingerprint=served_fp,
+        )
+
+    def upload_keys(self) -> str:
+        """Register this client's evaluation keys with the server (once) and return the key_id."""
+        if self._http is None:
+            raise RuntimeError("upload_keys needs a server url")
+        key_id = self.keys.key_id
+        with self._upload_lock:
+            if self._uploaded_key_id == key_id:
+                return key_id
+            resp = self._http.get(f"/keys/{key_id}")
+            if resp.status_code != 200:
+                if resp.status_code != 404:
+                    self._raise_for(resp)
+                body = self.keys.evaluation_keys().to_bytes()
+                resp = self._http.post("/keys", content=body, headers={"Content-Type": "application/octet-stream"})
+                del body
+                got = self._json(resp)["key_id"]
+                if got != key_id:
+                    raise RemoteError(resp.status_code, "key_mismatch", f"server registered {got}, expected {key_id}")
+            self._uploaded_key_id = key_id
+            return key_id
+
+    def _infer_remote(self, enc: EncryptedTensor) -> EncryptedTensor:
+        self.upload_keys()
+        body = enc.to_bytes()
+        headers = {"Content-Type": "application/octet-stream", "X-H33-Key-Id": enc.key_id}
+        resp = self._http.post("/infer", content=body, headers=headers)
+        if resp.status_code == 404 and enc.key_id == self.keys.key_id:  # the server lost our keys: re-upload once
+            self._uploaded_key_id = None
+            self.upload_keys()
+            resp = self._http.post("/infer", content=body, headers=headers)
+        self._raise_for(resp)
+        self.last_run = {k[len("x-h33-"):].replace("-", "_"): v for k, v in resp.headers.items()
+                         if k.lower().startswith("x-h33-")}
+        return EncryptedTensor.from_bytes(resp.content)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+
+    def __enter__(self) -> "FHEInferenceClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     @property
     def lanes(self) -> int:
@@ -108,7 +267,9 @@ class FHEInferenceClient:
         )
 
     def infer(self, enc: EncryptedTensor) -> EncryptedTensor:
-        """Run the encrypted program (locally, with evaluation keys only)."""
+        """Run the encrypted program: on the server with ``url``, else locally with evaluation keys only."""
+        if self._http is not None:
+            return self._infer_remote(enc)
         if self._engine is None:
             from .runtime.engine import Engine
 

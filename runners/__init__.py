@@ -1,0 +1,34 @@
+"""Serving: the BentoML service for encrypted inference (installed as ``h33_bento.runners``).
+
+* ``service``  -- ``H33Inference``, the ``@bentoml.service`` (``bentoml serve h33_bento.runners.service:H33Inference``)
+* ``engines``  -- ``EngineRunner`` (executes programs, one engine per key) and ``LanePacker`` (8-lane batching)
+* ``runtime``  -- per-worker state; ``http`` -- auth/limits gate and the /model, /keys, /health routes
+* ``config``   -- ``ServeConfig`` (pydantic) and API-key helpers; ``keystore`` -- the key registry on disk
+* ``source``   -- loading the model from MLflow or the BentoML store, and storing it there
+
+Submodules are imported lazily so ``import h33_bento.runners`` does not pull in BentoML.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ServeConfig": "config",
+    "new_api_key": "config",
+    "hash_api_key": "config",
+    "KeyStore": "keystore",
+    "EngineRunner": "engines",
+    "LanePacker": "engines",
+    "save_to_bentoml": "source",
+    "import_from_mlflow": "source",
+    "load_compiled": "source",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -106,7 +106,7 @@ class EvaluationKeys:
                 openfhe.DeserializeEvalMultKeyString(self.mult_key, openfhe.BINARY)
             if self.rotation_keys and self.key_tag not in cc.GetAllEvalAutomorphismKeys():
                 openfhe.DeserializeEvalAutomorphismKeyString(self.rotation_keys, openfhe.BINARY)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, MemoryError) as exc:  # OpenFHE's errors on malformed bytes
             raise TamperedDataError(f"evaluation keys could not be deserialized: {exc}") from exc
         if self.key_tag not in cc.GetAllEvalMultKeys():
             raise TamperedDataError("evaluation keys do not carry the key tag their header names")
@@ -164,7 +164,7 @@ class KeyChain:
         """Decrypt one serialized ciphertext to its real slot values."""
         try:
             ct = openfhe.DeserializeCiphertextString(blob, openfhe.BINARY)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, MemoryError) as exc:  # OpenFHE's errors on malformed bytes
             raise TamperedDataError(f"ciphertext could not be deserialized: {exc}") from exc
         if ct is None:
             raise TamperedDataError("ciphertext could not be deserialized")

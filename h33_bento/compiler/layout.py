@@ -11,9 +11,12 @@ decides how many diagonals both it and the next transform need.  Candidates:
   the next transform absorbs the gaps.
 
 Each candidate is scored by its own cost plus the cheapest simple layout of the next linear
-transform (one step of look-ahead).
+transform (one step of look-ahead).  Candidates and costs are memoized per (node, layouts), so
+the look-ahead work is reused when the next transform's turn comes.
 """
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -23,12 +26,39 @@ from .graph import Graph, Node
 
 ELEMENTWISE = ("poly", "square", "activation")
 
+#: The grid search tries channel offsets one by one; above this many non-zeros (the 10^7-entry
+#: convolutions of CIFAR-scale networks) it would take minutes, so only the compact layouts are
+#: considered there.
+GRID_MAX_NNZ = 2_000_000
+
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x - 1).bit_length())
 
 
-def grid_positions(matrix, in_pos: np.ndarray, capacity: int, n: int, tries: int = 64) -> np.ndarray | None:
+def _virtual_anchors(anchor: np.ndarray, nnz: np.ndarray, out_shape: tuple[int, ...] | None) -> np.ndarray:
+    """Where each output's full receptive field would start, padding included.
+
+    A padded convolution clips the windows at the border, so their first input is not where the
+    window starts.  For (C, H, W) outputs the window origin is affine in (y, x) per channel: fit
+    it on the unclipped (densest) rows and extrapolate to the border rows.
+    """
+    if out_shape is None or len(out_shape) != 3 or np.all(nnz == nnz.max()):
+        return anchor
+    c_n, h, w = out_shape
+    rows = np.arange(len(anchor))
+    ch, y, x = rows // (h * w), (rows // w) % h, rows % w
+    full = nnz == nnz.max()
+    design = np.column_stack([y, x, np.eye(c_n)[ch]]).astype(float)
+    coef, *_ = np.linalg.lstsq(design[full], anchor[full].astype(float), rcond=None)
+    fitted = np.rint(design @ coef).astype(np.int64)
+    if not np.array_equal(fitted[full], anchor[full]):
+        return anchor  # not a convolution-like map: keep the first inputs
+    return fitted
+
+
+def grid_positions(matrix, in_pos: np.ndarray, capacity: int, n: int, tries: int = 64,
+                   out_shape: tuple[int, ...] | None = None) -> np.ndarray | None:
     """Place each output at its receptive field's first input position, channels at offsets.
 
     Outputs sharing an anchor (the channels of one pixel) are placed in rounds; each round
@@ -38,7 +68,7 @@ def grid_positions(matrix, in_pos: np.ndarray, capacity: int, n: int, tries: int
     csr = matrix.tocsr()
     m = csr.shape[0]
     first = np.where(np.diff(csr.indptr) > 0, csr.indices[np.minimum(csr.indptr[:-1], len(csr.indices) - 1)], 0)
-    anchor = in_pos[first]
+    anchor = _virtual_anchors(in_pos[first], np.diff(csr.indptr), out_shape) % capacity
     order = np.lexsort((np.arange(m), anchor))
     sorted_anchor = anchor[order]
     starts = np.r_[0, np.flatnonzero(np.diff(sorted_anchor)) + 1]
@@ -52,8 +82,8 @@ def grid_positions(matrix, in_pos: np.ndarray, capacity: int, n: int, tries: int
         sub = csr[rows].tocoo()
         src = in_pos[sub.col]
         found, delta = [], 0
-        while len(found) < tries and delta <= capacity and base.max() + delta < capacity:
-            cand = base + delta
+        while len(found) < tries and delta < capacity:
+            cand = (base + delta) % capacity  # slot positions are cyclic
             if not occupied[cand].any():
                 dst = cand[sub.row]
                 keys = set(((dst // n) * capacity + (src // n) * n + (src - dst) % n).tolist())
@@ -75,17 +105,24 @@ def grid_positions(matrix, in_pos: np.ndarray, capacity: int, n: int, tries: int
         if len(tied) > 1 and j + 1 < len(rounds):
             def next_cost(f: tuple[int, int, set[int]]) -> int:
                 occ = occupied.copy()
-                occ[anchor[rows] + f[1]] = True
+                occ[(anchor[rows] + f[1]) % capacity] = True
                 nxt = options(rounds[j + 1], occ, diagonals | f[2])
                 return nxt[0][0] if nxt else 1 << 30
             choice = min(tied[:8], key=next_cost)
-        positions[rows] = anchor[rows] + choice[1]
+        positions[rows] = (anchor[rows] + choice[1]) % capacity
         occupied[positions[rows]] = True
         diagonals |= choice[2]
     return positions
 
 
-def _candidates(node: Node, in_pos: np.ndarray, n: int) -> list[tuple[np.ndarray, int]]:
+def _digest(a: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(a).view(np.uint8), digest_size=16).digest()
+
+
+def _candidates(node: Node, in_pos: np.ndarray, n: int, memo: dict | None = None) -> list[tuple[np.ndarray, int]]:
+    key = ("candidates", node.name, _digest(in_pos))
+    if memo is not None and key in memo:
+        return memo[key]
     m = node.size
     compact = np.arange(m, dtype=np.int64)
     cands: list[tuple[np.ndarray, int]] = [(compact, 0)]
@@ -96,15 +133,29 @@ def _candidates(node: Node, in_pos: np.ndarray, n: int) -> list[tuple[np.ndarray
             fold *= 2
     in_blocks = int(in_pos.max()) // n + 1
     capacity = max(in_blocks, -(-m // n)) * n
-    grid = grid_positions(node.attrs["matrix"], in_pos, capacity, n)
+    grid = grid_positions(node.attrs["matrix"], in_pos, capacity, n, out_shape=node.shape) if node.attrs["matrix"].nnz <= GRID_MAX_NNZ \
+        else None
     if grid is not None:
         cands.append((grid, 0))
+    if memo is not None:
+        memo[key] = cands
     return cands
 
 
-def _cost(node: Node, in_pos: np.ndarray, out_pos: np.ndarray, n: int, fold: int) -> float:
+def _plan(node: Node, in_pos: np.ndarray, out_pos: np.ndarray, n: int, fold: int,
+          memo: dict | None = None) -> DiagonalPlan:
+    """Diagonal indices (no values) of ``node`` under the given layouts, memoized."""
+    key = ("plan", node.name, fold, _digest(in_pos), _digest(out_pos))
+    if memo is not None and key in memo:
+        return memo[key]
     plan = build_diagonals(node.attrs["matrix"], node.attrs["bias"], in_pos, out_pos, n, fold, values=False)
-    return relative_cost(plan.counts())
+    if memo is not None:
+        memo[key] = plan
+    return plan
+
+
+def _cost(node: Node, in_pos: np.ndarray, out_pos: np.ndarray, n: int, fold: int, memo: dict | None = None) -> float:
+    return relative_cost(_plan(node, in_pos, out_pos, n, fold, memo).counts())
 
 
 def _downstream(graph: Graph, node: Node) -> Node | None:
@@ -124,6 +175,7 @@ def assign_layouts(graph: Graph, n: int, values: bool = True) -> tuple[dict[str,
     """Positions for every node and a diagonal plan for every linear node."""
     positions: dict[str, np.ndarray] = {}
     plans: dict[str, DiagonalPlan] = {}
+    memo: dict = {}
     for node in graph.nodes.values():
         if node.op == "input":
             positions[node.name] = np.arange(node.size, dtype=np.int64)
@@ -136,26 +188,30 @@ def assign_layouts(graph: Graph, n: int, values: bool = True) -> tuple[dict[str,
             positions[node.name] = a
         elif node.op == "linear":
             in_pos = positions[node.inputs[0]]
-            out_pos, fold = _choose(graph, node, in_pos, positions, n)
-            plans[node.name] = build_diagonals(node.attrs["matrix"], node.attrs["bias"], in_pos, out_pos, n,
-                                               fold, values=values)
+            out_pos, fold = _choose(graph, node, in_pos, positions, n, memo)
+            if values:
+                plans[node.name] = build_diagonals(node.attrs["matrix"], node.attrs["bias"], in_pos, out_pos, n,
+                                                   fold, values=True)
+            else:
+                plans[node.name] = _plan(node, in_pos, out_pos, n, fold, memo)
             positions[node.name] = out_pos
         else:
             raise CompileError(f"node {node.name!r}: op {node.op!r} must be lowered before layout")
     return positions, plans
 
 
-def _choose(graph: Graph, node: Node, in_pos: np.ndarray, known: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, int]:
+def _choose(graph: Graph, node: Node, in_pos: np.ndarray, known: dict[str, np.ndarray], n: int,
+            memo: dict | None = None) -> tuple[np.ndarray, int]:
     nxt = _downstream(graph, node)
     if nxt is not None and nxt.op in ("add", "mul"):
         others = [known[i] for i in nxt.inputs if i in known]
         if others:
             return others[0], 0  # residual/product operands must share one layout
     best = None
-    for out_pos, fold in _candidates(node, in_pos, n):
-        cost = _cost(node, in_pos, out_pos, n, fold)
+    for out_pos, fold in _candidates(node, in_pos, n, memo):
+        cost = _cost(node, in_pos, out_pos, n, fold, memo)
         if nxt is not None and nxt.op == "linear":
-            cost += min(_cost(nxt, out_pos, p, n, f) for p, f in _candidates(nxt, out_pos, n))
+            cost += min(_cost(nxt, out_pos, p, n, f, memo) for p, f in _candidates(nxt, out_pos, n, memo))
         if best is None or cost < best[0]:
             best = (cost, out_pos, fold)
     return best[1], best[2]

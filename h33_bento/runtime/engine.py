@@ -99,7 +99,7 @@ class Engine:
         """An untrusted ciphertext blob -> Ciphertext, checked against this key and ring."""
         try:
             ct = openfhe.DeserializeCiphertextString(blob, openfhe.BINARY)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, MemoryError) as exc:  # OpenFHE's errors on malformed bytes
             raise TamperedDataError(f"ciphertext could not be deserialized: {exc}") from exc
         if ct is None:
             raise TamperedDataError("ciphertext could not be deserialized")

@@ -1,0 +1,218 @@
+"""Server configuration: model source, tenants and their API-key hashes, key store, limits, lane packing.
+
+Everything is read once at start-up from an optional YAML/JSON file (``H33_CONFIG``) and then from
+environment variables, which win.  API keys are never stored: the configuration holds the SHA-256
+of each key, and a presented key is hashed and compared with ``hmac.compare_digest``.
+
+Environment variables::
+
+    H33_CONFIG              YAML/JSON file with any of the fields of ServeConfig
+    H33_MODEL_URI           MLflow model URI (models:/name@alias, runs:/..., a local path)
+    H33_BENTO_MODEL         BentoML model tag or alias (default "h33-model"), used when no MLflow URI
+    H33_KEY_STORE           directory for evaluation-key bundles (default ./h33-keystore)
+    H33_API_KEYS_FILE       YAML/JSON file {tenants: {name: [sha256, ...]}} (or {name: [sha256, ...]})
+    H33_API_KEYS            inline "tenant:sha256,tenant:sha256"
+    H33_MAX_INFER_BYTES     /infer body limit (default 64 MiB)
+    H33_MAX_KEY_BYTES       /keys body limit (default 1 GiB)
+    H33_LANE_WAIT_MS        lane-fill idle window (default 20 ms)
+    H33_LANE_MAX_WAIT_MS    lane-fill maximum wait (default 200 ms)
+    H33_MAX_ENGINES         engines (key bundles) kept installed per worker (default 8)
+    H33_MAX_KEYS_PER_TENANT key bundles a tenant may register (default 8)
+    H33_ENGINE_CACHE_BYTES  plaintext-diagonal cache shared by the engines (default 2 GiB)
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_KEY_PREFIX = "h33_pk_"
+MiB = 1 << 20
+GiB = 1 << 30
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def new_api_key() -> str:
+    """A fresh random API key, ``h33_pk_`` + 43 URL-safe characters (256 bits)."""
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_api_key(api_key: str) -> str:
+    """The SHA-256 (hex) the server configuration stores for ``api_key``."""
+    return hashlib.sha256(api_key.strip().encode("utf-8")).hexdigest()
+
+
+class TenantConfig(BaseModel):
+    """One tenant: the hashes of its API keys (several, so keys can be rotated without downtime)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    api_key_sha256: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hex(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for h in value:
+            h = h.strip().lower().removeprefix("sha256:")
+            if not _SHA256_RE.match(h):
+                raise ValueError("api_key_sha256 entries must be 64 hex characters (sha256 of the API key); "
+                                 "store hashes, never the keys themselves")
+            out.append(h)
+        return tuple(out)
+
+
+class ServeConfig(BaseModel):
+    """All server settings; see the module docstring for the environment variables."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_uri: Optional[str] = Field(default=None, description="MLflow model URI; wins over bento_model")
+    bento_model: str = Field(default="h33-model", description="BentoML model tag or bentofile alias")
+    key_store: Path = Path("h33-keystore")
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    max_infer_bytes: int = Field(default=64 * MiB, ge=1024)
+    max_key_bundle_bytes: int = Field(default=1 * GiB, ge=1024)
+    lane_wait_ms: float = Field(default=20.0, ge=0, description="run a partly filled group after this idle gap")
+    lane_max_wait_ms: float = Field(default=200.0, ge=0, description="never hold a request longer than this")
+    max_engines: int = Field(default=8, ge=1)
+    max_keys_per_tenant: int = Field(default=8, ge=1)
+    engine_cache_bytes: int = Field(default=2 * GiB, ge=0)
+
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _tenants(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            # shorthand: {tenant: [sha256, ...]} or {tenant: "sha256"}
+            value = {k: ({"api_key_sha256": [v]} if isinstance(v, str)
+                         else {"api_key_sha256": list(v)} if isinstance(v, (list, tuple)) else v)
+                     for k, v in value.items()}
+            for name in value:
+                if not _TENANT_RE.match(str(name)):
+                    raise ValueError(f"tenant name {name!r} must match {_TENANT_RE.pattern}")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if self.lane_max_wait_ms < self.lane_wait_ms:
+            raise ValueError("lane_max_wait_ms must be at least lane_wait_ms")
+        return self
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServeConfig":
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        if env.get("H33_CONFIG"):
+            data.update(_read_mapping(Path(env["H33_CONFIG"])))
+        simple = {
+            "H33_MODEL_URI": "model_uri",
+            "H33_BENTO_MODEL": "bento_model",
+            "H33_KEY_STORE": "key_store",
+            "H33_MAX_INFER_BYTES": "max_infer_bytes",
+            "H33_MAX_KEY_BYTES": "max_key_bundle_bytes",
+            "H33_LANE_WAIT_MS": "lane_wait_ms",
+            "H33_LANE_MAX_WAIT_MS": "lane_max_wait_ms",
+            "H33_MAX_ENGINES": "max_engines",
+            "H33_MAX_KEYS_PER_TENANT": "max_keys_per_tenant",
+            "H33_ENGINE_CACHE_BYTES": "engine_cache_bytes",
+        }
+        for var, field in simple.items():
+            if env.get(var):
+                data[field] = env[var]
+        tenants: dict[str, list[str]] = {}
+
+        def add(name: str, hashes: Any) -> None:
+            if isinstance(hashes, Mapping):
+                hashes = hashes.get("api_key_sha256", [])
+            tenants.setdefault(str(name), []).extend([hashes] if isinstance(hashes, str) else list(hashes))
+
+        for name, spec in dict(data.pop("tenants", {}) or {}).items():
+            add(name, spec)
+        if env.get("H33_API_KEYS_FILE"):
+            spec = _read_mapping(Path(env["H33_API_KEYS_FILE"]))
+            for name, hashes in dict(spec.get("tenants", spec)).items():
+                add(name, hashes)
+        if env.get("H33_API_KEYS"):
+            for entry in env["H33_API_KEYS"].split(","):
+                if entry.strip():
+                    name, sep, digest = entry.strip().partition(":")
+                    if not sep:
+                        raise ValueError("H33_API_KEYS entries look like tenant:sha256hex")
+                    add(name, digest)
+        data["tenants"] = tenants
+        return cls.model_validate(data)
+
+    def public_limits(self) -> dict[str, int]:
+        return {"max_infer_bytes": self.max_infer_bytes, "max_key_bundle_bytes": self.max_key_bundle_bytes}
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping")
+    return data
+
+
+class Authenticator:
+    """Maps ``Authorization: Bearer h33_pk_...`` to a tenant name, or None."""
+
+    def __init__(self, tenants: Mapping[str, TenantConfig]) -> None:
+        self._entries = [(bytes.fromhex(h), name) for name, cfg in tenants.items() for h in cfg.api_key_sha256]
+
+    @property
+    def tenants(self) -> set[str]:
+        return {name for _, name in self._entries}
+
+    def authenticate(self, authorization: str | None) -> str | None:
+        if not authorization:
+            return None
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token.startswith(API_KEY_PREFIX) or len(token) > 256:
+            return None
+        digest = hashlib.sha256(token.encode("utf-8")).digest()
+        found = None
+        for expected, name in self._entries:  # no early exit: the time does not depend on which entry matches
+            if hmac.compare_digest(expected, digest):
+                found = name
+        return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m h33_bento.runners.config new-key TENANT``: print a new API key and its config line."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m h33_bento.runners.config")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    new = sub.add_parser("new-key", help="generate an API key for a tenant")
+    new.add_argument("tenant")
+    hsh = sub.add_parser("hash", help="print the sha256 to store for an existing API key")
+    hsh.add_argument("api_key")
+    args = parser.parse_args(argv)
+    if args.cmd == "new-key":
+        if not _TENANT_RE.match(args.tenant):
+            parser.error(f"tenant must match {_TENANT_RE.pattern}")
+        key = new_api_key()
+        print(f"API key (give it to the tenant; it is not stored anywhere): {key}")
+        print("add to the server's api-keys file:")
+        print(f"tenants:\n  {args.tenant}:\n    - {hash_api_key(key)}")
+    else:
+        print(hash_api_key(args.api_key))
+
+
+if __name__ == "__main__":
+    main()

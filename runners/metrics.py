@@ -1,0 +1,86 @@
+"""Prometheus metrics of the service, served by BentoML's ``/metrics``.
+
+``prometheus_client`` is imported only when the metrics are created (in the service constructor):
+BentoML sets ``PROMETHEUS_MULTIPROC_DIR`` in each worker after importing the service module, and
+a client imported before that would not write to the shared multiprocess files.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+LANE_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+COUNT_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+
+
+class Metrics:
+    """The service's own metrics (prefix ``h33_``), labelled by model fingerprint."""
+
+    def __init__(self, model_fingerprint: str) -> None:
+        import prometheus_client as pc
+
+        self.model = model_fingerprint
+        self.engine_runs = pc.Counter("h33_engine_runs_total", "Encrypted program executions", ["model"])
+        self.engine_seconds = pc.Histogram("h33_engine_seconds", "Engine time per run (lane packing + program)",
+                                           ["model"], buckets=SECONDS_BUCKETS)
+        self.batch_size = pc.Histogram("h33_engine_batch_requests", "Requests served by one engine run",
+                                       ["model"], buckets=COUNT_BUCKETS)
+        self.lane_fill = pc.Histogram("h33_lane_fill_ratio", "Occupied lanes / lanes per engine run",
+                                      ["model"], buckets=LANE_BUCKETS)
+        self.queue_seconds = pc.Histogram("h33_queue_seconds", "Time a request waited for its engine run",
+                                          ["model"], buckets=SECONDS_BUCKETS)
+        self.dispatch_size = pc.Histogram("h33_dispatch_batch_requests",
+                                          "Requests per BentoML adaptive batch handed to the lane packer",
+                                          ["model"], buckets=COUNT_BUCKETS)
+        self.requests = pc.Counter("h33_requests_total", "Requests by endpoint and status", ["endpoint", "status"])
+        self.key_installs = pc.Counter("h33_key_installs_total", "Evaluation-key bundles installed into an engine",
+                                       ["model"])
+
+    def observe_run(self, requests: int, lanes_used: int, lanes: int, seconds: float) -> None:
+        m = self.model
+        self.engine_runs.labels(m).inc()
+        self.engine_seconds.labels(m).observe(seconds)
+        self.batch_size.labels(m).observe(requests)
+        self.lane_fill.labels(m).observe(lanes_used / lanes)
+
+    def request(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+
+
+class NullMetrics(Metrics):
+    """Used when prometheus_client is unavailable: every call is a no-op."""
+
+    def __init__(self, model_fingerprint: str = "") -> None:  # noqa: D401 - no super().__init__
+        self.model = model_fingerprint
+
+    def __getattr__(self, name: str) -> Any:
+        return _Null()
+
+    def observe_run(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class _Null:
+    def labels(self, *args: Any, **kwargs: Any) -> "_Null":
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+_instance: Metrics | None = None
+
+
+def create(model_fingerprint: str) -> Metrics:
+    """The process-wide metrics (prometheus collectors can be registered only once per process)."""
+    global _instance
+    if _instance is None:
+        try:
+            _instance = Metrics(model_fingerprint)
+        except ImportError:
+            _instance = NullMetrics(model_fingerprint)
+    _instance.model = model_fingerprint
+    return _instance

@@ -1,0 +1,182 @@
+"""The per-worker server state: model, tenants, key store, engines and lane packer.
+
+The BentoML service constructs one ``Runtime`` per worker process and registers it here, so the
+ASGI gate and the mounted routes (which BentoML builds before the service instance exists) can
+reach it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..ckks.keys import EvaluationKeys
+from ..ckks.serialization import WIRE_VERSION, EncryptedTensor
+from ..compiler.program import CompiledModel
+from ..errors import EnvelopeError
+from .config import Authenticator, ServeConfig
+from .engines import EngineRunner, InferItem, LanePacker
+from .errors import HTTPError, foreign_key, from_envelope_error
+from .keystore import KeyRecord, KeyStore
+from .metrics import Metrics, create as create_metrics
+from .source import load_compiled
+
+logger = logging.getLogger("h33_bento.runners")
+
+_current: "Runtime | None" = None
+
+
+def current() -> "Runtime | None":
+    return _current
+
+
+class Runtime:
+    def __init__(self, config: ServeConfig, compiled: CompiledModel | None = None,
+                 source: dict[str, str] | None = None, metrics: Metrics | None = None) -> None:
+        self.config = config
+        if compiled is None:
+            compiled, source = load_compiled(config.model_uri, config.bento_model)
+        if not compiled.runnable:
+            raise ValueError("the model is a plan only (it needs bootstrapping) and cannot be served")
+        self.compiled = compiled
+        self.source = source or {"kind": "object"}
+        self.auth = Authenticator(config.tenants)
+        if not config.tenants:
+            logger.warning("no tenants are configured: every authenticated endpoint will answer 401")
+        self.keystore = KeyStore(config.key_store, config.max_keys_per_tenant)
+        self.metrics = metrics or create_metrics(compiled.fingerprint)
+        self.runner = EngineRunner(compiled, self.keystore, config.max_engines, config.engine_cache_bytes,
+                                   self.metrics)
+        self.packer = LanePacker(self.runner, config.lane_wait_ms / 1000.0, config.lane_max_wait_ms / 1000.0,
+                                 self.metrics)
+        self.started = time.time()
+        self._model_info: dict[str, Any] | None = None
+        logger.info("serving h33 model %s (%s) from %s; key store %s with %d bundles", compiled.fingerprint,
+                    compiled.params.summary(), self.source, self.keystore.root, len(self.keystore))
+
+    # ----------------------------------------------------------------- registration
+    def activate(self) -> "Runtime":
+        global _current
+        _current = self
+        return self
+
+    async def close(self) -> None:
+        global _current
+        await self.packer.close()
+        self.runner.close()
+        if _current is self:
+            _current = None
+
+    # ----------------------------------------------------------------- /model
+    def model_info(self) -> dict[str, Any]:
+        if self._model_info is None:
+            m, p = self.compiled, self.compiled.params
+            shifts = sorted({p.slots - j for j in range(1, p.lanes)})
+            self._model_info = {
+                "model": {
+                    "fingerprint": m.fingerprint,
+                    "input_name": m.input_name,
+                    "input_shape": list(m.input_shape),
+                    "output_shape": list(m.output_shape),
+                    "labels": m.class_labels(),
+                    "lanes": m.lanes,
+                    "lane_length": m.lane_length,
+                    "input_blocks": m.input_blocks,
+                    "depth": m.depth,
+                    "plan": m.plan_summary(),
+                    "source": self.source,
+                },
+                "params": {**p.model_dump(mode="json"), "fingerprint": p.fingerprint},
+                "keys": {
+                    "rotation_indices": list(p.rotation_indices),
+                    "lane_shift_rotations": shifts,
+                    "relinearization": True,
+                    "predicted_bundle_bytes": m.predicted_key_bundle_bytes,
+                },
+                # the client's packing layout: where each input value goes and where each logit is read
+                # (public; the weights stay on the server)
+                "layout": {
+                    "input_positions": [int(v) for v in m.input_positions.reshape(-1)],
+                    "output_positions": [int(v) for v in m.output_positions.reshape(-1)],
+                },
+                "lane_packing": {
+                    "enabled": self.runner.can_pack,
+                    "lanes": p.lanes,
+                    "wait_ms": self.config.lane_wait_ms,
+                    "max_wait_ms": self.config.lane_max_wait_ms,
+                },
+                "limits": self.config.public_limits(),
+                "wire_version": WIRE_VERSION,
+            }
+        return self._model_info
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model_fingerprint": self.compiled.fingerprint,
+            "uptime_s": round(time.time() - self.started, 1),
+            "key_bundles": len(self.keystore),
+            "engines_loaded": self.runner.engines_loaded,
+            "engine_runs": self.runner.runs,
+            "pending_requests": self.packer.pending,
+        }
+
+    # ----------------------------------------------------------------- /infer
+    def prepare_infer(self, tenant: str, body: bytes, key_id_header: str | None = None) -> InferItem:
+        """Parse and check an /infer body; raises HTTPError with the right status."""
+        m = self.compiled
+        try:
+            env = EncryptedTensor.from_bytes(body)
+            env.check(m.fingerprint, m.params.fingerprint)
+        except EnvelopeError as exc:
+            raise from_envelope_error(exc) from None
+        if key_id_header and key_id_header != env.key_id:
+            raise HTTPError(422, "invalid_envelope", "the X-H33-Key-Id header does not match the envelope's key_id")
+        self.keystore.resolve(env.key_id, tenant)  # 404 unknown / 403 another tenant's
+        shape = tuple(m.input_shape)
+        problems = []
+        if not 1 <= env.lanes_used <= m.lanes:
+            problems.append(f"lanes_used must be 1..{m.lanes}, got {env.lanes_used}")
+        if env.lane != 0:
+            problems.append("requests must start in lane 0")
+        if tuple(env.shape) not in (shape, (env.lanes_used, *shape)) or (tuple(env.shape) == shape and env.lanes_used != 1):
+            problems.append(f"envelope holds shape {tuple(env.shape)}, the model takes {shape}")
+        if len(env.ciphertexts) != m.input_blocks:
+            problems.append(f"envelope holds {len(env.ciphertexts)} ciphertexts, the model takes {m.input_blocks}")
+        if env.level != 0:
+            problems.append("input ciphertexts must be fresh (level 0)")
+        if problems:
+            raise HTTPError(422, "invalid_envelope", "; ".join(problems))
+        return InferItem(tenant=tenant, key_id=env.key_id, envelope=env, model_fingerprint=m.fingerprint)
+
+    # ----------------------------------------------------------------- /keys
+    async def register_keys(self, tenant: str, upload: Path) -> tuple[KeyRecord, bool]:
+        """Validate an uploaded bundle, install it, and persist it bound to ``tenant``."""
+        params = self.compiled.params
+
+        def parse() -> EvaluationKeys:
+            return EvaluationKeys.from_bytes(upload.read_bytes(), params)
+
+        try:
+            keys = await anyio.to_thread.run_sync(parse)
+        except EnvelopeError as exc:
+            raise from_envelope_error(exc, bundle=True) from None
+        existing = self.keystore.get(keys.key_id)
+        if existing is not None:
+            if existing.tenant != tenant:
+                raise foreign_key(keys.key_id)
+            return existing, False
+        self.keystore.check_quota(tenant)
+        try:
+            await self.runner.call(self.runner.install, keys)
+        except EnvelopeError as exc:
+            raise from_envelope_error(exc, bundle=True) from None
+        return await anyio.to_thread.run_sync(self.keystore.commit, upload, keys, tenant)
+
+    async def delete_keys(self, tenant: str, key_id: str) -> KeyRecord:
+        rec = await anyio.to_thread.run_sync(self.keystore.delete, key_id, tenant)
+        await self.runner.call(self.runner.forget, key_id)
+        return rec

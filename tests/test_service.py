@@ -1,0 +1,568 @@
+"""The BentoML service end to end: a real ``bentoml serve`` subprocess on 127.0.0.1, over HTTP.
+
+One MNIST MLP (784 -> 32 -> x^2 -> 10; N=2^14, 8 lanes, 26 rotation keys) is compiled once,
+stored in a temporary BentoML home and served to two tenants, ``acme`` and ``globex``.  The
+tests cover lane packing, tenant isolation, every bad-input status, persistence of the key
+store across a restart, a load test, the remote client, and ``bentoml build`` + serving the
+built Bento.  A small network keeps each encrypted run short: the server logic, not the
+network size, is under test here (test_encrypted.py covers the larger networks).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("bentoml")
+yaml = pytest.importorskip("yaml")
+
+from h33_bento import compile, simulate, zoo  # noqa: E402
+from h33_bento.ckks.keys import KeyChain  # noqa: E402
+from h33_bento.ckks.params import select_params  # noqa: E402
+from h33_bento.ckks.serialization import EncryptedTensor  # noqa: E402
+from h33_bento.client import FHEInferenceClient, RemoteError  # noqa: E402
+from h33_bento.errors import KeyMismatchError, ModelMismatchError  # noqa: E402
+from h33_bento.runners.config import hash_api_key, new_api_key  # noqa: E402
+from h33_bento.runtime.engine import Engine  # noqa: E402
+
+from conftest import assert_logits_close  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+BENTOML = next((str(p) for p in (Path(sys.executable).with_name("bentoml"), shutil.which("bentoml"))
+                if p and Path(p).exists()), "bentoml")
+MAX_INFER_BYTES = 4 << 20
+TENANTS = ("acme", "globex")
+
+
+class MnistMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(784, 32)
+        self.act = zoo.Square()
+        self.fc2 = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x.flatten(1))))
+
+
+# --------------------------------------------------------------------------- server process
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A ``bentoml serve`` subprocess (its own process group) and its log."""
+
+    def __init__(self, target: str, env: dict[str, str], log: Path) -> None:
+        self.target, self.env, self.log = target, env, log
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 240.0) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [BENTOML, "serve", self.target, "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"bentoml serve did not become ready in {timeout} s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # the worker processes bentoml started live in the group we created
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def tail(self, n: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+@dataclasses.dataclass
+class Deployment:
+    server: Server
+    api_keys: dict[str, str]
+    env: dict[str, str]
+    root: Path
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def auth(self, tenant: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_keys[tenant]}"}
+
+
+def post_infer(url: str, api_key: str | None, body, headers: dict | None = None) -> httpx.Response:
+    h = {"Content-Type": "application/octet-stream", **(headers or {})}
+    if api_key:
+        h["Authorization"] = f"Bearer {api_key}"
+    return httpx.post(f"{url}/infer", content=body, headers=h, timeout=900)
+
+
+def post_infer_multipart(url: str, api_key: str, body: bytes) -> httpx.Response:
+    return httpx.post(f"{url}/infer", files={"envelope": ("request.h33t", body, "application/octet-stream")},
+                      headers={"Authorization": f"Bearer {api_key}"}, timeout=900)
+
+
+def scrape(url: str, name: str) -> float:
+    """Sum of a Prometheus counter/histogram-count over its label sets."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def error_code(resp: httpx.Response) -> str:
+    return resp.json()["error"]["code"]
+
+
+# --------------------------------------------------------------------------- configuration (no server)
+def test_config_stores_hashes_and_maps_bearer_keys_to_tenants(tmp_path):
+    from h33_bento.runners.config import Authenticator, ServeConfig
+
+    keys = {"acme": new_api_key(), "globex": new_api_key()}
+    assert all(k.startswith("h33_pk_") and len(k) > 40 for k in keys.values())
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"tenants": {"acme": [hash_api_key(keys["acme"])]}}))
+    cfg = ServeConfig.from_env({"H33_API_KEYS_FILE": str(tmp_path / "keys.yaml"),
+                                "H33_API_KEYS": f"globex:{hash_api_key(keys['globex'])}",
+                                "H33_MAX_INFER_BYTES": "1048576", "H33_KEY_STORE": str(tmp_path / "ks")})
+    assert cfg.max_infer_bytes == 1 << 20 and set(cfg.tenants) == {"acme", "globex"}
+    assert keys["acme"] not in (tmp_path / "keys.yaml").read_text()
+    auth = Authenticator(cfg.tenants)
+    assert auth.authenticate(f"Bearer {keys['acme']}") == "acme"
+    assert auth.authenticate(f"bearer {keys['globex']}") == "globex"
+    for bad in (None, "", keys["acme"], f"Basic {keys['acme']}", f"Bearer {new_api_key()}", "Bearer h33_pk_"):
+        assert auth.authenticate(bad) is None
+    with pytest.raises(ValueError):  # a raw key where a hash belongs is refused
+        ServeConfig.from_env({"H33_API_KEYS": f"acme:{keys['acme']}"})
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def service_model(mnist_train):
+    x, y = mnist_train
+    net = zoo.train(MnistMLP(), x, y, epochs=3)
+    return compile(net, (1, 28, 28), calibration_data=x[:256], labels=[str(i) for i in range(10)])
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, service_model):
+    root = tmp_path_factory.mktemp("h33-serve")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("H33_")}
+    api_keys = {t: new_api_key() for t in TENANTS}
+    (root / "api-keys.yaml").write_text(yaml.safe_dump({"tenants": {t: [hash_api_key(k)] for t, k in api_keys.items()}}))
+    env.update({
+        "BENTOML_HOME": str(root / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "H33_API_KEYS_FILE": str(root / "api-keys.yaml"),
+        "H33_KEY_STORE": str(root / "keystore"),
+        "H33_MAX_INFER_BYTES": str(MAX_INFER_BYTES),
+        # a generous lane-fill window keeps the packing assertions deterministic on a busy CI box
+        "H33_LANE_WAIT_MS": "300",
+        "H33_LANE_MAX_WAIT_MS": "3000",
+    })
+    service_model.save(root / "compiled")
+    subprocess.run([PYTHON, "-m", "h33_bento.runners.source", "save", str(root / "compiled"), "--name", "h33-model"],
+                   env=env, check=True, capture_output=True, timeout=300)
+    server = Server("h33_bento.runners.service:H33Inference", env, root / "server.log")
+    server.start()
+    yield Deployment(server, api_keys, env, root)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def acme(deployment):
+    """A remote client without a local model: it packs with the layout the server publishes."""
+    with FHEInferenceClient(url=deployment.url, api_key=deployment.api_keys["acme"]) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def globex(deployment, service_model):
+    """A remote client holding the compiled model: it checks the server serves exactly that model."""
+    with FHEInferenceClient(service_model, url=deployment.url, api_key=deployment.api_keys["globex"]) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def followups():
+    """Good requests sent right after each bad input; checked together once the table is done."""
+    pool = cf.ThreadPoolExecutor(4)
+    pending: list = []
+    yield pool, pending
+    pool.shutdown(wait=True)
+
+
+# --------------------------------------------------------------------------- /model, /keys
+def test_model_endpoint_describes_what_a_client_needs(deployment, service_model, acme):
+    anon = httpx.get(f"{deployment.url}/model", timeout=30)
+    assert anon.status_code == 401 and error_code(anon) == "unauthorized"
+    assert anon.headers["www-authenticate"].startswith("Bearer")
+    info = httpx.get(f"{deployment.url}/model", headers=deployment.auth("acme"), timeout=30).json()
+    p = service_model.params
+    assert info["model"]["fingerprint"] == service_model.fingerprint
+    assert info["params"]["fingerprint"] == p.fingerprint
+    assert info["model"]["lanes"] == 8 and info["model"]["labels"] == [str(i) for i in range(10)]
+    assert info["keys"]["rotation_indices"] == list(p.rotation_indices)
+    assert set(info["keys"]["lane_shift_rotations"]) <= set(p.rotation_indices)
+    assert info["lane_packing"]["enabled"] is True
+    assert info["limits"]["max_infer_bytes"] == MAX_INFER_BYTES
+    assert np.array_equal(info["layout"]["input_positions"], service_model.input_positions.reshape(-1))
+    # the client built its layout-only view of the model from /model: same fingerprint and layout
+    assert acme.model.fingerprint == service_model.fingerprint
+    assert np.array_equal(acme.model.output_positions, service_model.output_positions)
+    health = httpx.get(f"{deployment.url}/health", timeout=30)
+    assert health.status_code == 200 and health.json()["model_fingerprint"] == service_model.fingerprint
+
+
+def test_key_bundles_are_bound_to_the_uploading_tenant(deployment, acme, globex):
+    url = deployment.url
+    key_id = acme.upload_keys()
+    assert key_id == acme.keys.key_id
+    mine = httpx.get(f"{url}/keys/{key_id}", headers=deployment.auth("acme"), timeout=30)
+    assert mine.status_code == 200 and mine.json()["tenant"] == "acme"
+    theirs = httpx.get(f"{url}/keys/{key_id}", headers=deployment.auth("globex"), timeout=30)
+    assert theirs.status_code == 403 and error_code(theirs) == "forbidden_key"
+    bundle = acme.keys.evaluation_keys().to_bytes()
+    octet = {"Content-Type": "application/octet-stream"}
+    again = httpx.post(f"{url}/keys", content=bundle, headers={**deployment.auth("acme"), **octet}, timeout=600)
+    assert again.status_code == 200 and again.json()["created"] is False  # idempotent
+    stolen = httpx.post(f"{url}/keys", content=bundle, headers={**deployment.auth("globex"), **octet}, timeout=600)
+    assert stolen.status_code == 403 and error_code(stolen) == "forbidden_key"
+    assert globex.upload_keys() == globex.keys.key_id
+    listed = httpx.get(f"{url}/keys", headers=deployment.auth("globex"), timeout=30).json()["keys"]
+    assert [k["key_id"] for k in listed] == [globex.keys.key_id]
+
+
+# --------------------------------------------------------------------------- lane packing
+def test_eight_concurrent_single_image_requests_share_one_engine_run(deployment, acme, service_model, mnist_test):
+    x, _ = mnist_test
+    images = x[:8]
+    envelopes = [acme.encrypt(img) for img in images]
+    key = deployment.api_keys["acme"]
+    acme.upload_keys()
+    runs_before = scrape(deployment.url, "h33_engine_runs_total")
+    with cf.ThreadPoolExecutor(8) as pool:
+        resps = list(pool.map(lambda env: post_infer(deployment.url, key, env.to_bytes()), envelopes))
+    assert [r.status_code for r in resps] == [200] * 8, [r.text[:200] for r in resps]
+    assert len({r.headers["x-h33-engine-run"] for r in resps}) == 1
+    assert sorted(int(r.headers["x-h33-lane"]) for r in resps) == list(range(8))
+    assert {r.headers["x-h33-run-requests"] for r in resps} == {"8"}
+    assert scrape(deployment.url, "h33_engine_runs_total") - runs_before == 1
+    # the reference: the same eight images, packed by the client, through a local Engine
+    direct = Engine(service_model, acme.keys.evaluation_keys()).run(acme.encrypt(images))
+    want = acme.decrypt_logits(direct)
+    for i, resp in enumerate(resps):
+        out = EncryptedTensor.from_bytes(resp.content)
+        assert out.lane == int(resp.headers["x-h33-lane"]) and out.lanes_used == 1 and not out.batched
+        got = acme.decrypt_logits(out)[0]
+        assert_logits_close(got, want[i])
+        assert acme.decrypt(out).index == int(np.argmax(want[i]))
+
+
+def test_two_tenants_at_once_are_never_packed_together(deployment, acme, globex, service_model, mnist_test):
+    x, _ = mnist_test
+    images = x[8:12]
+    acme.upload_keys(), globex.upload_keys()
+    jobs = [("acme", acme, acme.encrypt(img), i) for i, img in enumerate(images)]
+    jobs += [("globex", globex, globex.encrypt(img), i) for i, img in enumerate(images)]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        resps = list(pool.map(lambda j: post_infer(deployment.url, deployment.api_keys[j[0]], j[2].to_bytes()), jobs))
+    assert [r.status_code for r in resps] == [200] * len(jobs), [r.text[:200] for r in resps]
+    runs = {t: {r.headers["x-h33-engine-run"] for (tt, *_), r in zip(jobs, resps) if tt == t} for t in TENANTS}
+    assert runs["acme"].isdisjoint(runs["globex"])
+    assert all(int(r.headers["x-h33-run-requests"]) <= len(images) for r in resps)
+    want = simulate(service_model, images).argmax(1)
+    for (tenant, client, _, i), resp in zip(jobs, resps):
+        assert client.decrypt(resp.content).index == want[i]
+    acme_out = next(r for (t, *_), r in zip(jobs, resps) if t == "acme").content
+    with pytest.raises(KeyMismatchError):
+        globex.decrypt(acme_out)  # globex cannot read acme's answer
+    # globex replaying acme's envelope (acme's key_id) is refused
+    replay = post_infer(deployment.url, deployment.api_keys["globex"], jobs[0][2].to_bytes())
+    assert replay.status_code == 403 and error_code(replay) == "forbidden_key"
+
+
+# --------------------------------------------------------------------------- bad inputs
+def _other_params_bundle() -> bytes:
+    return KeyChain.generate(select_params(1, 1024, lanes=8, rotation_indices=(1, 2))).evaluation_keys().to_bytes()
+
+
+def _bad_requests(dep: Deployment, acme: FHEInferenceClient, env: EncryptedTensor):
+    url, key = dep.url, dep.api_keys["acme"]
+    good = env.to_bytes()
+    keys_headers = {**dep.auth("acme"), "Content-Type": "application/octet-stream"}
+
+    def flip(data: bytes) -> bytes:
+        b = bytearray(data)
+        b[len(b) // 2] ^= 0xFF
+        return bytes(b)
+
+    def broken_ciphertext() -> bytes:  # the frame's digest is valid, the OpenFHE blob is not
+        blob = bytearray(env.ciphertexts[0])
+        blob[:64] = np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes()
+        return dataclasses.replace(env, ciphertexts=[bytes(blob)]).to_bytes()
+
+    def chunks():
+        for _ in range(5):
+            yield b"\0" * (1 << 20)
+
+    return {
+        "missing-api-key": (lambda: post_infer(url, None, good), 401, "unauthorized"),
+        "wrong-api-key": (lambda: post_infer(url, new_api_key(), good), 401, "unauthorized"),
+        "unknown-key-id": (lambda: post_infer(url, key, dataclasses.replace(env, key_id="0" * 32).to_bytes()),
+                           404, "unknown_key"),
+        "tampered-ciphertext": (lambda: post_infer(url, key, flip(good)), 422, "tampered"),
+        "tampered-inside-valid-frame": (lambda: post_infer(url, key, broken_ciphertext()), 422,
+                                        {"tampered", "key_mismatch"}),
+        "truncated-ciphertext": (lambda: post_infer(url, key, good[: len(good) // 2]), 422, "truncated"),
+        "wrong-model-fingerprint": (
+            lambda: post_infer(url, key, dataclasses.replace(env, model_fingerprint="f" * 32).to_bytes()),
+            409, "model_mismatch"),
+        "oversized-body": (lambda: post_infer(url, key, b"\0" * (MAX_INFER_BYTES + (1 << 20))), 413, "too_large"),
+        "oversized-chunked-body": (lambda: post_infer(url, key, chunks()), 413, "too_large"),
+        "key-bundle-for-other-params": (  # sent as a multipart upload, the other accepted encoding
+            lambda: httpx.post(f"{url}/keys", files={"bundle": ("keys.h33k", _other_params_bundle())},
+                               headers=dep.auth("acme"), timeout=600),
+            422, "params_mismatch"),
+        "truncated-key-bundle": (
+            lambda: httpx.post(f"{url}/keys", content=_other_params_bundle()[:-100], headers=keys_headers,
+                               timeout=600),
+            422, "truncated"),
+    }
+
+
+BAD_CASES = ["missing-api-key", "wrong-api-key", "unknown-key-id", "tampered-ciphertext",
+             "tampered-inside-valid-frame", "truncated-ciphertext", "wrong-model-fingerprint", "oversized-body",
+             "oversized-chunked-body", "key-bundle-for-other-params", "truncated-key-bundle"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(case, deployment, acme, followups, mnist_test):
+    x, _ = mnist_test
+    acme.upload_keys()
+    send, status, code = _bad_requests(deployment, acme, acme.encrypt(x[20]))[case]
+    resp = send()
+    assert resp.status_code == status, resp.text[:300]
+    assert error_code(resp) in (code if isinstance(code, set) else {code})
+    # right afterwards: a good encrypted request (answered in the next test, so they can share
+    # engine runs) and a synchronous authenticated request
+    pool, pending = followups
+    i = 30 + BAD_CASES.index(case)
+    env = acme.encrypt(x[i])
+    send_good = post_infer_multipart if BAD_CASES.index(case) % 2 else post_infer  # both body encodings
+    pending.append((case, i, pool.submit(send_good, deployment.url, deployment.api_keys["acme"], env.to_bytes())))
+    ok = httpx.get(f"{deployment.url}/keys/{acme.keys.key_id}", headers=deployment.auth("acme"), timeout=30)
+    assert ok.status_code == 200
+
+
+def test_server_answered_every_request_sent_after_a_bad_input(followups, acme, service_model, mnist_test):
+    _, pending = followups
+    assert len(pending) == len(BAD_CASES)
+    x, _ = mnist_test
+    for case, i, fut in pending:
+        resp = fut.result(timeout=900)
+        assert resp.status_code == 200, f"after {case}: {resp.text[:300]}"
+        got = acme.decrypt_logits(resp.content)[0]
+        assert_logits_close(got, simulate(service_model, x[i:i + 1])[0])
+
+
+# --------------------------------------------------------------------------- persistence
+def test_keys_survive_a_server_restart(deployment, acme, service_model, mnist_test):
+    key_id = acme.upload_keys()
+    deployment.server.restart()
+    health = httpx.get(f"{deployment.url}/health", timeout=30).json()
+    assert health["key_bundles"] >= 1 and health["engines_loaded"] == 0
+    assert httpx.get(f"{deployment.url}/keys/{key_id}", headers=deployment.auth("acme"), timeout=30).status_code == 200
+    x, _ = mnist_test
+    resp = post_infer(deployment.url, deployment.api_keys["acme"], acme.encrypt(x[40]).to_bytes())
+    assert resp.status_code == 200, resp.text[:300]
+    assert acme.decrypt(resp.content).index == simulate(service_model, x[40:41]).argmax(1)[0]
+
+
+# --------------------------------------------------------------------------- remote client
+def test_remote_client_batch_request_runs_as_is_and_checks_the_model(deployment, globex, service_model, mnist_test):
+    x, _ = mnist_test
+    images = x[200:208]
+    preds = globex.infer_batch(images)
+    assert [p.index for p in preds] == simulate(service_model, images).argmax(1).tolist()
+    assert globex.last_run["run_requests"] == "1" and globex.last_run["run_lanes"] == "8"
+    other = dataclasses.replace(service_model, labels=list("abcdefghij"), _fingerprint=None)
+    with pytest.raises(ModelMismatchError):
+        FHEInferenceClient(other, url=deployment.url, api_key=deployment.api_keys["globex"])
+    with pytest.raises(RemoteError) as err:
+        FHEInferenceClient(url=deployment.url, api_key=new_api_key())
+    assert err.value.status == 401
+
+
+# --------------------------------------------------------------------------- load
+def test_load_64_requests_from_4_concurrent_clients(deployment, acme, globex, service_model, mnist_test):
+    """4 clients (2 per tenant, each pair sharing its tenant's keys), 16 single-image requests each,
+    4 in flight per client; no request lost, no answer mixed up; throughput and p50/p95 reported."""
+    x, _ = mnist_test
+    per_client, in_flight = 16, 4
+    owners = [("acme", acme), ("acme", acme), ("globex", globex), ("globex", globex)]
+    clients = [FHEInferenceClient(url=deployment.url, api_key=deployment.api_keys[t], keys=owner.keys)
+               for t, owner in owners]
+    work = []  # (client index, image index, envelope)
+    for c, client in enumerate(clients):
+        for j in range(per_client):
+            i = 1000 + c * per_client + j
+            work.append((c, i, client.encrypt(x[i])))
+    reference = simulate(service_model, x[1000:1000 + len(work)])
+    runs_before = scrape(deployment.url, "h33_engine_runs_total")
+
+    def one(job):
+        c, i, env = job
+        t0 = time.perf_counter()
+        out = clients[c].infer(env)
+        return c, i, out, time.perf_counter() - t0
+
+    pools = [cf.ThreadPoolExecutor(in_flight) for _ in clients]
+    start = time.perf_counter()
+    futures = [pools[job[0]].submit(one, job) for job in work]
+    results = [f.result(timeout=900) for f in futures]
+    wall = time.perf_counter() - start
+    for p in pools:
+        p.shutdown()
+    assert len(results) == len(work) == 64
+    for c, i, out, _ in results:
+        got = clients[c].decrypt_logits(out)[0]
+        assert_logits_close(got, reference[i - 1000])  # its own image's answer, not a neighbour's
+    with pytest.raises(KeyMismatchError):  # and never readable with the other tenant's key
+        clients[2].decrypt_logits(results[0][2])
+    latencies = np.array([r[3] for r in results])
+    run_lanes = {out.extra["engine_run"]: int(out.extra["run_lanes"]) for _, _, out, _ in results}
+    report = {
+        "requests": len(results),
+        "clients": len(clients),
+        "wall_s": round(wall, 2),
+        "throughput_rps": round(len(results) / wall, 3),
+        "latency_p50_s": round(float(np.percentile(latencies, 50)), 2),
+        "latency_p95_s": round(float(np.percentile(latencies, 95)), 2),
+        "engine_runs": len(run_lanes),
+        "mean_lane_fill": round(float(np.mean(list(run_lanes.values()))) / 8, 3),
+        "server_runs_metric": scrape(deployment.url, "h33_engine_runs_total") - runs_before,
+    }
+    (deployment.root / "load.json").write_text(json.dumps(report, indent=1))
+    print("\nload test:", json.dumps(report))
+    assert report["server_runs_metric"] == report["engine_runs"]
+    assert report["engine_runs"] <= 16  # at least half of the lanes filled on average
+    for client in clients:
+        client.close()
+
+
+# --------------------------------------------------------------------------- MLflow source
+LOG_TO_MLFLOW = """
+import sys, mlflow
+from h33_bento import mlflow_flavor
+from h33_bento.compiler.program import CompiledModel
+info = mlflow_flavor.log_model(CompiledModel.load(sys.argv[1]), name="model", registered_model_name="h33-served")
+mlflow.MlflowClient().set_registered_model_alias("h33-served", "prod", info.registered_model_version)
+"""
+
+
+def test_serves_a_registered_mlflow_model(deployment, acme, service_model, mnist_test, tmp_path):
+    pytest.importorskip("mlflow")
+    acme.upload_keys()  # into the key store this second server shares
+    env = {**deployment.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    logged = subprocess.run([PYTHON, "-c", LOG_TO_MLFLOW, str(deployment.root / "compiled")], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert logged.returncode == 0, logged.stderr[-3000:]
+    server = Server("h33_bento.runners.service:H33Inference", {**env, "H33_MODEL_URI": "models:/h33-served@prod"},
+                    tmp_path / "mlflow-serve.log")
+    try:
+        server.start()
+        info = httpx.get(f"{server.url}/model", headers=deployment.auth("acme"), timeout=30).json()
+        assert info["model"]["fingerprint"] == service_model.fingerprint
+        assert info["model"]["source"] == {"kind": "mlflow", "uri": "models:/h33-served@prod"}
+        x, _ = mnist_test
+        resp = post_infer(server.url, deployment.api_keys["acme"], acme.encrypt(x[60]).to_bytes())
+        assert resp.status_code == 200, resp.text[:300] + server.tail()
+        assert acme.decrypt(resp.content).index == simulate(service_model, x[60:61]).argmax(1)[0]
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- build
+def _copy_source(dst: Path) -> Path:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "dist")
+    dst.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, dst / name)
+    for name in ("h33_bento", "runners", "mlflow_flavor"):
+        shutil.copytree(REPO / name, dst / name, ignore=ignore)
+    return dst
+
+
+def test_bentoml_build_produces_a_bento_that_serves(deployment, acme, service_model, mnist_test, tmp_path):
+    pytest.importorskip("setuptools")  # builds the h33-bento wheel the Bento ships
+    env = deployment.env
+    acme.upload_keys()
+    ctx = tmp_path / "bentos"
+    shutil.copytree(REPO / "bentos", ctx, ignore=shutil.ignore_patterns("dist", "__pycache__"))
+    subprocess.run([PYTHON, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    str(_copy_source(tmp_path / "src")), "-w", str(ctx / "dist")],
+                   check=True, capture_output=True, timeout=600)
+    built = subprocess.run([BENTOML, "build", "-f", str(ctx / "bentofile.yaml"), str(ctx), "-o", "tag"],
+                           cwd=ctx, env=env, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    tag = next(line.split("__tag__:", 1)[1].strip() for line in built.stdout.splitlines() if "__tag__:" in line)
+    info = json.loads(subprocess.run([BENTOML, "get", tag, "-o", "json"], env=env, capture_output=True,
+                                     text=True, check=True, timeout=120).stdout)
+    assert [m["tag"].split(":")[0] for m in info["models"]] == ["h33-model"]
+    server = Server(tag, env, tmp_path / "bento.log")  # same key store: a second replica of the service
+    try:
+        server.start()
+        model = httpx.get(f"{server.url}/model", headers=deployment.auth("acme"), timeout=30).json()
+        assert model["model"]["fingerprint"] == service_model.fingerprint
+        x, _ = mnist_test
+        resp = post_infer(server.url, deployment.api_keys["acme"], acme.encrypt(x[50]).to_bytes())
+        assert resp.status_code == 200, resp.text[:300] + server.tail()
+        assert acme.decrypt(resp.content).index == simulate(service_model, x[50:51]).argmax(1)[0]
+    finally:
+        server.stop()

@@ -25,6 +25,19 @@ EVAL_KEYS_FILE = "evaluation_keys.h33k"
 PARAMS_FILE = "params.json"
 
 
+def load_ciphertext(blob: bytes, key_tag: str) -> openfhe.Ciphertext:
+    """Deserialize an untrusted ciphertext blob and check it was made under ``key_tag``."""
+    try:
+        ct = openfhe.DeserializeCiphertextString(blob, openfhe.BINARY)
+    except (RuntimeError, ValueError, MemoryError) as exc:  # OpenFHE's errors on malformed bytes
+        raise TamperedDataError(f"ciphertext could not be deserialized: {exc}") from exc
+    if ct is None:
+        raise TamperedDataError("ciphertext could not be deserialized")
+    if ct.GetKeyTag() != key_tag:
+        raise KeyMismatchError("ciphertext was encrypted under another key")
+    return ct
+
+
 def key_id_for(key_tag: str) -> str:
     """A key's public identity, derived from OpenFHE's key tag (which every ciphertext carries).
 
@@ -162,14 +175,7 @@ class KeyChain:
 
     def decrypt_slots(self, blob: bytes) -> np.ndarray:
         """Decrypt one serialized ciphertext to its real slot values."""
-        try:
-            ct = openfhe.DeserializeCiphertextString(blob, openfhe.BINARY)
-        except (RuntimeError, ValueError, MemoryError) as exc:  # OpenFHE's errors on malformed bytes
-            raise TamperedDataError(f"ciphertext could not be deserialized: {exc}") from exc
-        if ct is None:
-            raise TamperedDataError("ciphertext could not be deserialized")
-        if ct.GetKeyTag() != self.key_tag:
-            raise KeyMismatchError("ciphertext was produced under another key")
+        ct = load_ciphertext(blob, self.key_tag)
         pt = self._cc.Decrypt(ct, self._secret_key)
         pt.SetLength(self.params.slots)
         return np.asarray(pt.GetRealPackedValue(), dtype=np.float64)

@@ -13,11 +13,11 @@ from typing import Sequence
 import numpy as np
 import openfhe
 
-from ..ckks.keys import EvaluationKeys
+from ..ckks.keys import EvaluationKeys, load_ciphertext
 from ..ckks.serialization import EncryptedTensor
 from ..compiler.activations import to_openfhe_coeffs
 from ..compiler.program import CompiledModel, Step
-from ..errors import EnvelopeError, KeyMismatchError, TamperedDataError
+from ..errors import EnvelopeError, TamperedDataError
 
 DEFAULT_CACHE_BYTES = 2 << 30
 
@@ -97,14 +97,7 @@ class Engine:
 
     def deserialize(self, blob: bytes) -> openfhe.Ciphertext:
         """An untrusted ciphertext blob -> Ciphertext, checked against this key and ring."""
-        try:
-            ct = openfhe.DeserializeCiphertextString(blob, openfhe.BINARY)
-        except (RuntimeError, ValueError, MemoryError) as exc:  # OpenFHE's errors on malformed bytes
-            raise TamperedDataError(f"ciphertext could not be deserialized: {exc}") from exc
-        if ct is None:
-            raise TamperedDataError("ciphertext could not be deserialized")
-        if ct.GetKeyTag() != self.keys.key_tag:
-            raise KeyMismatchError("ciphertext was encrypted under a key other than this bundle's")
+        ct = load_ciphertext(blob, self.keys.key_tag)
         if ct.GetCryptoContext().GetRingDimension() != self.params.ring_dim or ct.GetLevel() != 0:
             raise TamperedDataError("ciphertext does not match the model's ring dimension or starting level")
         return ct

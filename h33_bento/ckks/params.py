@@ -37,7 +37,7 @@ class CKKSParams(BaseModel):
     multiplicative_depth: int = Field(ge=1, le=60)
     scale_bits: int = Field(ge=20, le=60, description="bits of each rescaling modulus (the CKKS scale)")
     first_mod_bits: int = Field(ge=20, le=60, description="bits of the first (decryption) modulus")
-    scaling_technique: ScalingTechnique = "FLEXIBLEAUTO"
+    scaling_technique: ScalingTechnique = "FIXEDMANUAL"
     lanes: int = Field(default=8, ge=1, description="independent inputs interleaved in one ciphertext")
     security_level: SecurityLevel = "HEStd_128_classic"
     num_large_digits: int = Field(default=0, ge=0, description="hybrid key-switching digits (0 = OpenFHE default)")

@@ -66,6 +66,8 @@ class Engine:
         self.key_id = evaluation_keys.key_id
         self.cc = evaluation_keys.install(compiled.params)
         self._m = self.cc.GetCyclotomicOrder()
+        self._manual = self.params.scaling_technique == "FIXEDMANUAL"
+        self._zero: openfhe.Ciphertext | None = None
         self._lock = threading.Lock()
         self.cache = _PlaintextCache(cache_bytes, self.params.ring_dim * 8, self.params.multiplicative_depth + 1)
         self.last_timings: dict[str, float] = {}
@@ -100,7 +102,13 @@ class Engine:
         ct = load_ciphertext(blob, self.keys.key_tag)
         if ct.GetCryptoContext().GetRingDimension() != self.params.ring_dim or ct.GetLevel() != 0:
             raise TamperedDataError("ciphertext does not match the model's ring dimension or starting level")
-        return ct
+        # Arithmetic on a freshly deserialized ciphertext runs ~6x slower in OpenFHE 1.6 (its ring
+        # elements do not share the context's precomputed parameters); results take the first
+        # operand's, so adding the input to a context-made encryption of zero fixes every later op.
+        if self._zero is None:
+            public = openfhe.DeserializePublicKeyString(self.keys.public_key, openfhe.BINARY)
+            self._zero = self.cc.Encrypt(public, self.cc.MakeCKKSPackedPlaintext(np.zeros(self.params.slots)))
+        return self.cc.EvalAdd(self._zero, ct)
 
     # ----------------------------------------------------------------- program
     def run_ciphertexts(self, inputs: Sequence[openfhe.Ciphertext]) -> list[openfhe.Ciphertext]:
@@ -123,12 +131,31 @@ class Engine:
             coeffs = to_openfhe_coeffs(step.attrs["coeffs"])
             return [cc.EvalChebyshevSeries(ct, coeffs, step.attrs["lower"], step.attrs["upper"]) for ct in args[0]]
         if step.op == "square":
-            return [cc.EvalSquare(ct) for ct in args[0]]
+            return [self._rescale(cc.EvalSquare(ct)) for ct in args[0]]
         if step.op == "add":
-            return [cc.EvalAdd(a, b) for a, b in zip(*args)]
+            return [cc.EvalAdd(*self._same_level(a, b)) for a, b in zip(*args)]
         if step.op == "mul":
-            return [cc.EvalMult(a, b) for a, b in zip(*args)]
+            return [self._rescale(cc.EvalMult(*self._same_level(a, b))) for a, b in zip(*args)]
         raise ValueError(f"unknown step op {step.op!r}")
+
+    def _rescale(self, ct: openfhe.Ciphertext) -> openfhe.Ciphertext:
+        """With FIXEDMANUAL scaling, rescale right after each multiplication, exactly once.
+
+        (Left pending, as FLEXIBLEAUTO does, every later product with a rotated copy would
+        rescale its own copy again.)
+        """
+        if self._manual and ct.GetNoiseScaleDeg() > 1:
+            self.cc.RescaleInPlace(ct)
+        return ct
+
+    def _same_level(self, a: openfhe.Ciphertext, b: openfhe.Ciphertext) -> tuple[openfhe.Ciphertext, openfhe.Ciphertext]:
+        """Operands of a residual add or product must sit at one level under manual scaling."""
+        if self._manual and a.GetLevel() != b.GetLevel():
+            if a.GetLevel() < b.GetLevel():
+                a = self.cc.LevelReduce(a, None, b.GetLevel() - a.GetLevel())
+            else:
+                b = self.cc.LevelReduce(b, None, a.GetLevel() - b.GetLevel())
+        return a, b
 
     def _encode(self, values: np.ndarray, level: int, scale_degree: int = 1) -> openfhe.Plaintext:
         lanes = np.repeat(values, self.params.lanes)  # slot = position * lanes + lane
@@ -175,6 +202,7 @@ class Engine:
                 out = r if out is None else cc.EvalAdd(out, r)
             for f in plan.fold_steps:
                 cc.EvalAddInPlace(out, cc.EvalRotate(out, f * lanes))
+            out = self._rescale(out)
             if np.any(plan.bias[ob]):
                 lvl, deg = out.GetLevel(), out.GetNoiseScaleDeg()
                 bias = self.cache.get((step.name, "bias", ob, lvl, deg), lvl,

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo local-demo test bench install clean
+.PHONY: demo local-demo test bench peers install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_convnet.py
+
+# Orion (Python 3.11 only) and TenSEAL in their own venvs, then one side-by-side table.
+peers: $(STAMP)
+	bash benchmarks/peers/setup.sh
+	$(PY) benchmarks/peers/run.py --networks convnet,lola,lenet5 --frameworks h33,orion,tenseal --images 8 --repeat 3
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

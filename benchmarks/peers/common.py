@@ -1,0 +1,200 @@
+"""Shared, framework-neutral pieces of the peer suite (stdlib + numpy; torch only where asked).
+
+Imported by every worker, whatever its venv (ours: Python 3.10; Orion's: 3.11; TenSEAL's: 3.10),
+so it must not import h33_bento, orion or tenseal.
+
+* ``LAYERS``: for every network, its parametric layers in forward order with the *canonical*
+  names (Orion's attribute names).  The trained weights are saved once under these names
+  (``<net>.pt``, a torch state dict, and ``<net>.npz``, the same arrays for workers without
+  torch); each framework maps them onto its own module names.
+* ``ORION_PARAMS`` / ``TENSEAL_PARAMS``: the 128-bit parameters the peers run with.
+* timing helpers and the JSON result contract between workers and ``run.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+NETWORKS = ("convnet", "lola", "lenet5")
+FRAMEWORKS = ("h33", "orion", "tenseal")
+
+#: net -> [(canonical name, kind)], kind in conv | linear | bn; forward order.
+LAYERS: dict[str, list[tuple[str, str]]] = {
+    # conv 1->4 k7 s3 -> x^2 -> fc 256->64 -> x^2 -> fc 64->10 (TenSEAL's tutorial network)
+    "convnet": [("conv", "conv"), ("fc1", "linear"), ("fc2", "linear")],
+    # orion.models.LoLA: conv 1->5 k2 s2, BN, x^2, fc 980->100, BN, x^2, fc 100->10
+    "lola": [("conv1", "conv"), ("bn1", "bn"), ("fc1", "linear"), ("bn2", "bn"), ("fc2", "linear")],
+    # orion.models.LeNet: conv 1->32 k5 s2 p2, BN, x^2, conv 32->64 k5 s2 p2, BN, x^2,
+    #                     fc 3136->512, BN, x^2, fc 512->10
+    "lenet5": [("conv1", "conv"), ("bn1", "bn"), ("conv2", "conv"), ("bn2", "bn"),
+               ("fc1", "linear"), ("bn3", "bn"), ("fc2", "linear")],
+}
+
+TITLES = {
+    "convnet": "ConvNet (conv 1->4 k7 s3, x^2, fc 256->64, x^2, fc 64->10)",
+    "lola": "LoLA (Orion's: conv 1->5 k2 s2 + BN, x^2, fc 980->100 + BN, x^2, fc 100->10)",
+    "lenet5": "LeNet-5 (Orion's: conv 1->32 k5 s2 p2 + BN, x^2, conv 32->64 k5 s2 p2 + BN, x^2, "
+              "fc 3136->512 + BN, x^2, fc 512->10)",
+}
+
+_BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+# ------------------------------------------------------------------------ 128-bit parameters
+#
+# HomomorphicEncryption.org security standard (Albrecht et al.), classical 128-bit, ternary
+# secret, error sigma 3.2: log2(Q*P) <= 218 (N=2^13), 438 (2^14), 881 (2^15), 1747 (2^16).
+HE_STD_128_MAX_LOGQP = {13: 218, 14: 438, 15: 881, 16: 1747}
+
+#: Orion (Lattigo) parameters per network.  Standard ring (N/2 complex slots; not Orion's
+#: ConjugateInvariant examples), secret with a fixed Hamming weight H = round(2N/3), the
+#: expected weight of the uniform ternary secret the standard's table assumes (Orion's
+#: default H = 192 is a sparse secret, below the table's assumption).  One level per linear
+#: layer (BN folded into it) and per x^2, no bootstrapping:
+#:   convnet, lola: 5 levels; lenet5: 7 levels.
+ORION_PARAMS: dict[str, dict[str, Any]] = {
+    "convnet": {"LogN": 13, "LogQ": [29] + [26] * 5, "LogP": [29, 29], "LogScale": 26},
+    "lola": {"LogN": 13, "LogQ": [29] + [26] * 5, "LogP": [29, 29], "LogScale": 26},
+    "lenet5": {"LogN": 14, "LogQ": [45] + [35] * 7, "LogP": [45, 45], "LogScale": 35},
+}
+
+#: TenSEAL (SEAL) parameters: as in TenSEAL's MNIST tutorial, 218 bits at N=8192 (the
+#: last prime is SEAL's special prime), 6 levels for the 5 the network needs.
+TENSEAL_PARAMS: dict[str, dict[str, Any]] = {
+    "convnet": {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [31] + [26] * 6 + [31], "scale_bits": 26},
+    "lola": {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [31] + [26] * 6 + [31], "scale_bits": 26},
+}
+
+
+def check_128(logn: int, logqp: int) -> None:
+    limit = HE_STD_128_MAX_LOGQP[logn]
+    if logqp > limit:
+        raise ValueError(f"log2(QP) = {logqp} > {limit}: not 128-bit secure at N=2^{logn}")
+
+
+def orion_config(net: str) -> dict[str, Any]:
+    p = dict(ORION_PARAMS[net])
+    check_128(p["LogN"], sum(p["LogQ"]) + sum(p["LogP"]))
+    n = 1 << p["LogN"]
+    return {
+        "ckks_params": {**p, "H": round(2 * n / 3), "RingType": "Standard"},
+        "orion": {"margin": 2, "embedding_method": "hybrid", "backend": "lattigo", "fuse_modules": True,
+                  "debug": False, "io_mode": "none"},
+    }
+
+
+# ------------------------------------------------------------------------ weights
+
+def canonical_from_modules(model: Any, net: str) -> "dict[str, Any]":
+    """Canonical state dict of a torch model whose parametric layers are, in module order,
+    the layers of ``LAYERS[net]`` (whatever the model calls them)."""
+    import torch
+
+    mods = [m for m in model.modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm))]
+    spec = LAYERS[net]
+    if len(mods) != len(spec):
+        raise ValueError(f"{type(model).__name__}: {len(mods)} parametric layers, expected {len(spec)} for {net}")
+    out = {}
+    for m, (name, kind) in zip(mods, spec):
+        want = {"conv": torch.nn.Conv2d, "linear": torch.nn.Linear,
+                "bn": torch.nn.modules.batchnorm._BatchNorm}[kind]
+        if not isinstance(m, want):
+            raise ValueError(f"{net}: layer {name} is a {type(m).__name__}, expected {kind}")
+        keys = _BN_KEYS if kind == "bn" else ("weight", "bias")
+        for k in keys:
+            out[f"{name}.{k}"] = getattr(m, k).detach().clone().float()
+    return out
+
+
+def load_canonical_into(model: Any, net: str, sd: "dict[str, Any]") -> None:
+    """Copy a canonical state dict into ``model`` (inverse of canonical_from_modules)."""
+    import torch
+
+    mods = [m for m in model.modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm))]
+    if len(mods) != len(LAYERS[net]):
+        raise ValueError(f"{type(model).__name__}: {len(mods)} parametric layers, expected {len(LAYERS[net])}")
+    with torch.no_grad():
+        for m, (name, kind) in zip(mods, LAYERS[net]):
+            for k in (_BN_KEYS if kind == "bn" else ("weight", "bias")):
+                src = torch.as_tensor(sd[f"{name}.{k}"])
+                dst = getattr(m, k)
+                if tuple(dst.shape) != tuple(src.shape):
+                    raise ValueError(f"{net}.{name}.{k}: shape {tuple(src.shape)} vs {tuple(dst.shape)}")
+                dst.copy_(src.to(dst.dtype))
+
+
+def load_canonical_by_name(model: Any, net: str, sd: "dict[str, Any]") -> None:
+    """Copy a canonical state dict into a model whose layers carry the canonical names
+    (Orion's models: their modules are not torch.nn.Conv2d/Linear subclasses)."""
+    import torch
+
+    with torch.no_grad():
+        for name, kind in LAYERS[net]:
+            m = model.get_submodule(name)
+            for k in (_BN_KEYS if kind == "bn" else ("weight", "bias")):
+                src = torch.as_tensor(sd[f"{name}.{k}"])
+                dst = getattr(m, k)
+                if tuple(dst.shape) != tuple(src.shape):
+                    raise ValueError(f"{net}.{name}.{k}: shape {tuple(src.shape)} vs {tuple(dst.shape)}")
+                dst.copy_(src.to(dst.dtype))
+
+
+# ------------------------------------------------------------------------ timing / results
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return (time.perf_counter() - t0) * 1000.0, out
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def vm_hwm_kib() -> int:
+    """This process's peak resident set (VmHWM), KiB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def write_result(path: str, result: dict[str, Any]) -> None:
+    result.setdefault("python", sys.version.split()[0])
+    result["worker_vm_hwm_kib"] = vm_hwm_kib()
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def phase(json_path: str, name: str, **facts: Any) -> None:
+    """Record the phase a worker is in, plus facts known so far (e.g. the parameters); run.py
+    reports them when the worker is killed (OOM / timeout) or fails."""
+    path = json_path + ".phase"
+    known: dict[str, Any] = {}
+    try:
+        with open(path) as fh:
+            known = json.load(fh)
+    except (OSError, ValueError):
+        pass
+    known.update(facts, phase=name)
+    try:
+        with open(path, "w") as fh:
+            json.dump(known, fh, default=float)
+    except OSError:
+        pass
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

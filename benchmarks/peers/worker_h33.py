@@ -1,0 +1,115 @@
+"""h33-bento worker: one network, one process (project venv).
+
+    .venv/bin/python benchmarks/peers/worker_h33.py \
+        --network convnet --data benchmarks/peers/out/convnet --repeat 3 --json out.json
+
+Loads the shared trained weights into the torch definition of ``nets.py`` and runs it the way a
+user would: ``compile`` (128-bit parameters chosen by the compiler), ``FHEInferenceClient``
+(key generation), ``encrypt`` / ``infer`` / ``decrypt_logits``.  A request of k <= lanes inputs
+is one ciphertext (lanes = 8), so the amortized time at 8 inputs is one request / 8.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common import LAYERS, load_canonical_into, log, median, phase, timed, write_result  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--network", required=True, choices=sorted(LAYERS))
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    from h33_bento import FHEInferenceClient, compile
+
+    from nets import build
+
+    data = np.load(os.path.join(args.data, "data.npz"))
+    images = data["images"][: args.images].astype(np.float64)
+    ref = data["ref_logits"][: args.images]
+    labels = data["labels"][: args.images]
+    model, origin = build(args.network)
+    load_canonical_into(model, args.network, torch.load(os.path.join(args.data, "weights.pt")))
+    model.eval()
+
+    log(f"h33 {args.network}: compile + keygen ({origin}) ...")
+    phase(args.json, "compile")
+    t0 = time.perf_counter()
+    compiled = compile(model, (1, 28, 28), calibration_data=data["calib"])
+    t_compiled = time.perf_counter()
+    pp = compiled.params
+    params = {"ring_dim": pp.ring_dim, "multiplicative_depth": pp.multiplicative_depth,
+              "scale_bits": pp.scale_bits, "security_level": str(pp.security_level),
+              "rotation_keys": len(pp.rotation_indices)}
+    log(f"h33 {args.network}: compiled in {t_compiled - t0:.1f} s ({params}); key generation ...")
+    phase(args.json, "key generation", params=params, compile_s=t_compiled - t0)
+    client = FHEInferenceClient(compiled)
+    bundle = client.keys.evaluation_keys().to_bytes()
+    t_done = time.perf_counter()
+    result = {
+        "framework": "h33", "network": args.network, "torch_definition": origin, "params": params,
+        "setup_s": t_done - t0, "compile_s": t_compiled - t0, "keygen_s": t_done - t_compiled,
+        "key_bundle_bytes": len(bundle), "lanes": client.lanes,
+    }
+    del bundle
+    try:
+        result["predicted_ms"] = float(compiled.plan_summary()["predicted_latency_ms"])
+    except Exception:  # noqa: BLE001 - optional detail
+        pass
+    log(f"h33 {args.network}: setup {result['setup_s']:.1f} s, N={pp.ring_dim}, depth {pp.multiplicative_depth}")
+
+    def request(x: np.ndarray) -> tuple[float, float, float, np.ndarray]:
+        t_enc, enc = timed(lambda: client.encrypt(x))
+        t_srv, out = timed(lambda: client.infer(enc))
+        t_dec, logits = timed(lambda: client.decrypt_logits(out))
+        return t_enc, t_srv, t_dec, np.asarray(logits, dtype=np.float64).reshape(-1, ref.shape[1])
+
+    k = len(images)
+    phase(args.json, "inference")
+    t_cold = time.perf_counter()
+    request(images[: client.lanes])  # first run: the engine encodes and caches the plaintext diagonals
+    result["cold_request_ms"] = (time.perf_counter() - t_cold) * 1000
+    singles, servers1 = [], []
+    for _ in range(args.repeat):
+        e, s, d, _ = request(images[0])
+        singles.append(e + s + d)
+        servers1.append(s)
+    batch_tot, batch_srv, logits = [], [], None
+    for _ in range(args.repeat):  # k inputs = ceil(k / lanes) requests
+        rows, tot, srv = [], 0.0, 0.0
+        for i in range(0, k, client.lanes):
+            e, s, d, lg = request(images[i:i + client.lanes])
+            rows.append(lg)
+            tot += e + s + d
+            srv += s
+        batch_tot.append(tot)
+        batch_srv.append(srv)
+        logits = np.concatenate(rows)
+    result.update(
+        single_ms=median(singles), single_server_ms=median(servers1),
+        batch_images=k, batch_ms=median(batch_tot), batch_server_ms=median(batch_srv),
+        amortized_ms=median(batch_tot) / k, amortized_server_ms=median(batch_srv) / k,
+        max_abs_err=float(np.abs(logits - ref).max()),
+        correct=int((logits.argmax(1) == labels).sum()),
+        argmax_agree=int((logits.argmax(1) == ref.argmax(1)).sum()),
+    )
+    log(f"h33 {args.network}: single {result['single_ms']:.0f} ms, amortized {result['amortized_ms']:.0f} ms/img, "
+        f"err {result['max_abs_err']:.2e}")
+    write_result(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

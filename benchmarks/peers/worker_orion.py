@@ -1,0 +1,179 @@
+"""Orion (orion-fhe 1.0.2, Lattigo backend) worker: one network, one process.
+
+    benchmarks/peers/.venv-orion/bin/python benchmarks/peers/worker_orion.py \
+        --network convnet --data benchmarks/peers/out/convnet --repeat 3 --json out.json
+
+The network is built from ``orion.nn`` layers (Orion's own LoLA / LeNet from ``orion.models``),
+loaded with the shared trained weights, fitted on the calibration batch, compiled and run one
+image per ciphertext (Orion has no batching across inputs: the amortized time at k inputs is k
+sequential requests).  Parameters: ``common.ORION_PARAMS`` (128-bit, see there).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common import (LAYERS, load_canonical_by_name, log, median, orion_config, phase, timed,  # noqa: E402
+                    write_result)
+
+
+def build(net: str):
+    import orion.models as models
+    import orion.nn as on
+
+    if net == "convnet":
+        class ConvNet(on.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv = on.Conv2d(1, 4, kernel_size=7, stride=3)
+                self.act1 = on.Quad()
+                self.flatten = on.Flatten()
+                self.fc1 = on.Linear(256, 64)
+                self.act2 = on.Quad()
+                self.fc2 = on.Linear(64, 10)
+
+            def forward(self, x):
+                x = self.flatten(self.act1(self.conv(x)))
+                return self.fc2(self.act2(self.fc1(x)))
+
+        return ConvNet()
+    if net == "lola":
+        return models.LoLA()
+    if net == "lenet5":
+        return models.LeNet()
+    raise ValueError(net)
+
+
+def orion_galois_elements(scheme, logn: int) -> set[int]:
+    """Distinct Galois elements Orion holds keys for: its power-of-two rotations (generated
+    by the evaluator, slot rotations 1, 2, 4, ..., slots/2) plus those of the linear transforms."""
+    two_n = 2 << logn
+    slots = 1 << (logn - 1)
+    po2 = {pow(5, k, two_n) for k in (1 << i for i in range(logn - 1)) if k < slots}
+    return po2 | set(int(g) for g in scheme.lt_evaluator.saved_rotation_keys)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--network", required=True, choices=sorted(LAYERS))
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    import orion
+
+    data = np.load(os.path.join(args.data, "data.npz"))
+    images = torch.tensor(data["images"][: args.images])
+    ref = data["ref_logits"][: args.images]
+    labels = data["labels"][: args.images]
+    sd = torch.load(os.path.join(args.data, "weights.pt"))
+    config = orion_config(args.network)
+    p = config["ckks_params"]
+    result = {"framework": "orion", "network": args.network, "orion_version": _version("orion-fhe"),
+              "params": {**p, "logQP": sum(p["LogQ"]) + sum(p["LogP"])}}
+    phase(args.json, "start", params=result["params"])
+
+    # ------------------------------------------------------------------ setup
+    log(f"orion {args.network}: init_scheme + fit + compile ...")
+    quiet = io.StringIO()
+    phase(args.json, "init_scheme (key generation)")
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(quiet):
+        scheme = orion.init_scheme(config)
+        t_keys = time.perf_counter()
+        phase(args.json, "fit")
+        net = build(args.network)
+        load_canonical_by_name(net, args.network, sd)
+        net.eval()
+        calib = torch.utils.data.TensorDataset(torch.tensor(data["calib"]), torch.zeros(len(data["calib"])))
+        orion.fit(net, torch.utils.data.DataLoader(calib, batch_size=1))
+        t_fit = time.perf_counter()
+        phase(args.json, "compile")
+        input_level = orion.compile(net)
+    t_done = time.perf_counter()
+    out = quiet.getvalue()
+    m = re.search(r"requires (\d+) bootstrap", out)
+    result["bootstraps"] = int(m.group(1)) if m else None
+    if result["bootstraps"]:
+        raise RuntimeError(f"Orion placed {result['bootstraps']} bootstraps: not enough levels in the parameters")
+    result.update(setup_s=t_done - t0, init_scheme_s=t_keys - t0, fit_s=t_fit - t_keys, compile_s=t_done - t_fit,
+                  input_level=input_level)
+    log(f"orion {args.network}: setup {result['setup_s']:.1f} s (compile {result['compile_s']:.1f} s)")
+
+    # key bundle: (distinct Galois keys + relinearization key) x one serialized key (all keys are
+    # EvaluationKeys of the same shape in Lattigo; Orion exposes no serialization of its key set)
+    gal = orion_galois_elements(scheme, p["LogN"])
+    blob, ptr = scheme.backend.GenerateAndSerializeRotationKey(next(iter(gal)))
+    key_bytes = len(blob)
+    scheme.backend.FreeCArray(ptr)
+    result.update(galois_keys=len(gal), key_bytes_each=key_bytes, key_bundle_bytes=(len(gal) + 1) * key_bytes)
+
+    # ------------------------------------------------------------------ inference
+    net.he()
+    phase(args.json, "inference")
+
+    def one(img: torch.Tensor) -> tuple[float, float, float, np.ndarray]:
+        t_enc, ct = timed(lambda: orion.encrypt(orion.encode(img[None], input_level)))
+        t_srv, out = timed(lambda: net(ct))
+        t_dec, logits = timed(lambda: out.decrypt().decode())
+        return t_enc, t_srv, t_dec, np.asarray(logits, dtype=np.float64).reshape(-1)[:10]
+
+    with contextlib.redirect_stdout(quiet):
+        t_cold = time.perf_counter()
+        one(images[0])
+        result["cold_request_ms"] = (time.perf_counter() - t_cold) * 1000
+        singles, servers1 = [], []
+        for _ in range(args.repeat):
+            e, s, d, _ = one(images[0])
+            singles.append(e + s + d)
+            servers1.append(s)
+        batch_tot, batch_srv, logits = [], [], None
+        for _ in range(args.repeat):
+            rows, tot, srv = [], 0.0, 0.0
+            for img in images:
+                e, s, d, lg = one(img)
+                rows.append(lg)
+                tot += e + s + d
+                srv += s
+            batch_tot.append(tot)
+            batch_srv.append(srv)
+            logits = np.stack(rows)
+    k = len(images)
+    result.update(
+        single_ms=median(singles), single_server_ms=median(servers1),
+        batch_images=k, batch_ms=median(batch_tot), batch_server_ms=median(batch_srv),
+        amortized_ms=median(batch_tot) / k, amortized_server_ms=median(batch_srv) / k,
+        max_abs_err=float(np.abs(logits - ref).max()),
+        correct=int((logits.argmax(1) == labels).sum()),
+        argmax_agree=int((logits.argmax(1) == ref.argmax(1)).sum()),
+        lanes=1,
+    )
+    log(f"orion {args.network}: single {result['single_ms']:.0f} ms, amortized {result['amortized_ms']:.0f} ms/img, "
+        f"err {result['max_abs_err']:.2e}")
+    write_result(args.json, result)
+    os._exit(0)  # skip Orion's __del__ hooks into the Go runtime at interpreter exit
+
+
+def _version(dist: str) -> str:
+    import importlib.metadata as md
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "?"
+
+
+if __name__ == "__main__":
+    main()

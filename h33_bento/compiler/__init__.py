@@ -19,8 +19,9 @@ from .program import CompiledModel, Step
 __all__ = ["compile", "CompiledModel", "load_graph"]
 
 
-def load_graph(model: Any, input_shape: Sequence[int] | None) -> Graph:
-    """Import a PyTorch module, ONNX ModelProto, ONNX file path or ONNX bytes into the IR."""
+def load_graph(model: Any, input_shape: Sequence[int] | None, dtype: Any = np.float64) -> Graph:
+    """Import a PyTorch module, ONNX ModelProto, ONNX file path or ONNX bytes into the IR
+    (linear ops' matrices in ``dtype``)."""
     if isinstance(model, Graph):
         return model
     if type(model).__module__.startswith("torch") or hasattr(model, "state_dict"):
@@ -28,12 +29,12 @@ def load_graph(model: Any, input_shape: Sequence[int] | None) -> Graph:
 
         if input_shape is None:
             raise CompileError("input_shape is required to compile a PyTorch module")
-        return import_torch(model, tuple(input_shape))
+        return import_torch(model, tuple(input_shape), dtype)
     from .onnx_import import import_onnx
 
     if isinstance(model, (str, os.PathLike)) and not os.path.exists(model):
         raise CompileError(f"model file {model} does not exist")
-    return import_onnx(model, tuple(input_shape) if input_shape is not None else None)
+    return import_onnx(model, tuple(input_shape) if input_shape is not None else None, dtype)
 
 
 def _lane_length(graph: Graph, lanes: int) -> int:
@@ -71,7 +72,8 @@ def compile(
     """
     bar = tqdm(total=5, desc="compile", unit="stage", disable=not progress, leave=False)
     bar.set_postfix_str("import")
-    graph = load_graph(model, input_shape)
+    # a plan needs only where the matrices' entries are: float32 halves the memory of big networks
+    graph = load_graph(model, input_shape, np.float32 if plan_only else np.float64)
     input_node = graph.nodes[graph.input]
     if calibration_data is not None:
         calibration_data = np.asarray(calibration_data, dtype=np.float64).reshape(-1, *input_node.shape)
@@ -84,6 +86,9 @@ def compile(
     n = _lane_length(graph, lanes)
     runnable = True
     try:
+        deepest = max_depth(MAX_RING_DIM, scale_bits, first_mod_bits, security_level)
+        if depth > deepest:  # beyond any ring: fail fast (select_params cannot represent it)
+            raise DepthExceededError(depth, deepest, MAX_RING_DIM)
         params = select_params(depth, n * lanes, lanes, scale_bits, first_mod_bits, security_level)
     except DepthExceededError:
         if not plan_only:

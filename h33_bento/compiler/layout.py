@@ -30,6 +30,18 @@ ELEMENTWISE = ("poly", "square", "activation")
 #: convolutions of CIFAR-scale networks) it would take minutes, so only the compact layouts are
 #: considered there.
 GRID_MAX_NNZ = 2_000_000
+#: Work the grid search may do for one layer (matrix entries examined, plus 100 per offset tried;
+#: about 30M per second here) before it gives up on the grid candidate: the larger of a floor and
+#: a multiple of the layer's non-zeros (MNIST-scale layers need up to ~550 per non-zero) ...
+GRID_WORK_BUDGET = 30_000_000
+GRID_WORK_PER_ENTRY = 600
+#: ... and for a whole graph: past it, the remaining layers (of deep CIFAR-scale networks, where
+#: the search would add minutes) get the compact candidates only.
+GRID_TOTAL_BUDGET = 600_000_000
+
+
+class _OverBudget(Exception):
+    pass
 
 
 def _next_pow2(x: int) -> int:
@@ -58,13 +70,28 @@ def _virtual_anchors(anchor: np.ndarray, nnz: np.ndarray, out_shape: tuple[int, 
 
 
 def grid_positions(matrix, in_pos: np.ndarray, capacity: int, n: int, tries: int = 64,
-                   out_shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+                   out_shape: tuple[int, ...] | None = None, budget: int | None = None,
+                   spent: list[int] | None = None) -> np.ndarray | None:
     """Place each output at its receptive field's first input position, channels at offsets.
 
     Outputs sharing an anchor (the channels of one pixel) are placed in rounds; each round
     takes, among the first ``tries`` collision-free offsets, the one adding the fewest new
-    diagonals, breaking ties by what the next round could then achieve.
+    diagonals, breaking ties by what the next round could then achieve.  None when no placement
+    fits, or when the search would do more than ``budget`` work (see ``GRID_WORK_BUDGET``); the
+    work done is added to ``spent[0]``.
     """
+    work = [0]
+    try:
+        return _grid_positions(matrix, in_pos, capacity, n, tries, out_shape, budget, work)
+    except _OverBudget:
+        return None
+    finally:
+        if spent is not None:
+            spent[0] += work[0]
+
+
+def _grid_positions(matrix, in_pos: np.ndarray, capacity: int, n: int, tries: int,
+                    out_shape: tuple[int, ...] | None, budget: int | None, work: list[int]) -> np.ndarray | None:
     csr = matrix.tocsr()
     m = csr.shape[0]
     first = np.where(np.diff(csr.indptr) > 0, csr.indices[np.minimum(csr.indptr[:-1], len(csr.indices) - 1)], 0)
@@ -84,13 +111,17 @@ def grid_positions(matrix, in_pos: np.ndarray, capacity: int, n: int, tries: int
         found, delta = [], 0
         while len(found) < tries and delta < capacity:
             cand = (base + delta) % capacity  # slot positions are cyclic
+            work[0] += 100  # one offset tried costs about as much as 100 entries examined
             if not occupied[cand].any():
+                work[0] += len(sub.row)
                 dst = cand[sub.row]
                 keys = set(((dst // n) * capacity + (src // n) * n + (src - dst) % n).tolist())
                 found.append((len(keys - diagonals), delta, keys))
                 if found[-1][0] == 0:
                     break
             delta += 1
+            if budget is not None and work[0] > budget:
+                raise _OverBudget
         return sorted(found, key=lambda f: (f[0], f[1]))
 
     occupied = np.zeros(capacity, dtype=bool)
@@ -133,8 +164,13 @@ def _candidates(node: Node, in_pos: np.ndarray, n: int, memo: dict | None = None
             fold *= 2
     in_blocks = int(in_pos.max()) // n + 1
     capacity = max(in_blocks, -(-m // n)) * n
-    grid = grid_positions(node.attrs["matrix"], in_pos, capacity, n, out_shape=node.shape) if node.attrs["matrix"].nnz <= GRID_MAX_NNZ \
-        else None
+    grid = None
+    nnz = node.attrs["matrix"].nnz
+    spent = memo.setdefault("grid_work", [0]) if memo is not None else [0]
+    if nnz <= GRID_MAX_NNZ and spent[0] < GRID_TOTAL_BUDGET:
+        budget = min(max(GRID_WORK_BUDGET, GRID_WORK_PER_ENTRY * nnz), GRID_TOTAL_BUDGET - spent[0])
+        grid = grid_positions(node.attrs["matrix"], in_pos, capacity, n, out_shape=node.shape, budget=budget,
+                              spent=spent)
     if grid is not None:
         cands.append((grid, 0))
     if memo is not None:

@@ -103,8 +103,13 @@ class CompiledModel:
         costs = self.primitive_costs_ms
         if not costs:
             return float("nan")
-        towers = self.params.multiplicative_depth + 1
-        scale = (towers - step.level) / towers  # operations get cheaper as towers are dropped
+        depth = self.params.multiplicative_depth
+        towers = depth + 1
+        level = step.level
+        if level > depth:  # a plan past the ring's depth: assume the level right after a bootstrap
+            refresh = (self.params.bootstrapping or BootstrapConfig()).levels_after
+            level = depth - refresh + (level - depth) % refresh
+        scale = (towers - level) / towers  # operations get cheaper as towers are dropped
         counts = self.step_counts(step)
         if step.op == "poly":
             key = f"chebyshev_{counts['chebyshev_degree']}"
@@ -116,8 +121,8 @@ class CompiledModel:
         """(bootstrap operations, ciphertext bootstraps) per run: 0 when the depth fits.
 
         An estimate for plans deeper than the ring allows: a fresh ciphertext has the parameters'
-        full depth, each bootstrap restores ``BootstrapConfig.levels_after`` levels (10 by default,
-        what OpenFHE leaves at N=2^16 after a (4, 4) level budget), and a tensor is bootstrapped
+        full depth, each bootstrap restores ``BootstrapConfig.levels_after`` levels (10 by default:
+        an assumption until bootstrapping lands and is measured), and a tensor is bootstrapped
         lazily, right before the first step that would run out of levels.  Every ciphertext block
         of the tensor is bootstrapped (the second number).
         """
@@ -129,7 +134,8 @@ class CompiledModel:
         blocks = {self.input_name: self.input_blocks}
         ops = cts = 0
         for s in self.steps:
-            need = chebyshev_depth(len(s.attrs["coeffs"]) - 1) if s.op == "poly" else int(s.op != "add")
+            need = (chebyshev_depth(len(s.attrs["coeffs"]) - 1, s.attrs["lower"], s.attrs["upper"])
+                    if s.op == "poly" else int(s.op != "add"))
             for i in s.inputs:
                 if remaining[i] < need:
                     remaining[i] = refresh

@@ -8,8 +8,9 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 
 from .graph import Graph
@@ -57,6 +58,6 @@ def export_onnx(module: "torch.nn.Module", input_shape: tuple[int, ...]) -> onnx
         module.train(was_training)
 
 
-def import_torch(module: "torch.nn.Module", input_shape: tuple[int, ...]) -> Graph:
+def import_torch(module: "torch.nn.Module", input_shape: tuple[int, ...], dtype: Any = np.float64) -> Graph:
     """Lower a PyTorch module taking a (batch, *input_shape) tensor to a Graph."""
-    return import_onnx(export_onnx(module, input_shape), tuple(input_shape))
+    return import_onnx(export_onnx(module, input_shape), tuple(input_shape), dtype)

@@ -1,0 +1,139 @@
+"""h33_bento.zoo: the small reference networks, their training recipes, and the CIFAR-scale seed
+architectures (polynomial activations, average pooling) compiling to plans."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from h33_bento import compile, simulate, zoo  # noqa: E402
+from h33_bento import nn as hnn  # noqa: E402
+from h33_bento.compiler.torch_import import export_onnx  # noqa: E402
+
+torch.set_num_threads(2)
+
+NONPOLY = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+
+
+def test_square_is_shared_with_nn() -> None:
+    assert zoo.Square is hnn.Square
+    assert torch.equal(zoo.Square()(torch.tensor([-3.0, 2.0])), torch.tensor([9.0, 4.0]))
+
+
+@pytest.mark.parametrize("ctor, shape, classes", [
+    (zoo.ConvNet, (1, 28, 28), 10),
+    (zoo.MnistCNN, (1, 28, 28), 10),
+    (zoo.LolaMnist, (1, 28, 28), 10),
+    (zoo.LeNet5, (1, 28, 28), 10),
+    (zoo.MnistNet, (1, 28, 28), 10),
+    (zoo.PneumoniaCNN, (1, 28, 28), 2),
+    (zoo.CifarCNN, (3, 32, 32), 10),
+    (zoo.TabularMLP, (30,), 2),
+])
+def test_small_models_forward(ctor, shape, classes) -> None:
+    model = ctor().eval()
+    assert model(torch.zeros((3, *shape))).shape == (3, classes)
+
+
+def test_lenet5_is_the_orion_variant() -> None:
+    m = zoo.LeNet5()
+    convs = [l for l in m.modules() if isinstance(l, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
+        (1, 32, (5, 5), (2, 2), (2, 2)), (32, 64, (5, 5), (2, 2), (2, 2))]
+    fcs = [l for l in m.modules() if isinstance(l, nn.Linear)]
+    assert [(f.in_features, f.out_features) for f in fcs] == [(3136, 512), (512, 10)]
+    assert sum(isinstance(l, zoo.Square) for l in m.modules()) == 3
+    assert sum(isinstance(l, (nn.BatchNorm1d, nn.BatchNorm2d)) for l in m.modules()) == 3
+    compiled = compile(m.eval(), (1, 28, 28), plan_only=True, measure_costs=False)
+    # conv+BN, x^2, conv+BN, x^2, fc+BN, x^2, fc: seven levels, runnable without bootstrapping
+    # (the 32x14x14 activations, not the depth, ask for N=2^16: 4096 values in each of 8 lanes)
+    assert [s.op for s in compiled.steps] == ["linear", "square"] * 3 + ["linear"]
+    assert compiled.depth == 7 and compiled.runnable and compiled.params.ring_dim == 2 ** 16
+    assert compiled.plan_summary()["bootstraps"] == 0
+
+
+def test_lola_compiles_at_n_2_14_and_simulates_exactly() -> None:
+    torch.manual_seed(0)
+    model = zoo.LolaMnist().eval()
+    compiled = compile(model, (1, 28, 28), measure_costs=False)
+    assert compiled.depth == 5 and compiled.params.ring_dim == 2 ** 14
+    x = np.random.default_rng(0).random((4, 1, 28, 28))
+    ref = zoo.predict_logits(model, x)
+    np.testing.assert_allclose(simulate(compiled, x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_recipe_is_reproducible_and_learns() -> None:
+    a, acc_a = zoo.train_recipe("tabular_mlp", seed=3)
+    b, acc_b = zoo.train_recipe("tabular_mlp", seed=3)
+    assert acc_a == acc_b > 0.93
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    compiled = compile(a, (30,), measure_costs=False)
+    x, _ = zoo._breast_cancer("test")
+    assert (simulate(compiled, x).argmax(1) == zoo.predict_logits(a, x).argmax(1)).all()
+
+
+# ------------------------------------------------------------------ CIFAR-scale architectures
+
+
+@pytest.mark.parametrize("name", list(zoo.CIFAR_ARCHITECTURES))
+def test_cifar_architectures_are_polynomial(name) -> None:
+    model = zoo.CIFAR_ARCHITECTURES[name]()
+    assert not [m for m in model.modules() if isinstance(m, NONPOLY)]
+    polys = hnn.poly_modules(model)
+    assert polys and all(p.degree in (4, 7) for _, p in polys)
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_efficientnet_squeeze_excitation_is_a_tensor_product() -> None:
+    model = zoo.efficientnet_b0()
+    kinds = {type(p).__name__ for _, p in hnn.poly_modules(model)}
+    assert kinds == {"PolySiLU", "PolySigmoid"}
+    assert any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())  # depthwise
+    graph = export_onnx(model, (3, 32, 32)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("ChebyshevPoly") == len(hnn.poly_modules(model))
+    assert "Mul" in ops and not {"Relu", "Sigmoid", "MaxPool"} & set(ops)
+
+
+def _mbconv_net() -> nn.Module:
+    """Stem + one MBConv (depthwise, SiLU, squeeze-and-excitation) + head: EfficientNet in small."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.SiLU(),
+        zoo._MBConv(8, 8, 2, 3, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )
+    hnn.polyfy(model)
+    return model.eval()
+
+
+def test_mbconv_plan_has_the_ciphertext_product_and_bootstraps() -> None:
+    model = _mbconv_net()
+    compiled = compile(model, (3, 32, 32), plan_only=True, measure_costs=False)
+    ops = [s.op for s in compiled.steps]
+    assert ops.count("mul") == 1 and ops.count("add") == 1  # SE gate product, residual
+    mul = next(s for s in compiled.steps if s.op == "mul")
+    assert len(mul.inputs) == 2 and all(i in {s.name for s in compiled.steps} for i in mul.inputs)
+    # stem 1 + SiLU 5 + expand 1 + SiLU 5 + dw 1 + SiLU 5 + [pool.reduce 1 + SiLU 5 + expand 1 +
+    # sigmoid 5 + broadcast 1] + mul 1 + project 1 + pool.fc 1 = 34 > 30: a plan with bootstraps
+    assert compiled.depth == 34 and not compiled.runnable
+    summary = compiled.plan_summary()
+    assert summary["bootstraps"] >= 1 and summary["ciphertext_bootstraps"] >= summary["bootstraps"]
+    assert "bootstraps: " in compiled.plan and "the largest 128-bit ring holds 30" in compiled.plan
+
+
+def test_resnet18_plan_small_width() -> None:
+    """Full-depth ResNet-18 (width 4 so the test stays fast; docs/models.md has width 64)."""
+    model = zoo.resnet18(width=4)
+    compiled = compile(model, (3, 32, 32), plan_only=True, measure_costs=False)
+    ops = [s.op for s in compiled.steps]
+    assert ops.count("add") == 8 and ops.count("poly") == 17
+    # stem (1 + 4) + 8 blocks x (conv 1 + relu 4 + conv 1 + relu 4) + pool/fc 1
+    assert compiled.depth == 86
+    ops_count, cts = compiled.bootstrap_estimate()
+    assert ops_count >= (86 - 30) // 10 and cts >= ops_count
+    assert compiled.plan_summary()["rotations_per_run"] > 0

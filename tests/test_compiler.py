@@ -15,6 +15,7 @@ from h33_bento.compiler.fusion import fuse_linear_chains
 from h33_bento.compiler.graph import Graph, Node
 from h33_bento.compiler.layout import grid_positions
 from h33_bento.errors import CompileError, DepthExceededError, ModelFormatError
+from h33_bento.zoo import Square
 
 
 def _linear(name, inp, w, b, shape):
@@ -164,3 +165,16 @@ def test_relu_network_compiles_to_chebyshev_and_runs_encrypted():
     assert np.abs(got - sim[:8]).max() < 1e-3
     assert [p.label for p in client.decrypt(client.infer(client.encrypt(x[:8])))] == \
         [compiled.labels[i] for i in sim[:8].argmax(1)]
+
+
+def test_grid_layout_spills_extra_channels_into_a_second_block():
+    """LoLA's conv (5 channels, k2 s2) has more channels than a stride-2 grid has gaps."""
+    conv = nn.Conv2d(1, 5, 2, stride=2)
+    model = nn.Sequential(conv, Square(), nn.Flatten(), nn.Linear(980, 10))
+    compiled = compile(model, (1, 28, 28), measure_costs=False)
+    first = compiled.steps[0].linear
+    assert first.out_blocks == 2 and len(first.terms) <= 4 * 5
+    x = np.random.default_rng(0).uniform(size=(4, 1, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.as_tensor(x)).double().numpy()
+    assert np.allclose(simulate(compiled, x), ref, atol=1e-4)

@@ -167,9 +167,12 @@ def _candidates(node: Node, in_pos: np.ndarray, n: int, memo: dict | None = None
     grid = None
     nnz = node.attrs["matrix"].nnz
     spent = memo.setdefault("grid_work", [0]) if memo is not None else [0]
-    if nnz <= GRID_MAX_NNZ and spent[0] < GRID_TOTAL_BUDGET:
+    # more channels than a stride leaves gaps (LoLA: 5 channels, stride 2) need a second block
+    for cap in (capacity, capacity + n):
+        if grid is not None or nnz > GRID_MAX_NNZ or spent[0] >= GRID_TOTAL_BUDGET:
+            break
         budget = min(max(GRID_WORK_BUDGET, GRID_WORK_PER_ENTRY * nnz), GRID_TOTAL_BUDGET - spent[0])
-        grid = grid_positions(node.attrs["matrix"], in_pos, capacity, n, out_shape=node.shape, budget=budget,
+        grid = grid_positions(node.attrs["matrix"], in_pos, cap, n, out_shape=node.shape, budget=budget,
                               spent=spent)
     if grid is not None:
         cands.append((grid, 0))

@@ -156,6 +156,45 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
+def measure_requests(one: Callable[[Any], tuple[float, float, float, Any]], single: Any, batches: list[Any],
+                     repeat: int, ref: Any, labels: Any, lanes: int) -> dict[str, Any]:
+    """Time one warm-up request, ``repeat`` single-input requests and ``repeat`` passes over
+    ``batches`` (each ``one(x)`` returns encrypt/server/decrypt seconds and the logits), and
+    summarize them the same way for every framework."""
+    import numpy as np
+
+    t_cold = time.perf_counter()
+    one(single)
+    cold_ms = (time.perf_counter() - t_cold) * 1000
+    singles, servers1 = [], []
+    for _ in range(repeat):
+        e, s, d, _ = one(single)
+        singles.append(e + s + d)
+        servers1.append(s)
+    batch_tot, batch_srv, logits = [], [], None
+    for _ in range(repeat):
+        rows, tot, srv = [], 0.0, 0.0
+        for x in batches:
+            e, s, d, lg = one(x)
+            rows.append(np.asarray(lg, dtype=np.float64).reshape(-1, ref.shape[1]))
+            tot += e + s + d
+            srv += s
+        batch_tot.append(tot)
+        batch_srv.append(srv)
+        logits = np.concatenate(rows)
+    k = len(logits)
+    return dict(
+        cold_request_ms=cold_ms,
+        single_ms=median(singles), single_server_ms=median(servers1),
+        batch_images=k, batch_ms=median(batch_tot), batch_server_ms=median(batch_srv),
+        amortized_ms=median(batch_tot) / k, amortized_server_ms=median(batch_srv) / k,
+        max_abs_err=float(np.abs(logits - ref).max()),
+        correct=int((logits.argmax(1) == labels).sum()),
+        argmax_agree=int((logits.argmax(1) == ref.argmax(1)).sum()),
+        lanes=lanes,
+    )
+
+
 def vm_hwm_kib() -> int:
     """This process's peak resident set (VmHWM), KiB."""
     try:

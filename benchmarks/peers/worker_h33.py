@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import LAYERS, load_canonical_into, log, median, phase, timed, write_result  # noqa: E402
+from common import LAYERS, load_canonical_into, log, measure_requests, phase, timed, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -77,35 +77,9 @@ def main() -> None:
         t_dec, logits = timed(lambda: client.decrypt_logits(out))
         return t_enc, t_srv, t_dec, np.asarray(logits, dtype=np.float64).reshape(-1, ref.shape[1])
 
-    k = len(images)
     phase(args.json, "inference")
-    t_cold = time.perf_counter()
-    request(images[: client.lanes])  # first run: the engine encodes and caches the plaintext diagonals
-    result["cold_request_ms"] = (time.perf_counter() - t_cold) * 1000
-    singles, servers1 = [], []
-    for _ in range(args.repeat):
-        e, s, d, _ = request(images[0])
-        singles.append(e + s + d)
-        servers1.append(s)
-    batch_tot, batch_srv, logits = [], [], None
-    for _ in range(args.repeat):  # k inputs = ceil(k / lanes) requests
-        rows, tot, srv = [], 0.0, 0.0
-        for i in range(0, k, client.lanes):
-            e, s, d, lg = request(images[i:i + client.lanes])
-            rows.append(lg)
-            tot += e + s + d
-            srv += s
-        batch_tot.append(tot)
-        batch_srv.append(srv)
-        logits = np.concatenate(rows)
-    result.update(
-        single_ms=median(singles), single_server_ms=median(servers1),
-        batch_images=k, batch_ms=median(batch_tot), batch_server_ms=median(batch_srv),
-        amortized_ms=median(batch_tot) / k, amortized_server_ms=median(batch_srv) / k,
-        max_abs_err=float(np.abs(logits - ref).max()),
-        correct=int((logits.argmax(1) == labels).sum()),
-        argmax_agree=int((logits.argmax(1) == ref.argmax(1)).sum()),
-    )
+    batches = [images[i:i + client.lanes] for i in range(0, len(images), client.lanes)]
+    result.update(measure_requests(request, images[0], batches, args.repeat, ref, labels, client.lanes))
     log(f"h33 {args.network}: single {result['single_ms']:.0f} ms, amortized {result['amortized_ms']:.0f} ms/img, "
         f"err {result['max_abs_err']:.2e}")
     write_result(args.json, result)

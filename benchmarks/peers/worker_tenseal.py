@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from common import LAYERS, TENSEAL_PARAMS, check_128, log, median, phase, timed, write_result  # noqa: E402
+from common import LAYERS, TENSEAL_PARAMS, check_128, log, measure_requests, phase, timed, write_result  # noqa: E402
 
 UNSUPPORTED = {
     "lenet5": "TenSEAL's conv2d_im2col only evaluates a convolution on a client-side im2col-encoded image; "
@@ -118,35 +118,7 @@ def main() -> None:
         return t_enc, t_srv, t_dec, np.asarray(logits, dtype=np.float64)[:10]
 
     phase(args.json, "inference")
-    t_cold = time.perf_counter()
-    one(images[0])
-    result["cold_request_ms"] = (time.perf_counter() - t_cold) * 1000
-    singles, servers1 = [], []
-    for _ in range(args.repeat):
-        e, s, d, _ = one(images[0])
-        singles.append(e + s + d)
-        servers1.append(s)
-    batch_tot, batch_srv, logits = [], [], None
-    for _ in range(args.repeat):
-        rows, tot, srv = [], 0.0, 0.0
-        for img in images:
-            e, s, d, lg = one(img)
-            rows.append(lg)
-            tot += e + s + d
-            srv += s
-        batch_tot.append(tot)
-        batch_srv.append(srv)
-        logits = np.stack(rows)
-    k = len(images)
-    result.update(
-        single_ms=median(singles), single_server_ms=median(servers1),
-        batch_images=k, batch_ms=median(batch_tot), batch_server_ms=median(batch_srv),
-        amortized_ms=median(batch_tot) / k, amortized_server_ms=median(batch_srv) / k,
-        max_abs_err=float(np.abs(logits - ref).max()),
-        correct=int((logits.argmax(1) == labels).sum()),
-        argmax_agree=int((logits.argmax(1) == ref.argmax(1)).sum()),
-        lanes=1,
-    )
+    result.update(measure_requests(one, images[0], list(images), args.repeat, ref, labels, lanes=1))
     log(f"tenseal {args.network}: single {result['single_ms']:.0f} ms, amortized {result['amortized_ms']:.0f} ms/img, "
         f"err {result['max_abs_err']:.2e}")
     write_result(args.json, result)

@@ -178,3 +178,13 @@ def test_grid_layout_spills_extra_channels_into_a_second_block():
     with torch.no_grad():
         ref = model(torch.as_tensor(x)).double().numpy()
     assert np.allclose(simulate(compiled, x), ref, atol=1e-4)
+
+
+def test_runtime_imports_neither_torch_nor_onnx_nor_scipy():
+    import subprocess
+    import sys
+
+    code = ("import sys; import h33_bento.runtime.engine, h33_bento.client, h33_bento.runtime.simulate; "
+            "print(sorted(m for m in ('torch', 'onnx', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

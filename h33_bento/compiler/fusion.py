@@ -6,8 +6,12 @@ rotations instead of one per op.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import scipy.sparse as sp
+
+if TYPE_CHECKING:  # the runtime imports the compiler package and must not need scipy
+    import scipy.sparse as sp
 
 from .graph import Graph, Node
 
@@ -24,7 +28,7 @@ def _diagonal(matrix: "sp.spmatrix") -> np.ndarray | None:
     return np.bincount(rows, weights=csr.data, minlength=n)
 
 
-def _compose(outer: "sp.spmatrix", inner: "sp.spmatrix") -> sp.csr_matrix:
+def _compose(outer: "sp.spmatrix", inner: "sp.spmatrix") -> "sp.csr_matrix":
     """outer @ inner as CSR.  A diagonal factor only scales the other's rows or columns, which is
     far cheaper than a sparse product for the 10^7-entry convolutions of CIFAR networks."""
     d = _diagonal(outer)

@@ -6,7 +6,7 @@ compiled program (``simulate``) on the full test set, and real encrypted inferen
 
 Per dataset: train the ReLU network (``h33_bento.zoo``, fixed seed), ``polyfy`` it (degree-4
 PolyReLU, MaxPool -> AvgPool) with ranges calibrated on training images, ``finetune`` it with the
-range penalty, ``compile`` it, ``simulate`` the compiled program on the whole test set, then run
+range penalty, distilling from the ReLU model, ``compile`` it, ``simulate`` the compiled program on the whole test set, then run
 the first N test images encrypted (8 per ciphertext) through ``FHEInferenceClient``.  An extra
 plaintext experiment on MNIST measures what inputs outside the calibrated ranges do to accuracy.
 """
@@ -48,16 +48,59 @@ class Config:
     finetune_epochs: int
     lr: float = 2e-3
     encrypted: int = 256
+    #: select the training / fine-tuning epoch on a validation set: the dataset's own split
+    #: ("official") or the last 1,000 of a seeded shuffle of the training images ("holdout")
+    val: str | None = None
 
 
 CONFIGS = {
     "mnist": Config("mnist", "MNIST", zoo.MnistNet, "mnist", "5,000 training images (500/class)",
-                    "official 10,000 test images", epochs=10, finetune_epochs=3),
+                    "official 10,000 test images", epochs=10, finetune_epochs=5),
     "pneumonia": Config("pneumonia", "PneumoniaMNIST", zoo.PneumoniaCNN, "pneumonia", "train split (3,882)",
-                        "official test split (624)", epochs=10, finetune_epochs=3, encrypted=624),
-    "cifar10": Config("cifar10", "CIFAR-10", zoo.CifarCNN, "cifar10", "9,000 JPEG test-set images",
-                      "1,000 lossless test images (disjoint)", epochs=15, finetune_epochs=3),
+                        "official test split (624)", epochs=10, finetune_epochs=10, encrypted=624, val="official"),
+    "cifar10": Config("cifar10", "CIFAR-10", zoo.CifarCNN, "cifar10",
+                      "the 9,000-image JPEG subset (8,000 to train, 1,000 held out to pick epochs)",
+                      "1,000 lossless test images (disjoint)", epochs=15, finetune_epochs=30, val="holdout"),
 }
+
+
+def fit_relu(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int,
+             val: tuple[np.ndarray, np.ndarray] | None) -> tuple[torch.nn.Module, int]:
+    """``zoo.train`` (same optimizer, same batches); with ``val``, keep the epoch best on it."""
+    xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    best = (-1.0, epochs, None)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        for idx in torch.randperm(len(xt), generator=gen).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+        if val is not None:
+            score = _acc(zoo.predict_logits(model.eval(), val[0]), val[1])
+            if score > best[0]:
+                best = (score, epoch, copy.deepcopy(model.state_dict()))
+    if best[2] is not None:
+        model.load_state_dict(best[2])
+    return model.eval(), best[1]
+
+
+def fit_poly(poly: torch.nn.Module, teacher: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
+             val: tuple[np.ndarray, np.ndarray] | None, history: list[dict]) -> int:
+    """``hnn.finetune`` distilling from the ReLU model, one epoch at a time (one Adam optimizer);
+    with ``val``, keep the epoch best on it.  Returns the kept epoch."""
+    opt = torch.optim.Adam(poly.parameters(), lr=1e-3)
+    best = (-1.0, epochs, None)
+    for epoch in range(1, epochs + 1):
+        hnn.finetune(poly, (x, y), epochs=1, optimizer=opt, seed=seed + epoch, teacher=teacher, history=history)
+        if val is not None:
+            score = _acc(_quiet_logits(poly, val[0]), val[1])
+            if score > best[0]:
+                best = (score, epoch, copy.deepcopy(poly.state_dict()))
+    if best[2] is not None:
+        poly.load_state_dict(best[2])
+    return best[1]
 
 
 def _acc(logits: np.ndarray, y: np.ndarray) -> float:
@@ -101,14 +144,22 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     x_tr, y_tr = zoo._data(cfg.dataset, "train")
     x_te, y_te = zoo._data(cfg.dataset, "test")
     r: dict = {"dataset": cfg.label, "model": cfg.ctor.__name__, "train": cfg.train_desc, "test": cfg.test_desc,
-               "n_test": int(len(x_te))}
+               "n_test": int(len(x_te)), "val": cfg.val}
+    val = None
+    if cfg.val == "official":
+        val = zoo._data(cfg.dataset, "val")
+    elif cfg.val == "holdout":
+        order = np.random.default_rng(args.seed).permutation(len(x_tr))
+        val = (x_tr[order[-1000:]], y_tr[order[-1000:]])
+        x_tr, y_tr = x_tr[order[:-1000]], y_tr[order[:-1000]]
     epochs = 1 if args.quick else cfg.epochs
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    relu = zoo.train(cfg.ctor(), x_tr, y_tr, epochs=epochs, lr=cfg.lr, seed=args.seed)
+    relu, r["relu_epoch"] = fit_relu(cfg.ctor(), x_tr, y_tr, epochs, cfg.lr, args.seed, val)
     r["train_s"] = time.perf_counter() - t0
     r["relu_acc"] = _acc(zoo.predict_logits(relu, x_te), y_te)
-    print(f"[{cfg.name}] ReLU model ({epochs} epochs, {r['train_s']:.0f} s): top-1 {r['relu_acc']:.4f}", flush=True)
+    print(f"[{cfg.name}] ReLU model ({epochs} epochs, kept epoch {r['relu_epoch']}, {r['train_s']:.0f} s): "
+          f"top-1 {r['relu_acc']:.4f}", flush=True)
 
     poly = copy.deepcopy(relu)
     calib = x_tr[np.random.default_rng(args.seed).permutation(len(x_tr))[:2000]]
@@ -119,8 +170,8 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     r["poly_acc_before_finetune"] = _acc(_quiet_logits(poly, x_te), y_te)
     t0 = time.perf_counter()
     history: list[dict] = []
-    hnn.finetune(poly, (x_tr, y_tr), epochs=1 if args.quick else cfg.finetune_epochs, lr=1e-3, seed=args.seed,
-                 history=history)
+    r["finetune_epoch"] = fit_poly(poly, relu, x_tr, y_tr, 1 if args.quick else cfg.finetune_epochs, args.seed,
+                                   val, history)
     r["finetune_s"] = time.perf_counter() - t0
     r["finetune_history"] = history
     poly_logits = _quiet_logits(poly, x_te)
@@ -238,8 +289,13 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
         "* **ReLU**: the original network (`h33_bento.zoo`, ReLU activations), trained with Adam, seed "
         f"{args.seed}.",
         f"* **poly**: the same network after `h33_bento.nn.polyfy` (ReLU -> degree-{args.degree} `PolyReLU`, ranges",
-        f"  calibrated on 2,000 training images with a {args.margin:.0%} margin) and `finetune` (range penalty),"
-        " in plaintext torch.",
+        f"  calibrated on 2,000 training images with a {args.margin:.0%} margin) and `finetune` (range penalty,",
+        "  distillation from the ReLU model: `teacher=relu`), in plaintext torch. On PneumoniaMNIST and",
+        "  CIFAR-10 the test accuracy of these small models swings by 2 to 8 points from one epoch to the next,",
+        "  so there both the ReLU training and the fine-tuning keep the epoch that scores best on a validation",
+        "  set, never the test set: PneumoniaMNIST's official validation split (524 images); for CIFAR-10, 1,000",
+        "  of the 9,000 training images held out (seeded shuffle), so both models train on the other 8,000.",
+        "  MNIST uses fixed epochs (10, then 5 of fine-tuning) on all 5,000 training images.",
         "* **compiled**: the CKKS program from `h33_bento.compile`, run by `simulate` (same layouts, diagonals",
         "  and polynomials as the encrypted engine, without the noise) on the **whole** test set.",
         "* **encrypted**: real OpenFHE inference through `FHEInferenceClient` (keygen, encrypt 8 images per",
@@ -266,8 +322,9 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
         "```python",
         "from h33_bento import compile, nn as hnn, zoo",
         "model = zoo.train(zoo.MnistNet(), x_train, y_train, epochs=10)      # ReLU original",
+        "relu = copy.deepcopy(model)",
         f"hnn.polyfy(model, x_train[:2000], margin={args.margin}, degrees={{'relu': {args.degree}}})  # PolyReLU, calibrated ranges",
-        "hnn.finetune(model, (x_train, y_train), epochs=3, lr=1e-3)          # range penalty keeps inputs in range",
+        "hnn.finetune(model, (x_train, y_train), epochs=5, teacher=relu)     # range penalty + distillation",
         "compiled = compile(model, (1, 28, 28))                             # ChebyshevPoly nodes compiled as trained",
         "```",
     ]
@@ -282,6 +339,19 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
             line += (f"; encrypted argmax = simulate on >= 99.9%: **{'met' if ok2 else 'NOT met'}** "
                      f"({_pct(r['enc_agrees_sim'])}% of {r['n_encrypted']})")
         L.append(line + ".")
+    if any(100 * (r["poly_acc"] - r["relu_acc"]) < -1.0 for r in results):
+        L += [
+            "",
+            "Where the first target is missed: a degree-4 polynomial on ranges as wide as these (about +-10 to",
+            "+-20 after BatchNorm) is far from ReLU near zero, where most inputs are, so the network has to be",
+            "re-trained around it. During development (plaintext, same seed, numbers not produced by the command",
+            "above) fine-tuning on labels alone left CIFAR-10 10 to 14 points below ReLU, blending ReLU into the",
+            "polynomial gradually 4 to 9 points, distilling from the ReLU model (used here) 1 to 4 points after 10",
+            "or more epochs, varying from epoch to epoch. The test set has 1,000 images (a standard error of about",
+            "1.6 points at this accuracy).",
+            "Not tried yet: lower ranges by penalising wide activations while training the ReLU model, degree-2",
+            "or learned-coefficient activations, longer schedules and augmentation.",
+        ]
     L += ["", "## Details per dataset", ""]
     for r in results:
         L += [
@@ -294,7 +364,9 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
             + ", ".join(f"`{k}` [{v[0]:.3g}, {v[1]:.3g}] deg {v[2]}" for k, v in r["ranges"].items()) + ".",
             f"* Poly top-1 right after polyfy (before fine-tuning): {_pct(r['poly_acc_before_finetune'])}; after "
             f"{len(r['finetune_history'])} fine-tuning epochs: {_pct(r['poly_acc'])} "
-            f"(final range penalty {r['finetune_history'][-1]['penalty']:.2e}).",
+            f"(final range penalty {r['finetune_history'][-1]['penalty']:.2e})"
+            + (f"; epochs kept on the validation split: ReLU {r['relu_epoch']}, fine-tuning {r['finetune_epoch']}"
+               if r.get("val") else "") + ".",
             f"* Test images with some activation input outside its range: {r['test_out_of_range']:.2%}.",
             f"* Compiled: N={r['ring_dim']}, {r['depth']} levels, {r['rotation_keys']} rotation keys; compiled "
             f"polynomials equal the trained ones: {r['compiled_polynomials_equal_trained']}; simulate argmax = torch "
@@ -318,8 +390,8 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
         "## Outside the calibrated range",
         "",
         "A polynomial matches its activation only on its calibrated range [lower, upper]; outside it the",
-        "series grows like t^degree (t the input mapped to [-1, 1]), so an input that leaves the range is",
-        "not slightly wrong but arbitrarily wrong, and its errors propagate to every later layer. The modules",
+        "series grows like t^degree (t the input mapped to [-1, 1]): just past the edge it is still close,",
+        "far past it arbitrarily wrong, and the error propagates to every later layer. The modules",
         "warn (`h33_bento.nn.RangeWarning`, the compiler's `RangeWarning`) whenever an input in eval mode",
         "leaves a range; `check_ranges(model, data)` lists the offenders; `compile` warns when its calibration",
         "data leave a trained polynomial's range. Nothing can warn under encryption (the server never sees",
@@ -338,10 +410,11 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
             L.append(f"| x{row['gain']:g} | {_pct(row['relu_acc'])} | {_pct(row['poly_acc'])} | {row['out_of_range']:.2%} |")
         L += [
             "",
-            "The ReLU network degrades gracefully; the polynomial one follows it while the inputs stay in range and",
-            "falls off as soon as a sizeable share of images push some activation out of range. Fine-tuning with",
-            "the range penalty (`finetune(..., penalty=...)`) keeps the training data inside; the margin",
-            "(`calibrate_ranges(..., margin=...)`, 10% of the span on each side by default) absorbs small shifts.",
+            "Inputs slightly out of range cost little (the series diverges only well past the edge); once inputs",
+            "land far outside, the polynomial network collapses while the ReLU network degrades gracefully.",
+            "Fine-tuning with the range penalty (`finetune(..., penalty=...)`) keeps the training data inside; the",
+            "margin (`calibrate_ranges(..., margin=...)`, 10% of the span on each side by default) absorbs small",
+            "shifts; data unlike the calibration data need recalibration (and fine-tuning) first.",
             "",
         ]
     return "\n".join(L)

@@ -29,6 +29,39 @@ sys.path.insert(0, str(ROOT))
 
 MODELS = ("resnet18", "vgg16", "mobilenet_v2", "efficientnet_b0")
 
+NN_SECTION = """## Making a network FHE-friendly: `h33_bento.nn`
+
+```python
+from h33_bento import compile, nn as hnn
+relu_model = ...                                     # any torch model, trained
+model = copy.deepcopy(relu_model)
+replaced = hnn.polyfy(model, x_calib)                # swap activations + pooling, calibrate ranges
+hnn.finetune(model, (x_train, y_train), epochs=5, teacher=relu_model)
+compiled = compile(model, input_shape)               # the trained polynomials, bit for bit
+```
+
+* `polyfy` replaces, in place, `nn.ReLU` -> `PolyReLU` (degree 4: a Chebyshev fit of the smooth ReLU
+  x(1+erf(x/sqrt 2))/2), `nn.ReLU6` -> `PolyReLU6`, `nn.Sigmoid` -> `PolySigmoid`, `nn.Tanh` -> `PolyTanh`
+  (degree 7, R^2 > 0.9998 on the range; wider ranges raise the degree up to 13 at the same 5 levels,
+  and warn beyond), `nn.GELU` -> `PolyGELU`, `nn.SiLU` -> `PolySiLU`, `nn.Hardswish` / `nn.Hardsigmoid`
+  -> `PolyHardSwish` / `PolyHardSigmoid` (degree 7), `MaxPool` -> `AvgPool` (same kernel, stride,
+  padding) and `AdaptiveMaxPool` -> `AdaptiveAvgPool`; `degrees={"relu": 2}` changes a degree. It returns
+  one `Replacement(path, original, replacement)` per module.
+* It refuses (`UnsupportedModuleError`, a `CompileError`, listing every offender with a hint, before
+  changing anything) any other `torch.nn` layer that is not affine: LayerNorm, GroupNorm, Softmax,
+  LeakyReLU, PReLU, ELU, dilated MaxPool, attention and recurrent layers, ... Functional calls
+  (`F.relu`, `torch.sigmoid`, `F.max_pool2d`, ...) are invisible to a module walk; when calibration data
+  or `example_input` is given, a probe forward pass catches them and raises too. Your own leaf modules
+  are trusted (the compiler rejects what it cannot lower).
+* `calibrate_ranges(model, data, margin=0.1)` measures each activation's input range with the exact
+  activations, widens it by the margin and refits; `check_ranges` and the modules themselves (eval mode)
+  warn with `RangeWarning` when inputs leave a range. `finetune` trains through the polynomials with a
+  penalty on inputs near or past a range's edge, and optionally distils from the original model.
+* The coefficients and ranges are float32-exact buffers; the ONNX export writes them into
+  `ai.h33::ChebyshevPoly` nodes, which the compiler keeps as they are.
+
+"""
+
 
 def _child(name: str, costs_path: str) -> None:
     """Compile one architecture and print a JSON record (runs in its own process)."""
@@ -170,6 +203,7 @@ def render(records: list[dict], measured: dict, command: str, total_s: float, sm
         "layers keep compact layouts; a plan reports bootstraps instead of assuming none.",
         "",
     ]
+    lines += NN_SECTION.rstrip("\n").split("\n") + [""]
     lines += [
         "## Small networks (run encrypted without bootstrapping)",
         "",

@@ -726,6 +726,9 @@ def finetune(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     optimizer: torch.optim.Optimizer | None = None,
     grad_clip: float | None = 5.0,
+    teacher: nn.Module | None = None,
+    distill: float = 0.5,
+    temperature: float = 2.0,
     history: list[dict[str, float]] | None = None,
 ) -> nn.Module:
     """Fine-tune a polyfied model through its polynomials, keeping activation inputs in range.
@@ -734,9 +737,18 @@ def finetune(
     an ``(x, y)`` pair of arrays, shuffled with ``seed`` into ``batch_size`` batches.  The loss
     is ``loss_fn(model(x), y) + penalty * range_penalty``: the penalty grows once an input comes
     within ``slack`` of its range's edge (see :func:`range_penalty`).  The ranges and coefficients are not
-    trained (the compiled model uses them as they are).  Returns the model in eval mode; one dict
-    per epoch (mean loss, mean penalty) is appended to ``history`` when given.
+    trained (the compiled model uses them as they are).
+
+    With a ``teacher`` (typically the original ReLU model, kept in eval mode) the task loss becomes
+    ``(1 - distill) * loss_fn + distill * T^2 * KL(softmax(teacher / T) || softmax(model / T))``
+    with T = ``temperature``: distilling from the original recovers far more accuracy than the
+    labels alone (CIFAR-10, docs/accuracy.md).  Returns the model in eval mode; one dict per epoch
+    (mean loss, mean penalty) is appended to ``history`` when given.
     """
+    if teacher is not None:
+        teacher.eval()
+        if not 0.0 <= distill <= 1.0:
+            raise ValueError("distill must lie in [0, 1]")
     torch.manual_seed(seed)
     if isinstance(loader, tuple) and len(loader) == 2 and not isinstance(loader[0], torch.utils.data.Dataset):
         xt, yt = torch.as_tensor(loader[0], dtype=torch.float32), torch.as_tensor(loader[1])
@@ -761,7 +773,13 @@ def finetune(
                 opt.zero_grad()
                 out = model(xb)
                 pen = take()
-                loss = loss_fn(out, yb) + penalty * pen
+                task = loss_fn(out, yb)
+                if teacher is not None:
+                    with torch.no_grad():
+                        soft = F.softmax(teacher(xb) / temperature, dim=1)
+                    kl = F.kl_div(F.log_softmax(out / temperature, dim=1), soft, reduction="batchmean")
+                    task = (1.0 - distill) * task + distill * temperature ** 2 * kl
+                loss = task + penalty * pen
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"fine-tuning diverged at epoch {epoch}: loss is {loss.item()}; activation inputs "

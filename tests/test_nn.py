@@ -2,6 +2,7 @@
 (and encrypted) result of a polyfied, fine-tuned model."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -252,6 +253,7 @@ def test_finetune_pulls_activation_inputs_back_into_range() -> None:
 
 
 def test_finetune_accepts_a_dataloader_and_recovers_accuracy() -> None:
+    pytest.importorskip("sklearn")  # the breast-cancer table ships with scikit-learn
     xtr, ytr = zoo._breast_cancer("train")
     xte, yte = zoo._breast_cancer("test")
     model = zoo.train(zoo.TabularMLP(act=nn.ReLU), xtr, ytr, epochs=30, lr=2e-3)
@@ -266,6 +268,26 @@ def test_finetune_accepts_a_dataloader_and_recovers_accuracy() -> None:
         poly_acc = (zoo.predict_logits(model, xte).argmax(1) == yte).mean()
     assert relu_acc > 0.93
     assert poly_acc >= relu_acc - 0.02
+
+
+def test_finetune_distills_from_a_teacher() -> None:
+    pytest.importorskip("sklearn")  # the breast-cancer table ships with scikit-learn
+    xtr, ytr = zoo._breast_cancer("train")
+    xte, _ = zoo._breast_cancer("test")
+    teacher = zoo.train(zoo.TabularMLP(act=nn.ReLU), xtr, ytr, epochs=30, lr=2e-3)
+    student = copy.deepcopy(teacher)
+    hnn.polyfy(student, xtr)
+    history: list[dict] = []
+    # labels scrambled: with distill=1 only the teacher's soft outputs can teach anything
+    scrambled = np.random.default_rng(0).permutation(ytr)
+    hnn.finetune(student, (xtr, scrambled), epochs=8, lr=1e-3, teacher=teacher, distill=1.0, history=history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RangeWarning)
+        agree = (zoo.predict_logits(student, xte).argmax(1) == zoo.predict_logits(teacher, xte).argmax(1)).mean()
+    assert agree > 0.95 and len(history) == 8
+    assert not teacher.training
+    with pytest.raises(ValueError, match="distill"):
+        hnn.finetune(student, (xtr, ytr), epochs=1, teacher=teacher, distill=1.5)
 
 
 # ------------------------------------------------------- compiled and encrypted polyfied models

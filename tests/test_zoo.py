@@ -65,6 +65,7 @@ def test_lola_compiles_at_n_2_14_and_simulates_exactly() -> None:
 
 
 def test_recipe_is_reproducible_and_learns() -> None:
+    pytest.importorskip("sklearn")  # the breast-cancer table ships with scikit-learn
     a, acc_a = zoo.train_recipe("tabular_mlp", seed=3)
     b, acc_b = zoo.train_recipe("tabular_mlp", seed=3)
     assert acc_a == acc_b > 0.93

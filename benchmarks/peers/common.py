@@ -146,6 +146,19 @@ def load_canonical_by_name(model: Any, net: str, sd: "dict[str, Any]") -> None:
 
 # ------------------------------------------------------------------------ timing / results
 
+def worker_args() -> "argparse.Namespace":
+    """The command line every framework worker takes from run.py."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--network", required=True, choices=sorted(LAYERS))
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", required=True)
+    return ap.parse_args()
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn()

@@ -10,7 +10,6 @@ is one ciphertext (lanes = 8), so the amortized time at 8 inputs is one request 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -20,17 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import LAYERS, load_canonical_into, log, measure_requests, phase, timed, write_result  # noqa: E402
+from common import LAYERS, load_canonical_into, log, measure_requests, phase, timed, worker_args, write_result  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--network", required=True, choices=sorted(LAYERS))
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--json", required=True)
-    args = ap.parse_args()
+    args = worker_args()
     torch.set_num_threads(2)
 
     from h33_bento import FHEInferenceClient, compile

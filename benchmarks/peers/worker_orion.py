@@ -10,7 +10,6 @@ sequential requests).  Parameters: ``common.ORION_PARAMS`` (128-bit, see there).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -24,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common import (LAYERS, load_canonical_by_name, log, measure_requests, orion_config, phase, timed,  # noqa: E402
-                    write_result)
+                    worker_args, write_result)
 
 
 def build(net: str):
@@ -64,13 +63,7 @@ def orion_galois_elements(scheme, logn: int) -> set[int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--network", required=True, choices=sorted(LAYERS))
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--json", required=True)
-    args = ap.parse_args()
+    args = worker_args()
     torch.set_num_threads(2)
 
     import orion

@@ -18,7 +18,6 @@ Parameters: ``common.TENSEAL_PARAMS`` (128-bit: 218 bits at N=8192).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -27,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from common import LAYERS, TENSEAL_PARAMS, check_128, log, measure_requests, phase, timed, write_result  # noqa: E402
+from common import (LAYERS, TENSEAL_PARAMS, check_128, log, measure_requests, phase, timed,  # noqa: E402
+                    worker_args, write_result)  # noqa: E402
 
 UNSUPPORTED = {
     "lenet5": "TenSEAL's conv2d_im2col only evaluates a convolution on a client-side im2col-encoded image; "
@@ -71,13 +71,7 @@ class EncNet:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--network", required=True, choices=sorted(LAYERS))
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--json", required=True)
-    args = ap.parse_args()
+    args = worker_args()
 
     if args.network in UNSUPPORTED:
         write_result(args.json, {"framework": "tenseal", "network": args.network, "status": "skipped",

@@ -169,15 +169,43 @@ def test_relu_network_compiles_to_chebyshev_and_runs_encrypted():
 
 def test_grid_layout_spills_extra_channels_into_a_second_block():
     """LoLA's conv (5 channels, k2 s2) has more channels than a stride-2 grid has gaps."""
+    from h33_bento.compiler.torch_import import import_torch
+
+    g = import_torch(nn.Conv2d(1, 5, 2, stride=2), (1, 28, 28))
+    matrix = [n for n in g.nodes.values() if n.op == "linear"][0].attrs["matrix"]
+    assert grid_positions(matrix, np.arange(784), 1024, 1024) is None
+    grid = grid_positions(matrix, np.arange(784), 2048, 1024)
+    assert grid is not None and int(grid.max()) >= 1024
+    plan = build_diagonals(matrix, np.zeros(980), np.arange(784), grid, 1024)
+    assert plan.out_blocks == 2 and len(plan.terms) <= 4 * 5
+
+
+def test_polyphase_input_layout_for_a_strided_first_conv():
+    """The client packs the image in s*s phase planes when that makes the first conv cheaper:
+    LoLA's conv (k2 s2, 5 channels) then needs 8 diagonals in one block instead of 17 in two."""
     conv = nn.Conv2d(1, 5, 2, stride=2)
     model = nn.Sequential(conv, Square(), nn.Flatten(), nn.Linear(980, 10))
     compiled = compile(model, (1, 28, 28), measure_costs=False)
+    assert not np.array_equal(compiled.input_positions, np.arange(784))
+    assert np.array_equal(np.sort(compiled.input_positions), np.arange(784))  # a permutation, one block
     first = compiled.steps[0].linear
-    assert first.out_blocks == 2 and len(first.terms) <= 4 * 5
+    assert first.out_blocks == 1 and len(first.terms) <= 8
     x = np.random.default_rng(0).uniform(size=(4, 1, 28, 28)).astype(np.float32)
     with torch.no_grad():
         ref = model(torch.as_tensor(x)).double().numpy()
     assert np.allclose(simulate(compiled, x), ref, atol=1e-4)
+    from h33_bento import FHEInferenceClient
+
+    client = FHEInferenceClient(compiled)  # the client packs the phase planes itself
+    got = client.decrypt_logits(client.infer(client.encrypt(x)))
+    assert np.abs(got - ref).max() < 1e-3
+
+
+def test_row_major_input_stays_when_polyphase_does_not_pay():
+    compiled = compile(nn.Sequential(nn.Conv2d(1, 4, 7, stride=3), Square(), nn.Flatten(), nn.Linear(256, 10)),
+                       (1, 28, 28), measure_costs=False)
+    assert np.array_equal(compiled.input_positions, np.arange(784))
+    assert len(compiled.steps[0].linear.terms) <= 64
 
 
 def test_runtime_imports_neither_torch_nor_onnx_nor_scipy():

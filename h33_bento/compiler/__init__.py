@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from ..ckks.params import CKKSParams, SecurityLevel, max_depth, select_params, MAX_RING_DIM
 from ..errors import CompileError, DepthExceededError
 from .calibration import calibrate
+from .cost_model import CostModel
 from .fusion import fuse_linear_chains
 from .graph import Graph
 from .layout import assign_layouts
@@ -97,8 +98,17 @@ def compile(
         params = CKKSParams(ring_dim=MAX_RING_DIM, multiplicative_depth=max_depth(MAX_RING_DIM), scale_bits=scale_bits,
                             first_mod_bits=first_mod_bits, lanes=lanes, security_level=security_level)
     n = params.lane_length
+    bar.update(); bar.set_postfix_str("measure primitive costs")
+    costs: dict[str, Any] = {}
+    sizes: dict[str, int] = {}
+    if measure_costs and runnable:
+        from ..runtime.costs import measure_primitives
+
+        degrees = tuple(len(node.attrs["coeffs"]) - 1 for node in graph.nodes.values() if node.op == "poly")
+        costs, sizes = measure_primitives(params, degrees)
     bar.update(); bar.set_postfix_str("layout + diagonals")
-    positions, plans = assign_layouts(graph, n, values=not plan_only)
+    positions, plans = assign_layouts(graph, n, values=not plan_only,
+                                      model=CostModel(costs, params.multiplicative_depth), levels=levels)
 
     steps: list[Step] = []
     rotations: set[int] = set()
@@ -114,15 +124,6 @@ def compile(
     slot_rotations = {(r * lanes) % params.slots for r in rotations}
     lane_shifts = {params.slots - lane for lane in range(1, lanes)}  # server-side lane packing
     params = CKKSParams(**{**params.model_dump(), "rotation_indices": tuple(sorted(slot_rotations | lane_shifts))})
-
-    bar.update(); bar.set_postfix_str("measure primitive costs")
-    costs: dict[str, float] = {}
-    sizes: dict[str, int] = {}
-    if measure_costs and runnable:
-        from ..runtime.costs import measure_primitives
-
-        degrees = tuple(len(s.attrs["coeffs"]) - 1 for s in steps if s.op == "poly")
-        costs, sizes = measure_primitives(params, degrees)
     bar.update()
     bar.close()
     out_node = graph.nodes[graph.output]

@@ -8,7 +8,11 @@ ciphertexts ("blocks") and its matrix is treated blockwise.  For output block o 
 with the baby rotations rot(x_i, b) hoisted (one ``EvalFastRotationPrecompute`` per input
 block) and shared by every output block.  With ``fold = M`` the output is gathered modulo M
 instead of modulo n: only M diagonals are needed however wide the input, followed by
-log2(n/M) rotate-and-add steps, and the result repeats with period M.
+log2(n/M) rotate-and-add steps (hoisted in chunks), and the result repeats with period M.
+
+Giant-step rotations of one output block are hoisted too: each partial sum is rotated with
+``EvalFastRotationExt``, the rotated copies are summed in the extended basis P*Q, and one
+``KeySwitchDown`` brings the sum back, instead of one ModDown per giant step.
 """
 from __future__ import annotations
 
@@ -17,17 +21,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .cost_model import CostModel
+
 if TYPE_CHECKING:  # the runtime imports this module and must not need scipy
     import scipy.sparse as sp
 
-#: Relative primitive costs used to choose layouts and BSGS splits (a key-switching rotation
-#: is 1).  Measured on OpenFHE 1.6 at N=2^14; only the ratios matter for the choices.
-REL_COST = {"rotate": 1.0, "fast_rotate": 0.53, "precompute": 0.43, "mult_plain": 0.033, "add": 0.015}
+#: Most fold steps one hoisted chunk may combine: a chunk of c steps needs 2^c - 1 rotation keys.
+MAX_FOLD_CHUNK = 3
 
 
 @dataclass
 class DiagonalPlan:
-    """Diagonals of one linear transform under fixed input/output layouts."""
+    """Diagonals of one linear transform under fixed input/output layouts, and their schedule."""
 
     n: int
     in_blocks: int
@@ -37,6 +42,7 @@ class DiagonalPlan:
     diags: np.ndarray  # (T, n) float64, or shape (T, 0) when only counting
     bias: np.ndarray  # (out_blocks, n) float64
     baby_step: int = 1
+    fold_chunk: int = 1
 
     @property
     def fold_steps(self) -> list[int]:
@@ -48,6 +54,16 @@ class DiagonalPlan:
             steps.append(s)
             s *= 2
         return steps
+
+    def fold_chunks(self, fold_chunk: int | None = None) -> list[list[int]]:
+        """The fold as hoisted chunks: each lists the rotations summed onto one ciphertext.
+
+        A chunk of c consecutive steps starting at f adds rot(x, j*f) for j = 1 .. 2^c - 1, all
+        from one digit decomposition; c = 1 is a plain rotate-and-add.
+        """
+        c = fold_chunk or self.fold_chunk
+        steps = self.fold_steps
+        return [[j * steps[i] for j in range(1, 1 << len(steps[i:i + c]))] for i in range(0, len(steps), c)]
 
     def schedule(self, baby_step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Baby and giant rotation (per-lane units) of every term: k = giant + baby.
@@ -61,44 +77,69 @@ class DiagonalPlan:
         baby = signed % n1
         return baby, signed - baby
 
-    def counts(self, baby_step: int | None = None) -> dict[str, int]:
-        """Operation counts of the schedule: what the plan report and cost model use."""
+    def _bsgs_counts(self, baby_step: int | None) -> dict[str, int]:
         ob, ib = self.terms[:, 0], self.terms[:, 1]
         b, g = self.schedule(baby_step)
         g = g % self.n
         baby_pairs = np.unique(ib[b != 0] * self.n + b[b != 0])
         giant_pairs = np.unique(ob[g != 0] * self.n + g[g != 0])
-        folds = len(self.fold_steps) * self.out_blocks
+        per_block = np.bincount(giant_pairs // self.n, minlength=self.out_blocks)
+        hoisted = per_block[per_block >= 2]  # summed in the extended basis, one ModDown per block
         return {
-            "diagonals": int(len(self.terms)),
-            "precompute": int(len(np.unique(baby_pairs // self.n))),
+            "precompute": int(len(np.unique(baby_pairs // self.n))) + int(hoisted.sum()),
             "fast_rotate": int(len(baby_pairs)),
-            "rotate": int(len(giant_pairs)) + folds,
+            "rotate": int((per_block == 1).sum()),
+            "rotate_ext": int(hoisted.sum()),
+            "add_ext": int((hoisted - 1).sum()),
+            "key_switch_down": int(len(hoisted)),
             "mult_plain": int(len(self.terms)),
-            "add": int(len(self.terms)) + folds,
+            "add": int(len(self.terms)),
+            "rescale": self.out_blocks,
         }
+
+    def _fold_counts(self, fold_chunk: int | None) -> dict[str, int]:
+        counts = dict.fromkeys(("rotate", "precompute", "rotate_ext", "add_ext", "key_switch_down", "add"), 0)
+        for chunk in self.fold_chunks(fold_chunk):
+            counts["add"] += self.out_blocks
+            if len(chunk) == 1:
+                counts["rotate"] += self.out_blocks
+            else:
+                counts["precompute"] += self.out_blocks
+                counts["rotate_ext"] += len(chunk) * self.out_blocks
+                counts["add_ext"] += (len(chunk) - 1) * self.out_blocks
+                counts["key_switch_down"] += self.out_blocks
+        return counts
+
+    def counts(self, baby_step: int | None = None, fold_chunk: int | None = None) -> dict[str, int]:
+        """Primitive operations the engine runs for this schedule: what costs and reports use."""
+        counts = self._bsgs_counts(baby_step)
+        for name, v in self._fold_counts(fold_chunk).items():
+            counts[name] = counts.get(name, 0) + v
+        counts["diagonals"] = int(len(self.terms))
+        return counts
 
     def rotations(self) -> set[int]:
         """Per-lane rotation amounts (mod n) this transform needs keys for."""
         b, g = self.schedule()
-        return (set((b % self.n).tolist()) | set((g % self.n).tolist()) | set(self.fold_steps)) - {0}
+        folds = {r % self.n for chunk in self.fold_chunks() for r in chunk}
+        return (set((b % self.n).tolist()) | set((g % self.n).tolist()) | folds) - {0}
 
-    def choose_baby_step(self) -> None:
-        """Pick the BSGS split that minimizes the relative cost."""
+    def choose_schedule(self, model: CostModel, level: int) -> None:
+        """Pick the BSGS split and the fold chunking that cost least at ``level``."""
         ks = np.abs(np.where(self.terms[:, 2] > self.n // 2, self.terms[:, 2] - self.n, self.terms[:, 2]))
         candidates = sorted(set(range(1, min(self.n, 64) + 1)) | {1 << p for p in range(int(np.log2(self.n)) + 1)})
+        widest = int(ks.max(initial=0)) + 1
         best = None
-        for n1 in candidates:
-            if n1 > max(int(ks.max(initial=0)) + 1, 1) and n1 != 1:
-                break
-            cost = relative_cost(self.counts(n1))
+        for n1 in [c for c in candidates if c <= widest] + [self.n]:  # n: every rotation a hoisted baby
+            cost = model.total(self._bsgs_counts(n1), level)
             if best is None or cost < best[0]:
                 best = (cost, n1)
         self.baby_step = best[1] if best else 1
+        chunks = range(1, min(MAX_FOLD_CHUNK, max(len(self.fold_steps), 1)) + 1)
+        self.fold_chunk = min(chunks, key=lambda c: (model.total(self._fold_counts(c), level), c))
 
-
-def relative_cost(counts: dict[str, int]) -> float:
-    return sum(REL_COST[k] * counts.get(k, 0) for k in REL_COST)
+    def cost(self, model: CostModel, level: int) -> float:
+        return model.total(self.counts(), level)
 
 
 def build_diagonals(
@@ -109,11 +150,14 @@ def build_diagonals(
     n: int,
     fold: int = 0,
     values: bool = True,
+    model: CostModel | None = None,
+    level: int = 0,
 ) -> DiagonalPlan:
     """Extract the non-zero (generalized) diagonals of ``matrix`` under the given layouts.
 
     ``in_pos``/``out_pos`` map each logical element to its slot position (block * n + offset).
     With ``values=False`` only the diagonal indices are computed (for planning huge models).
+    The schedule is the cheapest under ``model`` at ``level`` (default: the static relative costs).
     """
     in_blocks = int(in_pos.max()) // n + 1 if len(in_pos) else 1
     out_blocks = int(out_pos.max()) // n + 1 if len(out_pos) else 1
@@ -154,7 +198,7 @@ def build_diagonals(
         bias_vec[b_ob, b_oo] = bias
     plan = DiagonalPlan(n=n, in_blocks=in_blocks, out_blocks=out_blocks, fold=fold,
                         terms=terms, diags=diags, bias=bias_vec)
-    plan.choose_baby_step()
+    plan.choose_schedule(model or CostModel(None, 1), level)
     return plan
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from ..ckks.params import BootstrapConfig, CKKSParams
 from ..errors import ModelFormatError
 from .activations import chebyshev_depth
+from .cost_model import CostModel
 from .diagonals import DiagonalPlan
 
 FORMAT_VERSION = 1
@@ -51,7 +52,7 @@ class CompiledModel:
     steps: list[Step]
     labels: list[str] | None = None
     depth: int = 0
-    primitive_costs_ms: dict[str, float] = field(default_factory=dict)
+    primitive_costs_ms: dict[str, Any] = field(default_factory=dict)
     key_sizes: dict[str, int] = field(default_factory=dict)
     runnable: bool = True
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -95,8 +96,12 @@ class CompiledModel:
         if step.op == "poly":
             return {"chebyshev_degree": len(step.attrs["coeffs"]) - 1}
         if step.op in ("square", "mul"):
-            return {"mult_cipher": 1}
+            return {"mult_cipher": 1, "rescale": 1}
         return {"add": 1}
+
+    @property
+    def cost_model(self) -> CostModel:
+        return CostModel(self.primitive_costs_ms, self.params.multiplicative_depth)
 
     def predicted_ms(self, step: Step) -> float:
         """Predicted time of one step from the primitive costs measured at compile time."""
@@ -104,18 +109,15 @@ class CompiledModel:
         if not costs:
             return float("nan")
         depth = self.params.multiplicative_depth
-        towers = depth + 1
         level = step.level
         if level > depth:  # a plan past the ring's depth: assume the level right after a bootstrap
             refresh = (self.params.bootstrapping or BootstrapConfig()).levels_after
             level = depth - refresh + (level - depth) % refresh
-        scale = (towers - level) / towers  # operations get cheaper as towers are dropped
         counts = self.step_counts(step)
         if step.op == "poly":
             key = f"chebyshev_{counts['chebyshev_degree']}"
-            return costs.get(key, float("nan")) * scale
-        total = sum(costs.get(k, 0.0) * v for k, v in counts.items() if k != "diagonals")
-        return total * scale
+            return costs.get(key, float("nan")) * (depth + 1 - level) / (depth + 1)
+        return self.cost_model.total(counts, level)
 
     def bootstrap_estimate(self) -> tuple[int, int]:
         """(bootstrap operations, ciphertext bootstraps) per run: 0 when the depth fits.
@@ -147,8 +149,8 @@ class CompiledModel:
 
     def plan_summary(self) -> dict[str, Any]:
         """Machine-readable plan: what MLflow records and ``/model`` returns."""
-        rotations = sum(self.step_counts(s).get("rotate", 0) + self.step_counts(s).get("fast_rotate", 0)
-                        for s in self.steps)
+        rotations = sum(c.get("rotate", 0) + c.get("fast_rotate", 0) + c.get("rotate_ext", 0)
+                        for c in map(self.step_counts, self.steps))
         predicted = sum(self.predicted_ms(s) for s in self.steps)
         bootstraps, ct_bootstraps = self.bootstrap_estimate()
         return {
@@ -190,7 +192,8 @@ class CompiledModel:
                 extra = f"  fold mod {s.linear.fold}"
             lines.append(
                 f"{s.name[:27]:<28}{s.op:<8}{s.level:>6}{c.get('diagonals', 0):>7}{c.get('fast_rotate', 0):>6}"
-                f"{c.get('rotate', 0):>7}{c.get('mult_plain', 0):>7}{self.predicted_ms(s):>10.1f}{extra}"
+                f"{c.get('rotate', 0) + c.get('rotate_ext', 0):>7}{c.get('mult_plain', 0):>7}"
+                f"{self.predicted_ms(s):>10.1f}{extra}"
             )
         summ = self.plan_summary()
         lines += [
@@ -225,7 +228,8 @@ class CompiledModel:
             if s.linear is not None:
                 lp = s.linear
                 arrays[f"{i}.terms"], arrays[f"{i}.diags"], arrays[f"{i}.bias"] = lp.terms, lp.diags, lp.bias
-                entry.update(fold=lp.fold, baby_step=lp.baby_step, in_blocks=lp.in_blocks, out_blocks=lp.out_blocks)
+                entry.update(fold=lp.fold, baby_step=lp.baby_step, fold_chunk=lp.fold_chunk, in_blocks=lp.in_blocks,
+                             out_blocks=lp.out_blocks)
             steps.append(entry)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -296,7 +300,8 @@ class CompiledModel:
             if f"{i}.terms" in arrays:
                 linear = DiagonalPlan(n=params.lane_length, in_blocks=e["in_blocks"], out_blocks=e["out_blocks"],
                                       fold=e["fold"], terms=arrays[f"{i}.terms"], diags=arrays[f"{i}.diags"],
-                                      bias=arrays[f"{i}.bias"], baby_step=e["baby_step"])
+                                      bias=arrays[f"{i}.bias"], baby_step=e["baby_step"],
+                                      fold_chunk=e.get("fold_chunk", 1))
             steps.append(Step(e["name"], e["op"], list(e["inputs"]), int(e["level"]), attrs, linear))
         return cls(
             params=params,

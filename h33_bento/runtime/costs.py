@@ -1,12 +1,14 @@
-"""Measured costs of the CKKS primitives on this machine, for plan predictions and overhead checks.
+"""Measured costs of the CKKS primitives on this machine, for plan choices, predictions and overhead checks.
 
 Measured once per parameter set with a throwaway key (its secret key never leaves this
-function), at the top level; the plan scales them down as levels are consumed.
+function).  Every primitive the engine uses is timed at each level of the modulus chain (at most
+``max_levels`` of them, evenly spread, for deep chains; the cost model interpolates between),
+because key-switching costs fall in steps as levels are consumed.
 """
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import openfhe
@@ -26,8 +28,20 @@ def _time_ms(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
-def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = (), repeat: int = 3) -> tuple[dict[str, float], dict[str, int]]:
-    """Return (milliseconds per primitive, serialized key sizes in bytes)."""
+def _levels(depth: int, max_levels: int) -> list[int]:
+    if depth <= max_levels:
+        return list(range(depth))
+    return sorted({int(round(x)) for x in np.linspace(0, depth - 1, max_levels)})
+
+
+def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = (), repeat: int = 3,
+                       max_levels: int = 12) -> tuple[dict[str, Any], dict[str, int]]:
+    """Return (costs, serialized key sizes in bytes).
+
+    ``costs["levels"]`` lists the levels measured; each per-level primitive maps to a list of
+    milliseconds, one per listed level; ``encrypt``, ``decrypt`` and ``chebyshev_<d>`` are
+    single top-level numbers.
+    """
     cc = get_context(params)
     keys = cc.KeyGen()
     cc.EvalMultKeyGen(keys.secretKey)
@@ -35,29 +49,44 @@ def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = 
     cc.EvalRotateKeyGen(keys.secretKey, [step])
     rng = np.random.default_rng(0)
     values = rng.uniform(-1, 1, params.slots)
-    pt = cc.MakeCKKSPackedPlaintext(values)
-    ct = cc.Encrypt(keys.publicKey, pt)
-    pre = cc.EvalFastRotationPrecompute(ct)
     m = cc.GetCyclotomicOrder()
-    costs = {
-        "rotate": _time_ms(lambda: cc.EvalRotate(ct, step), repeat),
-        "precompute": _time_ms(lambda: cc.EvalFastRotationPrecompute(ct), repeat),
-        "fast_rotate": _time_ms(lambda: cc.EvalFastRotation(ct, step, m, pre), repeat),
-        "mult_plain": _time_ms(lambda: cc.EvalMult(ct, pt), repeat * 5),
-        "add": _time_ms(lambda: cc.EvalAdd(ct, ct), repeat * 5),
-        "mult_cipher": _time_ms(lambda: cc.EvalMult(ct, ct), repeat),
-        "encode": _time_ms(lambda: cc.MakeCKKSPackedPlaintext(values), repeat),
-        "encrypt": _time_ms(lambda: cc.Encrypt(keys.publicKey, pt), repeat),
-        "decrypt": _time_ms(lambda: cc.Decrypt(ct, keys.secretKey), repeat),
-    }
+    fresh = cc.Encrypt(keys.publicKey, cc.MakeCKKSPackedPlaintext(values))
+    levels = _levels(params.multiplicative_depth, max_levels)
+    per_level: dict[str, list[float]] = {}
+    for level in levels:
+        pt = cc.MakeCKKSPackedPlaintext(values, 1, level)
+        ct = fresh if level == 0 else cc.LevelReduce(fresh, None, level)
+        product = cc.EvalMult(ct, pt)  # scale degree 2, as the partial sums of a linear transform are
+        digits = cc.EvalFastRotationPrecompute(product)
+        ext = cc.EvalFastRotationExt(product, step, digits, True)
+        timings = {
+            "rotate": lambda: cc.EvalRotate(product, step),
+            "precompute": lambda: cc.EvalFastRotationPrecompute(product),
+            "fast_rotate": lambda: cc.EvalFastRotation(product, step, m, digits),
+            "rotate_ext": lambda: cc.EvalFastRotationExt(product, step, digits, True),
+            "key_switch_down": lambda: cc.KeySwitchDown(ext),
+            "add_ext": lambda: cc.EvalAdd(ext, ext),
+            "mult_plain": lambda: cc.EvalMult(ct, pt),
+            "add": lambda: cc.EvalAdd(product, product),
+            "rescale": lambda: cc.Rescale(product),
+            "mult_cipher": lambda: cc.EvalMult(ct, ct),
+            "encode": lambda: cc.MakeCKKSPackedPlaintext(values, 1, level),
+        }
+        for name, fn in timings.items():
+            cheap = name in ("add", "add_ext", "mult_plain")
+            per_level.setdefault(name, []).append(round(_time_ms(fn, repeat * 5 if cheap else repeat), 4))
+    costs: dict[str, Any] = {"levels": levels, **per_level}
+    pt = cc.MakeCKKSPackedPlaintext(values)
+    costs["encrypt"] = round(_time_ms(lambda: cc.Encrypt(keys.publicKey, pt), repeat), 4)
+    costs["decrypt"] = round(_time_ms(lambda: cc.Decrypt(fresh, keys.secretKey), repeat), 4)
     for degree in sorted(set(chebyshev_degrees)):
         coeffs = to_openfhe_coeffs(np.full(degree + 1, 0.1))
-        costs[f"chebyshev_{degree}"] = _time_ms(lambda: cc.EvalChebyshevSeries(ct, coeffs, -1.0, 1.0), 1)
+        costs[f"chebyshev_{degree}"] = round(_time_ms(lambda: cc.EvalChebyshevSeries(fresh, coeffs, -1.0, 1.0), 1), 4)
     tag = keys.publicKey.GetKeyTag()
     sizes = {
         "public": len(openfhe.Serialize(keys.publicKey, openfhe.BINARY)),
         "mult": len(openfhe.SerializeEvalMultKeyString(openfhe.BINARY, tag)),
         "rotation": len(openfhe.SerializeEvalAutomorphismKeyString(openfhe.BINARY, tag)),
-        "ciphertext": len(openfhe.Serialize(ct, openfhe.BINARY)),
+        "ciphertext": len(openfhe.Serialize(fresh, openfhe.BINARY)),
     }
-    return {k: round(v, 4) for k, v in costs.items()}, sizes
+    return costs, sizes

@@ -197,11 +197,9 @@ class Engine:
                 else:
                     acc[g] = prod
             out = acc.pop(0, None)
-            for g, part in acc.items():
-                r = cc.EvalRotate(part, g * lanes)
-                out = r if out is None else cc.EvalAdd(out, r)
-            for f in plan.fold_steps:
-                cc.EvalAddInPlace(out, cc.EvalRotate(out, f * lanes))
+            out = self._add(out, self._rotate_sum([(part, g) for g, part in acc.items()]))
+            for chunk in plan.fold_chunks():
+                out = self._add(out, self._rotate_sum([(out, r) for r in chunk]))
             out = self._rescale(out)
             if np.any(plan.bias[ob]):
                 lvl, deg = out.GetLevel(), out.GetNoiseScaleDeg()
@@ -210,6 +208,36 @@ class Engine:
                 out = cc.EvalAdd(out, bias)
             outs.append(out)
         return outs
+
+    def _add(self, a: openfhe.Ciphertext | None, b: openfhe.Ciphertext | None) -> openfhe.Ciphertext | None:
+        if a is None or b is None:
+            return b if a is None else a
+        return self.cc.EvalAdd(a, b)
+
+    def _rotate_sum(self, terms: list[tuple[openfhe.Ciphertext, int]]) -> openfhe.Ciphertext | None:
+        """sum of rot(ct, r) over ``terms`` (per-lane amounts), with a single ModDown for two or more.
+
+        Each rotation is computed with ``EvalFastRotationExt`` (digits of its own ciphertext, or
+        shared when every term rotates the same one) and left in the extended basis P*Q; the sum
+        is brought back to Q by one ``KeySwitchDown``.
+        """
+        cc, lanes = self.cc, self.params.lanes
+        if not terms:
+            return None
+        if len(terms) == 1:
+            ct, r = terms[0]
+            return cc.EvalRotate(ct, r * lanes)
+        total = None
+        digits = None
+        for i, (ct, r) in enumerate(terms):
+            if digits is None or ct is not terms[i - 1][0]:
+                digits = cc.EvalFastRotationPrecompute(ct)
+            rotated = cc.EvalFastRotationExt(ct, r * lanes, digits, True)
+            if total is None:
+                total = rotated
+            else:
+                cc.EvalAddInPlace(total, rotated)
+        return cc.KeySwitchDown(total)
 
     # ----------------------------------------------------------------- lane packing
     def pack_lanes(self, requests: Sequence[tuple[int, list[openfhe.Ciphertext]]]) -> list[openfhe.Ciphertext]:

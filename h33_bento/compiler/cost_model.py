@@ -1,0 +1,62 @@
+"""What each CKKS primitive costs at each level: drives layout, BSGS and fold choices and predictions.
+
+Costs come from ``runtime.costs.measure_primitives`` on the compiling machine: milliseconds per
+primitive at each level of the modulus chain.  Level matters beyond the number of towers: hybrid
+key switching works on groups of towers (digits), so a rotation costs the same at two adjacent
+levels and then drops in a step.  Without measurements (``measure_costs=False``, plans of huge
+models) a static table of relative costs (a top-level rotation = 1) scaled by the towers left
+stands in; it is only good for choosing between schedules, not for predicting milliseconds.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+#: Relative costs at the top level, measured with OpenFHE 1.6 at N=2^14, depth 5 (rotate = 1).
+RELATIVE = {
+    "rotate": 1.0,  # EvalRotate: digit decomposition + key switch + ModDown
+    "precompute": 0.45,  # EvalFastRotationPrecompute: the digit decomposition (ModUp) alone
+    "fast_rotate": 0.51,  # EvalFastRotation on precomputed digits (inner product + ModDown)
+    "rotate_ext": 0.19,  # EvalFastRotationExt: inner product only, result kept in the P*Q basis
+    "key_switch_down": 0.34,  # KeySwitchDown: ModDown of an extended-basis sum back to Q
+    "add_ext": 0.016,
+    "mult_plain": 0.033,
+    "add": 0.013,
+    "rescale": 0.05,
+    "mult_cipher": 1.0,
+    "encode": 0.15,
+}
+
+#: Primitives whose cost is measured at every level (the rest once, at the top level).
+PER_LEVEL = tuple(RELATIVE)
+
+
+class CostModel:
+    """Milliseconds (or relative units) of a primitive at a level; ``total`` prices an op count."""
+
+    def __init__(self, costs: Mapping[str, Any] | None, depth: int) -> None:
+        self.costs = dict(costs or {})
+        self.depth = max(int(depth), 1)
+        levels = self.costs.get("levels")
+        self._levels = np.asarray(levels, dtype=float) if levels else None
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.costs) and self._levels is not None
+
+    def ms(self, name: str, level: int) -> float:
+        """Cost of ``name`` on a ciphertext that has consumed ``level`` levels."""
+        towers = self.depth + 1
+        scale = max(towers - level, 1) / towers
+        value = self.costs.get(name)
+        if isinstance(value, (list, tuple)) and self._levels is not None:
+            return float(np.interp(level, self._levels, np.asarray(value, dtype=float)))
+        if isinstance(value, (int, float)):  # measured once at the top level
+            return float(value) * scale
+        if name != "rotate" and "rotate" in self.costs:  # an older table lacking this primitive
+            return self.ms("rotate", level) * RELATIVE.get(name, 0.0)
+        return RELATIVE.get(name, 0.0) * scale
+
+    def total(self, counts: Mapping[str, int], level: int) -> float:
+        return sum(self.ms(name, level) * count for name, count in counts.items() if name in RELATIVE)

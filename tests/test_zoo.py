@@ -48,9 +48,12 @@ def test_lenet5_is_the_orion_variant() -> None:
     assert sum(isinstance(l, (nn.BatchNorm1d, nn.BatchNorm2d)) for l in m.modules()) == 3
     compiled = compile(m.eval(), (1, 28, 28), plan_only=True, measure_costs=False)
     # conv+BN, x^2, conv+BN, x^2, fc+BN, x^2, fc: seven levels, runnable without bootstrapping
-    # (the 32x14x14 activations, not the depth, ask for N=2^16: 4096 values in each of 8 lanes)
+    # at the smallest ring the depth allows (N=2^15): the 32x14x14 activations span four blocks
     assert [s.op for s in compiled.steps] == ["linear", "square"] * 3 + ["linear"]
-    assert compiled.depth == 7 and compiled.runnable and compiled.params.ring_dim == 2 ** 16
+    assert compiled.depth == 7 and compiled.runnable and compiled.params.ring_dim == 2 ** 15
+    # plane-grid layouts: 32 -> 64 channels k5 s2 in 8 cyclic planes per block pair, not dense diagonals
+    conv2 = compiled.steps[2].linear
+    assert conv2.in_blocks == 4 and conv2.out_blocks == 2 and len(conv2.terms) <= 2304
     assert compiled.plan_summary()["bootstraps"] == 0
 
 

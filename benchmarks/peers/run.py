@@ -227,6 +227,27 @@ def details(results: list[dict], k: int) -> str:
     return "\n".join(lines)
 
 
+def profiles(results: list[dict]) -> str:
+    """h33-bento's per-layer profile: the plan's predicted time (primitive costs measured at
+    compile time) next to the engine's measured time, and the end-to-end overhead over the plan."""
+    out = []
+    for r in results:
+        if r["framework"] != "h33" or r.get("status") != "ok" or not r.get("layers"):
+            continue
+        plan_e2e = (r.get("predicted_ms") or 0.0) + (r.get("predicted_client_ms") or 0.0)
+        out += [f"**{r['network']}**: one 8-image ciphertext, server {sum(x['measured_ms'] for x in r['layers']):.0f} ms "
+                f"measured vs {r['predicted_ms']:.0f} ms predicted; end to end (encrypt + server + decrypt) "
+                f"{r['batch_ms']:.0f} ms vs {plan_e2e:.0f} ms predicted = **{r['batch_ms'] / plan_e2e:.2f}x** the "
+                "sum of the plan's primitive operations.", "",
+                "| step | op | level | predicted ms | measured ms | measured / predicted |", "|---|---|--:|--:|--:|--:|"]
+        for x in r["layers"]:
+            ratio = x["measured_ms"] / x["predicted_ms"] if x["predicted_ms"] else float("nan")
+            out.append(f"| `{x['step']}` | {x['op']} | {x['level']} | {x['predicted_ms']:.1f} | "
+                       f"{x['measured_ms']:.1f} | {ratio:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -389,6 +410,9 @@ def main() -> None:
         md.append(f"- {net}: {TITLES[net]}; trained {m['epochs']} epochs on 5,000 MNIST images "
                   f"(test accuracy {m['test_accuracy_10k']:.4f}); torch definition `{m['torch_definition']}`.")
     md += ["", security_notes(networks), "", "Details:", "", details(results, k), ""]
+    prof = profiles(results)
+    if prof:
+        md += ["h33-bento per-layer profile (the last 8-image run of each network):", "", prof]
     text = "\n".join(md)
     with open(args.results, "w") as fh:
         fh.write(text)

@@ -58,10 +58,9 @@ def main() -> None:
         "key_bundle_bytes": len(bundle), "lanes": client.lanes,
     }
     del bundle
-    try:
-        result["predicted_ms"] = float(compiled.plan_summary()["predicted_latency_ms"])
-    except Exception:  # noqa: BLE001 - optional detail
-        pass
+    summary = compiled.plan_summary()
+    result["predicted_ms"] = summary["predicted_latency_ms"]
+    result["predicted_client_ms"] = summary["predicted_client_ms"]
     log(f"h33 {args.network}: setup {result['setup_s']:.1f} s, N={pp.ring_dim}, depth {pp.multiplicative_depth}")
 
     def request(x: np.ndarray) -> tuple[float, float, float, np.ndarray]:
@@ -73,6 +72,9 @@ def main() -> None:
     phase(args.json, "inference")
     batches = [images[i:i + client.lanes] for i in range(0, len(images), client.lanes)]
     result.update(measure_requests(request, images[0], batches, args.repeat, ref, labels, client.lanes))
+    client.infer(client.encrypt(batches[0]))  # one more full run, for the per-layer profile
+    result["layers"] = [{"step": s.name, "op": s.op, "level": s.level, "predicted_ms": compiled.predicted_ms(s),
+                         "measured_ms": client._engine.last_timings[s.name]} for s in compiled.steps]
     log(f"h33 {args.network}: single {result['single_ms']:.0f} ms, amortized {result['amortized_ms']:.0f} ms/img, "
         f"err {result['max_abs_err']:.2e}")
     write_result(args.json, result)

@@ -98,8 +98,9 @@ class CKKSParams(BaseModel):
         }
 
 
-@lru_cache(maxsize=64)
-def _accepted(ring_dim: int, depth: int, scale_bits: int, first_mod_bits: int, security_level: str) -> bool:
+@lru_cache(maxsize=256)
+def _accepted(ring_dim: int, depth: int, scale_bits: int, first_mod_bits: int, security_level: str,
+              num_large_digits: int = 0) -> bool:
     """Does OpenFHE accept this ring dimension for the modulus chain at this security level?"""
     from .context import build_context
 
@@ -110,6 +111,7 @@ def _accepted(ring_dim: int, depth: int, scale_bits: int, first_mod_bits: int, s
         first_mod_bits=first_mod_bits,
         lanes=1,
         security_level=security_level,  # type: ignore[arg-type]
+        num_large_digits=num_large_digits,
     )
     try:
         build_context(probe)
@@ -142,6 +144,10 @@ def select_params(
 ) -> CKKSParams:
     """Smallest ring dimension OpenFHE accepts for ``depth`` levels with ``slots_needed`` slots.
 
+    Key switching then uses the fewest digits (``num_large_digits``) that ring accepts: larger
+    digits need a larger special modulus P, which the ring's security bound must leave room for,
+    but each rotation key shrinks with the digit count (at N=2^15, depth 7: 7 MiB with one digit,
+    16.5 MiB with OpenFHE's default of three) at about the same rotation cost.
     Raises DepthExceededError when even the largest ring dimension cannot hold the depth.
     """
     from ..errors import DepthExceededError
@@ -154,6 +160,7 @@ def select_params(
             raise DepthExceededError(depth, max_depth(MAX_RING_DIM, scale_bits, first_mod_bits, security_level),
                                      MAX_RING_DIM)
         ring_dim *= 2
+    digits = next((d for d in (1, 2, 3) if _accepted(ring_dim, depth, scale_bits, first_mod_bits, security_level, d)), 0)
     return CKKSParams(
         ring_dim=ring_dim,
         multiplicative_depth=depth,
@@ -161,5 +168,6 @@ def select_params(
         first_mod_bits=first_mod_bits,
         lanes=lanes,
         security_level=security_level,
+        num_large_digits=digits,
         rotation_indices=tuple(sorted(set(rotation_indices))),
     )

@@ -38,14 +38,16 @@ def load_graph(model: Any, input_shape: Sequence[int] | None, dtype: Any = np.fl
     return import_onnx(model, tuple(input_shape) if input_shape is not None else None, dtype)
 
 
-def _lane_length(graph: Graph, lanes: int) -> int:
-    """Values per lane: the smallest power of two holding the largest tensor, within 2^16 rings."""
-    largest = max(node.size for node in graph.nodes.values())
-    cap = (MAX_RING_DIM // 2) // lanes
-    n = 1
-    while n < largest and n < cap:
-        n *= 2
-    return n
+def _lane_length(graph: Graph, lanes: int, ring_for_depth: int) -> int:
+    """Values per lane: enough for the input, and all the slots the ring the depth needs offers.
+
+    Larger intermediate tensors span several ciphertext blocks rather than forcing a larger
+    ring: a ring twice as large makes every operation and every rotation key twice as costly,
+    and block-cyclic layouts keep multi-block transforms cheap.
+    """
+    size = graph.nodes[graph.input].size
+    n = max(1 << max(0, (size - 1).bit_length()), ring_for_depth // 2 // lanes, 1)
+    return min(n, (MAX_RING_DIM // 2) // lanes)
 
 
 def compile(
@@ -84,12 +86,13 @@ def compile(
     bar.update(); bar.set_postfix_str("levels + parameters")
     levels = plan_levels(graph)
     depth = max(levels.values())
-    n = _lane_length(graph, lanes)
     runnable = True
     try:
         deepest = max_depth(MAX_RING_DIM, scale_bits, first_mod_bits, security_level)
         if depth > deepest:  # beyond any ring: fail fast (select_params cannot represent it)
             raise DepthExceededError(depth, deepest, MAX_RING_DIM)
+        ring = select_params(depth, lanes, lanes, scale_bits, first_mod_bits, security_level).ring_dim
+        n = _lane_length(graph, lanes, ring)
         params = select_params(depth, n * lanes, lanes, scale_bits, first_mod_bits, security_level)
     except DepthExceededError:
         if not plan_only:

@@ -8,7 +8,15 @@ decides how many diagonals both it and the next transform need.  Candidates:
 * folded compact: as compact, but gathered modulo a power of two M (see ``diagonals``);
 * grid: each output sits where its receptive field starts in the input, channels spread over
   the gaps a stride leaves, so a strided convolution keeps one diagonal per kernel tap and
-  the next transform absorbs the gaps.
+  the next transform absorbs the gaps (found by a greedy search over channel offsets);
+* plane grid: the same idea built directly for many-channel convolutions whose input lies on a
+  ``PlaneGrid`` (channel planes of a power-of-two period on a canvas of fixed row width): output
+  channels fill the lattice cells a stride leaves, then further planes; when planes tile a
+  ciphertext block, a rotation by whole planes cycles every channel at once, so a convolution
+  needs (planes per block) x (taps) diagonals per block pair, whatever its channel counts.
+
+The client packs the input, so its layout is chosen too: row-major, or polyphase (space-to-depth)
+planes for a strided first convolution, each compact or padded to a power-of-two canvas.
 
 Each candidate is scored by its own cost plus the cheapest simple layout of the next linear
 transform (one step of look-ahead).  Candidates and costs are memoized per (node, layouts), so
@@ -17,6 +25,7 @@ the look-ahead work is reused when the next transform's turn comes.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -147,34 +156,131 @@ def _grid_positions(matrix, in_pos: np.ndarray, capacity: int, n: int, tries: in
     return positions
 
 
-def polyphase_positions(shape: tuple[int, ...], stride: int) -> np.ndarray | None:
+@dataclass(frozen=True)
+class PlaneGrid:
+    """A (C, H, W) layout on channel planes: element (c, y, x) sits at
+    ``(c // G) * plane + (y * lat_y + sub_y) * row + x * lat_x + sub_x`` with
+    ``(sub_y, sub_x) = divmod(c % G, lat_x)`` and ``G = lat_y * lat_x`` channels per plane.
+
+    ``row`` is the canvas row width in slots and ``(lat_y, lat_x)`` the lattice the tensor's
+    pixels sit on (a stride-s convolution multiplies it by s, leaving s*s cells per pixel).
+    """
+
+    plane: int
+    row: int
+    lat_y: int = 1
+    lat_x: int = 1
+
+    @property
+    def per_plane(self) -> int:
+        return self.lat_y * self.lat_x
+
+    def positions(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Slot positions of a (C, H, W) tensor; None when its pixels overflow a plane."""
+        c, h, w = shape
+        if (w - 1) * self.lat_x + self.lat_x > self.row or h * self.lat_y * self.row > self.plane:
+            return None
+        ch, y, x = np.meshgrid(np.arange(c), np.arange(h), np.arange(w), indexing="ij")
+        sub_y, sub_x = np.divmod(ch % self.per_plane, self.lat_x)
+        pos = (ch // self.per_plane) * self.plane + (y * self.lat_y + sub_y) * self.row + x * self.lat_x + sub_x
+        return pos.reshape(-1).astype(np.int64)
+
+
+def polyphase_positions(shape: tuple[int, ...], stride: int, padded: bool = False) -> np.ndarray | None:
     """Space-to-depth layout of a (C, H, W) tensor: element (c, y, x) goes to phase plane
-    (c, y mod s, x mod s) at (y // s, x // s); None when the stride does not fit the image."""
+    (c, y mod s, x mod s) at (y // s, x // s); planes are packed tight, or with ``padded`` on a
+    power-of-two canvas.  None when the stride does not fit the image."""
     c, h, w = shape
     if stride >= min(h, w):
         return None
-    hs, ws = -(-h // stride), -(-w // stride)
+    grid = _phase_grid(shape, stride, padded)
+    phases = grid.positions((c * stride * stride, -(-h // stride), -(-w // stride)))
     ch, y, x = np.meshgrid(np.arange(c), np.arange(h), np.arange(w), indexing="ij")
-    plane = (ch * stride + y % stride) * stride + x % stride
-    return (plane * hs * ws + (y // stride) * ws + x // stride).reshape(-1).astype(np.int64)
+    phase = (ch * stride + y % stride) * stride + x % stride
+    hs, ws = -(-h // stride), -(-w // stride)
+    return phases[((phase * hs) + y // stride) * ws + x // stride].reshape(-1)
+
+
+def _phase_grid(shape: tuple[int, ...], stride: int, padded: bool) -> PlaneGrid:
+    h, w = -(-shape[1] // stride), -(-shape[2] // stride)
+    row = _next_pow2(w) if padded else w
+    return PlaneGrid(plane=_next_pow2(h * row) if padded else h * row, row=row)
+
+
+def input_candidates(shape: tuple[int, ...], n: int) -> list[tuple[np.ndarray, PlaneGrid | None]]:
+    """Where the client may pack a (C, H, W) input, each with its plane grid: row-major first,
+    then padded and polyphase variants that need no more ciphertext blocks than row-major."""
+    size = int(np.prod(shape))
+    identity = np.arange(size, dtype=np.int64)
+    if len(shape) != 3:
+        return [(identity, None)]
+    c, h, w = shape
+    cands: list[tuple[np.ndarray, PlaneGrid | None]] = [(identity, PlaneGrid(plane=h * w, row=w))]
+    padded = PlaneGrid(plane=_next_pow2(h * _next_pow2(w)), row=_next_pow2(w))
+    cands.append((padded.positions(shape), padded))
+    for stride in (2, 3, 4):
+        for pad in (False, True):
+            pos = polyphase_positions(shape, stride, pad)
+            if pos is not None:
+                cands.append((pos, _phase_grid(shape, stride, pad)))
+    blocks = -(-size // n)
+    return [(p, g) for p, g in cands if p is not None and int(p.max()) // n + 1 <= blocks]
+
+
+def plane_grid_positions(matrix, in_pos: np.ndarray, in_grid: PlaneGrid, out_shape: tuple[int, ...]
+                         ) -> tuple[np.ndarray, PlaneGrid] | None:
+    """The plane-grid layout of a convolution's output, or None when ``matrix`` is not one.
+
+    The window origins of the outputs, fitted affine in (y, x) (``_virtual_anchors``), give the
+    output lattice in slots: (a_y, a_x) = (lat_y * row, lat_x).  Channels then fill the
+    ``lat_y * lat_x`` cells of each lattice point, plane after plane, on the input's canvas.
+    """
+    if len(out_shape) != 3:
+        return None
+    csr = matrix.tocsr()
+    nnz = np.diff(csr.indptr)
+    if not nnz.any():
+        return None
+    first = csr.indices[np.minimum(csr.indptr[:-1], len(csr.indices) - 1)]
+    anchors = _virtual_anchors(in_pos[first], nnz, out_shape)
+    c_n, h, w = out_shape
+    if h * w < 2:
+        return None
+    a = anchors.reshape(c_n, h, w)
+    a_y = int(a[0, 1, 0] - a[0, 0, 0]) if h > 1 else in_grid.row
+    a_x = int(a[0, 0, 1] - a[0, 0, 0]) if w > 1 else 1
+    ys, xs = np.arange(h)[:, None], np.arange(w)[None, :]
+    if a_y <= 0 or a_x <= 0 or a_y % in_grid.row or not np.array_equal(a - a[:, :1, :1], np.broadcast_to(
+            ys * a_y + xs * a_x, a.shape)):
+        return None
+    grid = PlaneGrid(plane=in_grid.plane, row=in_grid.row, lat_y=a_y // in_grid.row, lat_x=a_x)
+    pos = grid.positions(out_shape)
+    return None if pos is None else (pos, grid)
 
 
 def _digest(a: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(a).view(np.uint8), digest_size=16).digest()
 
 
-def _candidates(node: Node, in_pos: np.ndarray, n: int, memo: dict | None = None) -> list[tuple[np.ndarray, int]]:
-    key = ("candidates", node.name, _digest(in_pos))
+Candidate = tuple[np.ndarray, int, "PlaneGrid | None"]  # output positions, fold, plane grid
+
+
+def _candidates(node: Node, in_pos: np.ndarray, in_grid: PlaneGrid | None, n: int,
+                memo: dict | None = None) -> list[Candidate]:
+    key = ("candidates", node.name, _digest(in_pos), in_grid)
     if memo is not None and key in memo:
         return memo[key]
     m = node.size
     compact = np.arange(m, dtype=np.int64)
-    cands: list[tuple[np.ndarray, int]] = [(compact, 0)]
+    compact_grid = PlaneGrid(plane=int(np.prod(node.shape[1:])), row=node.shape[2]) if len(node.shape) == 3 else None
+    cands: list[Candidate] = [(compact, 0, compact_grid)]
     if m <= n // 2:
         fold = _next_pow2(m)
         while fold < n:
-            cands.append((compact, fold))
+            cands.append((compact, fold, None))
             fold *= 2
+    if in_grid is not None and (planar := plane_grid_positions(node.attrs["matrix"], in_pos, in_grid, node.shape)):
+        cands.append((planar[0], 0, planar[1]))
     in_blocks = int(in_pos.max()) // n + 1
     capacity = max(in_blocks, -(-m // n)) * n
     grid = None
@@ -188,7 +294,7 @@ def _candidates(node: Node, in_pos: np.ndarray, n: int, memo: dict | None = None
         grid = grid_positions(node.attrs["matrix"], in_pos, cap, n, out_shape=node.shape, budget=budget,
                               spent=spent)
     if grid is not None:
-        cands.append((grid, 0))
+        cands.append((grid, 0, None))
     if memo is not None:
         memo[key] = cands
     return cands
@@ -216,33 +322,31 @@ class _Planner:
     def cost(self, node: Node, in_pos: np.ndarray, out_pos: np.ndarray, fold: int) -> float:
         return self.plan(node, in_pos, out_pos, fold).cost(self.model, self.level(node))
 
-    def input_layout(self, node: Node) -> np.ndarray:
-        """Where the client packs the input: row-major, or polyphase when the first transform is
-        cheaper on it (a stride-s convolution then reads s*s dense phase planes, LoLA's conv drops
-        from 17 diagonals over two blocks to 8 in one).  Never more ciphertexts than row-major."""
-        identity = np.arange(node.size, dtype=np.int64)
+    def input_layout(self, node: Node) -> tuple[np.ndarray, PlaneGrid | None]:
+        """Where the client packs the input: the candidate (``input_candidates``) under which the
+        first transform, with one step of look-ahead, costs least."""
+        options = input_candidates(node.shape, self.n)
         nxt = _downstream(self.graph, node)
-        if nxt is None or nxt.op != "linear" or len(node.shape) != 3:
-            return identity
-        blocks = -(-node.size // self.n)
-        options = [identity] + [p for s in (2, 3, 4) if (p := polyphase_positions(node.shape, s)) is not None
-                                and int(p.max()) // self.n + 1 <= blocks]
-        return min(options, key=lambda pos: self.choose(nxt, pos, {})[0])
+        if nxt is None or nxt.op != "linear" or len(options) == 1:
+            return options[0]
+        return min(options, key=lambda option: self.choose(nxt, option[0], option[1], {})[0])
 
-    def choose(self, node: Node, in_pos: np.ndarray, known: dict[str, np.ndarray]) -> tuple[float, np.ndarray, int]:
-        """(cost with one step of look-ahead, output positions, fold) of the best candidate."""
+    def choose(self, node: Node, in_pos: np.ndarray, in_grid: PlaneGrid | None,
+               known: dict[str, np.ndarray]) -> tuple[float, np.ndarray, int, PlaneGrid | None]:
+        """(cost with one step of look-ahead, output positions, fold, plane grid) of the best candidate."""
         nxt = _downstream(self.graph, node)
         if nxt is not None and nxt.op in ("add", "mul"):
             others = [known[i] for i in nxt.inputs if i in known]
             if others:  # residual/product operands must share one layout
-                return self.cost(node, in_pos, others[0], 0), others[0], 0
+                return self.cost(node, in_pos, others[0], 0), others[0], 0, None
         best = None
-        for out_pos, fold in _candidates(node, in_pos, self.n, self.memo):
+        for out_pos, fold, grid in _candidates(node, in_pos, in_grid, self.n, self.memo):
             cost = self.cost(node, in_pos, out_pos, fold)
             if nxt is not None and nxt.op == "linear":
-                cost += min(self.cost(nxt, out_pos, p, f) for p, f in _candidates(nxt, out_pos, self.n, self.memo))
+                cost += min(self.cost(nxt, out_pos, p, f) for p, f, _ in _candidates(nxt, out_pos, grid, self.n,
+                                                                                      self.memo))
             if best is None or cost < best[0]:
-                best = (cost, out_pos, fold)
+                best = (cost, out_pos, fold, grid)
         return best
 
 
@@ -267,20 +371,21 @@ def assign_layouts(graph: Graph, n: int, values: bool = True, model: CostModel |
     """
     planner = _Planner(graph, n, model or CostModel(None, 1), levels or {})
     positions: dict[str, np.ndarray] = {}
+    grids: dict[str, PlaneGrid | None] = {}
     plans: dict[str, DiagonalPlan] = {}
     for node in graph.nodes.values():
         if node.op == "input":
-            positions[node.name] = planner.input_layout(node)
+            positions[node.name], grids[node.name] = planner.input_layout(node)
         elif node.op in ELEMENTWISE:
-            positions[node.name] = positions[node.inputs[0]]
+            positions[node.name], grids[node.name] = positions[node.inputs[0]], grids[node.inputs[0]]
         elif node.op in ("add", "mul"):
             a, b = (positions[i] for i in node.inputs)
             if not np.array_equal(a, b):
                 raise CompileError(f"operands of {node.op} node {node.name!r} have different slot layouts")
-            positions[node.name] = a
+            positions[node.name], grids[node.name] = a, grids[node.inputs[0]]
         elif node.op == "linear":
             in_pos = positions[node.inputs[0]]
-            _, out_pos, fold = planner.choose(node, in_pos, positions)
+            _, out_pos, fold, grids[node.name] = planner.choose(node, in_pos, grids[node.inputs[0]], positions)
             if values:
                 plans[node.name] = build_diagonals(node.attrs["matrix"], node.attrs["bias"], in_pos, out_pos, n,
                                                    fold, values=True, model=planner.model,

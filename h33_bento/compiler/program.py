@@ -72,6 +72,10 @@ class CompiledModel:
         return int(self.input_positions.max()) // self.lane_length + 1
 
     @property
+    def output_blocks(self) -> int:
+        return int(self.output_positions.max()) // self.lane_length + 1
+
+    @property
     def output(self) -> str:
         return self.steps[-1].name
 
@@ -90,14 +94,22 @@ class CompiledModel:
         return list(self.labels) if self.labels else [str(i) for i in range(self.num_classes)]
 
     # ----------------------------------------------------------------- plan report
+    def blocks(self) -> dict[str, int]:
+        """Ciphertexts each step's output spans (element-wise steps run once per block)."""
+        out = {self.input_name: self.input_blocks}
+        for s in self.steps:
+            out[s.name] = s.linear.out_blocks if s.linear is not None else out[s.inputs[0]]
+        return out
+
     def step_counts(self, step: Step) -> dict[str, int]:
         if step.op == "linear" and step.linear is not None:
             return step.linear.counts()
+        blocks = self.blocks()[step.name]
         if step.op == "poly":
-            return {"chebyshev_degree": len(step.attrs["coeffs"]) - 1}
+            return {"chebyshev_degree": len(step.attrs["coeffs"]) - 1, "ciphertexts": blocks}
         if step.op in ("square", "mul"):
-            return {"mult_cipher": 1, "rescale": 1}
-        return {"add": 1}
+            return {"mult_cipher": blocks, "rescale": blocks}
+        return {"add": blocks}
 
     @property
     def cost_model(self) -> CostModel:
@@ -116,7 +128,7 @@ class CompiledModel:
         counts = self.step_counts(step)
         if step.op == "poly":
             key = f"chebyshev_{counts['chebyshev_degree']}"
-            return costs.get(key, float("nan")) * (depth + 1 - level) / (depth + 1)
+            return costs.get(key, float("nan")) * (depth + 1 - level) / (depth + 1) * counts["ciphertexts"]
         return self.cost_model.total(counts, level)
 
     def bootstrap_estimate(self) -> tuple[int, int]:
@@ -133,7 +145,7 @@ class CompiledModel:
             return 0, 0
         refresh = (self.params.bootstrapping or BootstrapConfig()).levels_after
         remaining = {self.input_name: budget}
-        blocks = {self.input_name: self.input_blocks}
+        blocks = self.blocks()
         ops = cts = 0
         for s in self.steps:
             need = (chebyshev_depth(len(s.attrs["coeffs"]) - 1, s.attrs["lower"], s.attrs["upper"])
@@ -144,7 +156,6 @@ class CompiledModel:
                     ops += 1
                     cts += blocks[i]
             remaining[s.name] = min(remaining[i] for i in s.inputs) - need
-            blocks[s.name] = s.linear.out_blocks if s.linear is not None else blocks[s.inputs[0]]
         return ops, cts
 
     def plan_summary(self) -> dict[str, Any]:
@@ -153,6 +164,8 @@ class CompiledModel:
                         for c in map(self.step_counts, self.steps))
         predicted = sum(self.predicted_ms(s) for s in self.steps)
         bootstraps, ct_bootstraps = self.bootstrap_estimate()
+        client = (self.primitive_costs_ms.get("encrypt", float("nan")) * self.input_blocks
+                  + self.primitive_costs_ms.get("decrypt", float("nan")) * self.output_blocks)
         return {
             "levels": self.depth,
             "bootstraps": bootstraps,
@@ -162,6 +175,7 @@ class CompiledModel:
             "rotation_keys": len(self.params.rotation_indices),
             "key_bundle_bytes": self.predicted_key_bundle_bytes,
             "predicted_latency_ms": round(predicted, 2) if predicted == predicted else None,
+            "predicted_client_ms": round(client, 2) if client == client else None,
         }
 
     @property
@@ -208,7 +222,8 @@ class CompiledModel:
             f"rotation keys: {summ['rotation_keys']} "
             f"(indices {list(p.rotation_indices)[:12]}{' ...' if len(p.rotation_indices) > 12 else ''})",
             f"key bundle: {summ['key_bundle_bytes'] / 2**20:.1f} MiB, predicted latency "
-            f"{summ['predicted_latency_ms']} ms per ciphertext ({p.lanes} inputs)",
+            f"{summ['predicted_latency_ms']} ms per ciphertext ({p.lanes} inputs) on the server, "
+            f"{summ['predicted_client_ms']} ms to encrypt and decrypt on the client",
         ]
         return "\n".join(lines)
 

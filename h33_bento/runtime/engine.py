@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
@@ -23,31 +22,33 @@ DEFAULT_CACHE_BYTES = 2 << 30
 
 
 class _PlaintextCache:
-    """LRU of encoded plaintexts keyed by (step, term, level, scale degree), bounded in bytes."""
+    """Encoded plaintexts keyed by (step, term, level, scale degree), bounded in bytes.
+
+    Every run replays the same sequence of diagonals, so once the budget is full new ones are
+    encoded on the fly and not kept: an LRU would evict each entry just before its next use
+    and hit nothing at all whenever a program's plaintexts exceed the budget, while a cache
+    that keeps what it holds serves that share of every run.
+    """
 
     def __init__(self, budget_bytes: int, bytes_per_tower: int, towers: int) -> None:
         self.budget = budget_bytes
         self.per_tower = bytes_per_tower
         self.towers = towers
         self.used = 0
-        self._items: OrderedDict[tuple, tuple[openfhe.Plaintext, int]] = OrderedDict()
+        self._items: dict[tuple, openfhe.Plaintext] = {}
         self.hits = self.misses = 0
 
     def get(self, key: tuple, level: int, make) -> openfhe.Plaintext:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
+        pt = self._items.get(key)
+        if pt is not None:
             self.hits += 1
-            return item[0]
+            return pt
         self.misses += 1
         pt = make()
         size = self.per_tower * (self.towers - level)
-        if size <= self.budget:
-            self._items[key] = (pt, size)
+        if self.used + size <= self.budget:
+            self._items[key] = pt
             self.used += size
-            while self.used > self.budget:
-                _, (_, old) = self._items.popitem(last=False)
-                self.used -= old
         return pt
 
 

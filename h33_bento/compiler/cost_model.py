@@ -28,8 +28,9 @@ RELATIVE = {
     "encode": 0.15,
 }
 
-#: Primitives whose cost is measured at every level (the rest once, at the top level).
-PER_LEVEL = tuple(RELATIVE)
+#: Bytes of encoded plaintext diagonals an engine keeps by default (``Engine(cache_bytes=...)``);
+#: plans price the diagonals beyond it as encoded on every run.
+DEFAULT_CACHE_BYTES = 2 << 30
 
 
 class CostModel:

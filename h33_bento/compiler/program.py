@@ -19,7 +19,7 @@ import numpy as np
 from ..ckks.params import BootstrapConfig, CKKSParams
 from ..errors import ModelFormatError
 from .activations import chebyshev_depth
-from .cost_model import CostModel
+from .cost_model import DEFAULT_CACHE_BYTES, CostModel
 from .diagonals import DiagonalPlan
 
 FORMAT_VERSION = 1
@@ -111,12 +111,35 @@ class CompiledModel:
             return {"mult_cipher": blocks, "rescale": blocks}
         return {"add": blocks}
 
+    def plaintext_bytes(self, step: Step) -> int:
+        """Bytes of one encoded diagonal of a linear step (lane-expanded, at the step's level)."""
+        depth = self.params.multiplicative_depth
+        return self.params.ring_dim * 8 * (depth + 1 - min(step.level, depth))
+
+    def uncached_diagonals(self, cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict[str, int]:
+        """Diagonals per linear step that an engine with this cache budget encodes on every run.
+
+        The engine's cache keeps the first plaintexts it encodes, in program order (see
+        ``runtime.engine``), so which ones spill is known at compile time.
+        """
+        used, out = 0, {}
+        for s in self.steps:
+            if s.linear is None:
+                continue
+            size, count = self.plaintext_bytes(s), len(s.linear.terms)
+            kept = max(0, min(count, (cache_bytes - used) // size))
+            used += kept * size
+            out[s.name] = count - kept
+        return out
+
     @property
     def cost_model(self) -> CostModel:
         return CostModel(self.primitive_costs_ms, self.params.multiplicative_depth)
 
-    def predicted_ms(self, step: Step) -> float:
-        """Predicted time of one step from the primitive costs measured at compile time."""
+    def predicted_ms(self, step: Step, cache_bytes: int = DEFAULT_CACHE_BYTES) -> float:
+        """Predicted time of one step from the primitive costs measured at compile time, in the
+        steady state of an engine with ``cache_bytes`` of plaintext cache (diagonals beyond it
+        are encoded on every run)."""
         costs = self.primitive_costs_ms
         if not costs:
             return float("nan")
@@ -129,6 +152,8 @@ class CompiledModel:
         if step.op == "poly":
             key = f"chebyshev_{counts['chebyshev_degree']}"
             return costs.get(key, float("nan")) * (depth + 1 - level) / (depth + 1) * counts["ciphertexts"]
+        if step.linear is not None:
+            counts = {**counts, "encode": self.uncached_diagonals(cache_bytes)[step.name]}
         return self.cost_model.total(counts, level)
 
     def bootstrap_estimate(self) -> tuple[int, int]:
@@ -176,6 +201,8 @@ class CompiledModel:
             "key_bundle_bytes": self.predicted_key_bundle_bytes,
             "predicted_latency_ms": round(predicted, 2) if predicted == predicted else None,
             "predicted_client_ms": round(client, 2) if client == client else None,
+            "plaintext_bytes": sum(self.plaintext_bytes(s) * len(s.linear.terms) for s in self.steps if s.linear),
+            "encodes_per_run": sum(self.uncached_diagonals().values()),
         }
 
     @property
@@ -224,6 +251,10 @@ class CompiledModel:
             f"key bundle: {summ['key_bundle_bytes'] / 2**20:.1f} MiB, predicted latency "
             f"{summ['predicted_latency_ms']} ms per ciphertext ({p.lanes} inputs) on the server, "
             f"{summ['predicted_client_ms']} ms to encrypt and decrypt on the client",
+            f"plaintext diagonals: {summ['plaintext_bytes'] / 2**20:.0f} MiB encoded"
+            + (f"; {summ['encodes_per_run']} re-encoded per run with the default "
+               f"{DEFAULT_CACHE_BYTES / 2**30:.0f} GiB engine cache (included above)" if summ["encodes_per_run"] else
+               f", all kept by the default {DEFAULT_CACHE_BYTES / 2**30:.0f} GiB engine cache"),
         ]
         return "\n".join(lines)
 

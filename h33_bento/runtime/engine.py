@@ -15,10 +15,10 @@ import openfhe
 from ..ckks.keys import EvaluationKeys, load_ciphertext
 from ..ckks.serialization import EncryptedTensor
 from ..compiler.activations import to_openfhe_coeffs
+from ..compiler.cost_model import DEFAULT_CACHE_BYTES
 from ..compiler.program import CompiledModel, Step
 from ..errors import EnvelopeError, TamperedDataError
 
-DEFAULT_CACHE_BYTES = 2 << 30
 
 
 class _PlaintextCache:

@@ -332,13 +332,16 @@ class _Planner:
         return min(options, key=lambda option: self.choose(nxt, option[0], option[1], {})[0])
 
     def choose(self, node: Node, in_pos: np.ndarray, in_grid: PlaneGrid | None,
-               known: dict[str, np.ndarray]) -> tuple[float, np.ndarray, int, PlaneGrid | None]:
-        """(cost with one step of look-ahead, output positions, fold, plane grid) of the best candidate."""
+               known: dict[str, tuple[np.ndarray, PlaneGrid | None]]
+               ) -> tuple[float, np.ndarray, int, PlaneGrid | None]:
+        """(cost with one step of look-ahead, output positions, fold, plane grid) of the best
+        candidate; ``known`` holds the layouts already assigned (positions, plane grid)."""
         nxt = _downstream(self.graph, node)
         if nxt is not None and nxt.op in ("add", "mul"):
             others = [known[i] for i in nxt.inputs if i in known]
             if others:  # residual/product operands must share one layout
-                return self.cost(node, in_pos, others[0], 0), others[0], 0, None
+                pos, grid = others[0]
+                return self.cost(node, in_pos, pos, 0), pos, 0, grid
         best = None
         for out_pos, fold, grid in _candidates(node, in_pos, in_grid, self.n, self.memo):
             cost = self.cost(node, in_pos, out_pos, fold)
@@ -370,29 +373,28 @@ def assign_layouts(graph: Graph, n: int, values: bool = True, model: CostModel |
     Choices are priced by ``model`` (measured primitive costs) at each node's level in ``levels``.
     """
     planner = _Planner(graph, n, model or CostModel(None, 1), levels or {})
-    positions: dict[str, np.ndarray] = {}
-    grids: dict[str, PlaneGrid | None] = {}
+    layouts: dict[str, tuple[np.ndarray, PlaneGrid | None]] = {}  # node -> (positions, plane grid)
     plans: dict[str, DiagonalPlan] = {}
     for node in graph.nodes.values():
         if node.op == "input":
-            positions[node.name], grids[node.name] = planner.input_layout(node)
+            layouts[node.name] = planner.input_layout(node)
         elif node.op in ELEMENTWISE:
-            positions[node.name], grids[node.name] = positions[node.inputs[0]], grids[node.inputs[0]]
+            layouts[node.name] = layouts[node.inputs[0]]
         elif node.op in ("add", "mul"):
-            a, b = (positions[i] for i in node.inputs)
+            a, b = (layouts[i][0] for i in node.inputs)
             if not np.array_equal(a, b):
                 raise CompileError(f"operands of {node.op} node {node.name!r} have different slot layouts")
-            positions[node.name], grids[node.name] = a, grids[node.inputs[0]]
+            layouts[node.name] = layouts[node.inputs[0]]
         elif node.op == "linear":
-            in_pos = positions[node.inputs[0]]
-            _, out_pos, fold, grids[node.name] = planner.choose(node, in_pos, grids[node.inputs[0]], positions)
+            in_pos, in_grid = layouts[node.inputs[0]]
+            _, out_pos, fold, grid = planner.choose(node, in_pos, in_grid, layouts)
             if values:
                 plans[node.name] = build_diagonals(node.attrs["matrix"], node.attrs["bias"], in_pos, out_pos, n,
                                                    fold, values=True, model=planner.model,
                                                    level=planner.level(node))
             else:
                 plans[node.name] = planner.plan(node, in_pos, out_pos, fold)
-            positions[node.name] = out_pos
+            layouts[node.name] = (out_pos, grid)
         else:
             raise CompileError(f"node {node.name!r}: op {node.op!r} must be lowered before layout")
-    return positions, plans
+    return {name: pos for name, (pos, _) in layouts.items()}, plans

@@ -208,6 +208,32 @@ def test_row_major_input_stays_when_polyphase_does_not_pay():
     assert len(compiled.steps[0].linear.terms) <= 64
 
 
+def test_plane_grid_layouts_for_many_channel_strided_convolutions():
+    """conv 1->8 s2, conv 8->16 s2: each conv's channels fill the lattice cells its stride leaves,
+    on power-of-two planes that rotate cyclically, and the program still computes the network."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), Square(),
+                          nn.Conv2d(8, 16, 3, stride=2, padding=1), Square(), nn.Flatten(),
+                          nn.Linear(16 * 7 * 7, 10)).eval()
+    compiled = compile(model, (1, 28, 28), measure_costs=False)
+    from h33_bento.compiler.fusion import fuse_linear_chains
+    from h33_bento.compiler.torch_import import import_torch
+
+    conv2 = [n for n in fuse_linear_chains(import_torch(model, (1, 28, 28))).nodes.values() if n.op == "linear"][1]
+    compact = build_diagonals(conv2.attrs["matrix"], conv2.attrs["bias"], np.arange(8 * 14 * 14),
+                              np.arange(16 * 7 * 7), 1024, values=False)
+    assert len(compiled.steps[2].linear.terms) <= 128 < len(compact.terms) // 3
+    x = np.random.default_rng(0).uniform(size=(2, 1, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.as_tensor(x)).double().numpy()
+    sim = simulate(compiled, x)
+    assert np.abs(sim - ref).max() < 1e-6
+    from h33_bento import FHEInferenceClient
+
+    client = FHEInferenceClient(compiled)
+    assert np.abs(client.decrypt_logits(client.infer(client.encrypt(x))) - sim).max() < 1e-3
+
+
 def test_runtime_imports_neither_torch_nor_onnx_nor_scipy():
     import subprocess
     import sys

@@ -169,9 +169,14 @@ class KeyChain:
         return self._eval_keys
 
     def encrypt_slots(self, values: np.ndarray) -> bytes:
-        """Encrypt one full slot vector and return OpenFHE's BINARY serialization."""
+        """Encrypt one full slot vector and return OpenFHE's BINARY serialization.
+
+        The client holds the secret key, so it encrypts with it: a fresh RLWE sample under the
+        same key, indistinguishable to the server from a public-key encryption and about a
+        quarter cheaper (no encryption of zero to compute).
+        """
         pt = self._cc.MakeCKKSPackedPlaintext(np.ascontiguousarray(values, dtype=np.float64))
-        return openfhe.Serialize(self._cc.Encrypt(self._public_key, pt), openfhe.BINARY)
+        return openfhe.Serialize(self._cc.Encrypt(self._secret_key, pt), openfhe.BINARY)
 
     def decrypt_slots(self, blob: bytes) -> np.ndarray:
         """Decrypt one serialized ciphertext to its real slot values."""

@@ -189,8 +189,13 @@ class CompiledModel:
                         for c in map(self.step_counts, self.steps))
         predicted = sum(self.predicted_ms(s) for s in self.steps)
         bootstraps, ct_bootstraps = self.bootstrap_estimate()
-        client = (self.primitive_costs_ms.get("encrypt", float("nan")) * self.input_blocks
-                  + self.primitive_costs_ms.get("decrypt", float("nan")) * self.output_blocks)
+        c = self.primitive_costs_ms
+        client = (self.input_blocks * (self.cost_model.ms("encode", 0) + c.get("encrypt", float("nan"))
+                                       + c.get("serialize_input", 0.0))
+                  + self.output_blocks * (c.get("deserialize_output", 0.0) + c.get("decrypt", float("nan"))))
+        # the server's share beyond the steps: take the input off the wire, put the output on it
+        predicted += (self.input_blocks * (c.get("deserialize_input", 0.0) + self.cost_model.ms("add", 0))
+                      + self.output_blocks * c.get("serialize_output", 0.0))
         return {
             "levels": self.depth,
             "bootstraps": bootstraps,

@@ -19,13 +19,14 @@ from ..compiler.activations import to_openfhe_coeffs
 
 
 def _time_ms(fn: Callable[[], object], repeat: int) -> float:
+    """Median of ``repeat`` timings after one warm-up: what a run typically pays, not its best case."""
     fn()
-    best = float("inf")
+    times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        best = min(best, (time.perf_counter() - t0) * 1000.0)
-    return best
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return float(np.median(times))
 
 
 def _levels(depth: int, max_levels: int) -> list[int]:
@@ -39,8 +40,9 @@ def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = 
     """Return (costs, serialized key sizes in bytes).
 
     ``costs["levels"]`` lists the levels measured; each per-level primitive maps to a list of
-    milliseconds, one per listed level; ``encrypt`` (a fresh ciphertext), ``decrypt`` (at the
-    output level) and ``chebyshev_<d>`` (from the top level) are single numbers.
+    milliseconds, one per listed level; ``encrypt`` (a fresh ciphertext), ``decrypt`` (and
+    decode, at the output level), the (de)serialization of an input and of an output ciphertext
+    and ``chebyshev_<d>`` (from the top level) are single numbers.
     """
     cc = get_context(params)
     keys = cc.KeyGen()
@@ -77,12 +79,27 @@ def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = 
             per_level.setdefault(name, []).append(round(_time_ms(fn, repeat * 5 if cheap else repeat), 4))
     costs: dict[str, Any] = {"levels": levels, **per_level}
     pt = cc.MakeCKKSPackedPlaintext(values)
-    costs["encrypt"] = round(_time_ms(lambda: cc.Encrypt(keys.publicKey, pt), repeat), 4)
     last = cc.LevelReduce(fresh, None, params.multiplicative_depth)  # where outputs are decrypted
-    costs["decrypt"] = round(_time_ms(lambda: cc.Decrypt(last, keys.secretKey), repeat), 4)
+    blobs = {"input": openfhe.Serialize(fresh, openfhe.BINARY), "output": openfhe.Serialize(last, openfhe.BINARY)}
+
+    def decrypt() -> None:
+        out = cc.Decrypt(last, keys.secretKey)
+        out.SetLength(params.slots)
+        out.GetRealPackedValue()
+
+    costs.update({  # the client's and the wire's share of a request, per ciphertext
+        "encrypt": _time_ms(lambda: cc.Encrypt(keys.secretKey, pt), repeat),  # as KeyChain.encrypt_slots
+        "decrypt": _time_ms(decrypt, repeat),  # and decode, at the output level
+        "serialize_input": _time_ms(lambda: openfhe.Serialize(fresh, openfhe.BINARY), repeat),
+        "deserialize_input": _time_ms(lambda: openfhe.DeserializeCiphertextString(blobs["input"], openfhe.BINARY),
+                                      repeat),
+        "serialize_output": _time_ms(lambda: openfhe.Serialize(last, openfhe.BINARY), repeat),
+        "deserialize_output": _time_ms(lambda: openfhe.DeserializeCiphertextString(blobs["output"], openfhe.BINARY),
+                                       repeat),
+    })
     for degree in sorted(set(chebyshev_degrees)):
         coeffs = to_openfhe_coeffs(np.full(degree + 1, 0.1))
-        costs[f"chebyshev_{degree}"] = round(_time_ms(lambda: cc.EvalChebyshevSeries(fresh, coeffs, -1.0, 1.0), 1), 4)
+        costs[f"chebyshev_{degree}"] = _time_ms(lambda: cc.EvalChebyshevSeries(fresh, coeffs, -1.0, 1.0), 1)
     tag = keys.publicKey.GetKeyTag()
     sizes = {
         "public": len(openfhe.Serialize(keys.publicKey, openfhe.BINARY)),
@@ -90,4 +107,4 @@ def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = 
         "rotation": len(openfhe.SerializeEvalAutomorphismKeyString(openfhe.BINARY, tag)),
         "ciphertext": len(openfhe.Serialize(fresh, openfhe.BINARY)),
     }
-    return costs, sizes
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in costs.items()}, sizes

@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so ``import h33_bento`` stays light and never pulls in torch):
 ``compile``, ``CompiledModel``, ``simulate``, ``Engine``, ``FHEInferenceClient``, ``Prediction``,
-``KeyChain``, ``EvaluationKeys``, ``EncryptedTensor``, ``CKKSParams``.
+``KeyChain``, ``EvaluationKeys``, ``KeyStore``, ``EncryptedTensor``, ``CKKSParams``.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ _EXPORTS = {
     "Prediction": "h33_bento.client",
     "KeyChain": "h33_bento.ckks.keys",
     "EvaluationKeys": "h33_bento.ckks.keys",
+    "KeyStore": "h33_bento.keystore",
     "EncryptedTensor": "h33_bento.ckks.serialization",
     "CKKSParams": "h33_bento.ckks.params",
 }

@@ -60,6 +60,14 @@ class KeyMismatchError(EnvelopeError):
     """The envelope was encrypted under a key other than the one loaded."""
 
 
+class EvaluationKeysNotFoundError(KeyMismatchError):
+    """No evaluation keys for a key_id: no key store, or no bundle for it in the store."""
+
+    def __init__(self, key_id: str, reason: str) -> None:
+        super().__init__(f"no evaluation keys for key_id {key_id}: {reason}")
+        self.key_id = key_id
+
+
 class TruncatedDataError(EnvelopeError):
     """The bytes end before the header says they should."""
 

@@ -20,10 +20,10 @@ An MLflow model written by this flavor holds
   work without importing ``h33_bento`` first.
 
 It never holds key material.  The pyfunc model runs encrypted envelopes with evaluation keys
-taken from a *key store*: a directory of ``<key_id>.h33k`` files (see
-:func:`save_evaluation_keys`), named by ``model_config={"key_store": DIR}`` at load time (or at
-log time), by MLflow's ``MLFLOW_PYFUNC_INFERENCE_CONFIG`` environment variable, or by
-``H33_KEY_STORE``.  See ``docs/mlflow.md``.
+taken from a *key store* (``h33_bento.keystore.KeyStore``, the layout the BentoML service uses
+too; see :func:`save_evaluation_keys`), named by ``model_config={"key_store": DIR}`` at load
+time (or at log time), by MLflow's ``MLFLOW_PYFUNC_INFERENCE_CONFIG`` environment variable, or
+by ``H33_KEY_STORE``.  See ``docs/mlflow.md``.
 
 Module-level imports are light (numpy, ``h33_bento.errors``): mlflow, pandas, OpenFHE and the
 engine are imported inside the functions that need them, so attaching ``mlflow.h33`` is free.
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from h33_bento import __version__ as _H33_VERSION
-from h33_bento.errors import EnvelopeError, KeyMismatchError, ModelFormatError
+from h33_bento.errors import EnvelopeError, EvaluationKeysNotFoundError, ModelFormatError
 
 __all__ = [
     "FLAVOR_NAME",
@@ -71,8 +71,6 @@ FLAVOR_NAME = "h33"
 FLAVOR_FORMAT_VERSION = 1
 #: Where the compiled model lives inside the MLflow model directory.
 MODEL_DATA_SUBPATH = "model"
-#: Key-store files are ``<key_id>.h33k``: the bytes of ``EvaluationKeys.to_bytes()``.
-KEY_FILE_SUFFIX = ".h33k"
 #: Fallback for the key store when the pyfunc model_config names none.
 KEY_STORE_ENV = "H33_KEY_STORE"
 #: Name of the envelope column in the model signature's output (and accepted on input).
@@ -84,7 +82,6 @@ MAX_CACHED_ENGINES = 8
 #: load-time model_config and MLFLOW_PYFUNC_INFERENCE_CONFIG override them.
 MODEL_CONFIG_KEYS = ("key_store",)
 
-_KEY_ID = re.compile(r"[0-9a-f]{32}")
 _LOADER_MODULE = "h33_bento.mlflow_flavor"
 
 
@@ -111,14 +108,6 @@ class ParamsFingerprintMismatchError(FingerprintMismatchError):
 
 class ModelFingerprintMismatchError(FingerprintMismatchError):
     """The recorded model fingerprint differs from the compiled model's."""
-
-
-class EvaluationKeysNotFoundError(KeyMismatchError):
-    """No evaluation keys for an envelope's key_id: no key store configured, or no file for it."""
-
-    def __init__(self, key_id: str, reason: str) -> None:
-        super().__init__(f"no evaluation keys for key_id {key_id}: {reason}")
-        self.key_id = key_id
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -537,56 +526,27 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> "_H33
 
 
 # ----------------------------------------------------------------------------- key store
-def save_evaluation_keys(keys: Any, key_store_dir: str | os.PathLike) -> str:
-    """Write an evaluation-key bundle into a key store as ``<key_id>.h33k``; returns the key_id.
+def save_evaluation_keys(keys: Any, key_store_dir: str | os.PathLike, tenant: str | None = None) -> str:
+    """Put an evaluation-key bundle into a key store; returns its key_id.
 
     ``keys`` is an ``EvaluationKeys``, its ``to_bytes()``, a ``KeyChain`` or an
-    ``FHEInferenceClient``: only the evaluation bundle is written, never a secret key.
+    ``FHEInferenceClient``: only the evaluation bundle is written, never a secret key.  The store
+    is the one the BentoML service uses (``<key_id>/bundle.h33k`` + ``meta.json``, written
+    atomically); ``tenant`` is the service tenant that may use the bundle there (the pyfunc
+    ignores tenants), ``h33_bento.keystore.DEFAULT_TENANT`` when not given.  Saving a key_id the
+    store already holds leaves it, and its tenant, unchanged.
     """
     from h33_bento.ckks.keys import EvaluationKeys
+    from h33_bento.keystore import DEFAULT_TENANT, KeyStore
 
     if hasattr(keys, "keys") and hasattr(keys.keys, "evaluation_keys"):  # FHEInferenceClient
         keys = keys.keys
     if hasattr(keys, "evaluation_keys"):  # KeyChain
         keys = keys.evaluation_keys()
-    if isinstance(keys, (bytes, bytearray, memoryview)):
-        data = bytes(keys)
-        bundle = EvaluationKeys.from_bytes(data)
-    elif isinstance(keys, EvaluationKeys):
-        bundle, data = keys, keys.to_bytes()
-    else:
+    if not isinstance(keys, (EvaluationKeys, bytes, bytearray, memoryview)):
         raise TypeError(f"expected EvaluationKeys, their bytes, a KeyChain or a client, got {type(keys).__name__}")
-    store = Path(key_store_dir)
-    store.mkdir(parents=True, exist_ok=True)
-    target = store / f"{bundle.key_id}{KEY_FILE_SUFFIX}"
-    tmp = store / f".{bundle.key_id}.{os.getpid()}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
-    return bundle.key_id
-
-
-def _read_evaluation_keys(key_store: Path | None, key_id: str, params: Any) -> Any:
-    from h33_bento.ckks.keys import EvaluationKeys
-
-    if not _KEY_ID.fullmatch(key_id):
-        raise EvaluationKeysNotFoundError(key_id, "the envelope's key_id is not a valid key id")
-    if key_store is None:
-        raise EvaluationKeysNotFoundError(
-            key_id, "no key store is configured; load the model with model_config={'key_store': DIR} "
-            f"(or set {KEY_STORE_ENV}) where DIR holds {key_id}{KEY_FILE_SUFFIX}"
-        )
-    if not key_store.is_dir():
-        raise EvaluationKeysNotFoundError(key_id, f"the key store {key_store} does not exist")
-    file = key_store / f"{key_id}{KEY_FILE_SUFFIX}"
-    if not file.is_file():
-        raise EvaluationKeysNotFoundError(
-            key_id, f"the key store {key_store} has no {file.name}; upload the client's evaluation keys "
-            "with h33_bento.mlflow_flavor.save_evaluation_keys"
-        )
-    keys = EvaluationKeys.from_bytes(file.read_bytes(), params)
-    if keys.key_id != key_id:
-        raise KeyMismatchError(f"{file} holds evaluation keys for key_id {keys.key_id}, not {key_id}")
-    return keys
+    record, _ = KeyStore(key_store_dir).put(keys, tenant or DEFAULT_TENANT)
+    return record.key_id
 
 
 # ----------------------------------------------------------------------------- pyfunc
@@ -682,12 +642,18 @@ class _H33PyfuncModel:
     """The pyfunc implementation: encrypted envelopes in, encrypted envelopes out.
 
     One Engine per key_id is built from the key store on first use and kept (up to
-    ``MAX_CACHED_ENGINES``, least recently used first out).
+    ``MAX_CACHED_ENGINES``, least recently used first out).  The engines share one plaintext
+    cache (the diagonals do not depend on the key) and drop their serialized keys once OpenFHE
+    holds them.
     """
 
     def __init__(self, compiled: Any, key_store: str | os.PathLike | None) -> None:
+        from h33_bento.keystore import KeyStore
+        from h33_bento.runtime.engine import PlaintextCache
+
         self.compiled = compiled
-        self.key_store = Path(key_store) if key_store else None
+        self.key_store = KeyStore(key_store, create=False) if key_store else None
+        self.cache = PlaintextCache(compiled)
         self._engines: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -702,8 +668,13 @@ class _H33PyfuncModel:
         with self._lock:
             engine = self._engines.get(key_id)
             if engine is None:
-                keys = _read_evaluation_keys(self.key_store, key_id, self.compiled.params)
-                engine = self._engines[key_id] = Engine(self.compiled, keys)
+                if self.key_store is None:
+                    raise EvaluationKeysNotFoundError(
+                        key_id, "no key store is configured; load the model with model_config={'key_store': DIR} "
+                        f"(or set {KEY_STORE_ENV}) where DIR is a key store holding it")
+                keys = self.key_store.load(key_id, self.compiled.params)
+                engine = self._engines[key_id] = Engine(self.compiled, keys, cache=self.cache,
+                                                        keep_serialized_keys=False)
                 while len(self._engines) > MAX_CACHED_ENGINES:
                     self._engines.popitem(last=False)
             self._engines.move_to_end(key_id)

@@ -3,7 +3,7 @@
 * ``service``  -- ``H33Inference``, the ``@bentoml.service`` (``bentoml serve h33_bento.runners.service:H33Inference``)
 * ``engines``  -- ``EngineRunner`` (executes programs, one engine per key) and ``LanePacker`` (8-lane batching)
 * ``runtime``  -- per-worker state; ``http`` -- auth/limits gate and the /model, /keys, /health routes
-* ``config``   -- ``ServeConfig`` (pydantic) and API-key helpers; ``keystore`` -- the key registry on disk
+* ``config``   -- ``ServeConfig`` (pydantic) and API-key helpers; ``keystore`` -- tenants and quota on the key store
 * ``source``   -- loading the model from MLflow or the BentoML store, and storing it there
 
 Submodules are imported lazily so ``import h33_bento.runners`` does not pull in BentoML.
@@ -17,7 +17,7 @@ _EXPORTS = {
     "ServeConfig": "config",
     "new_api_key": "config",
     "hash_api_key": "config",
-    "KeyStore": "keystore",
+    "TenantKeyStore": "keystore",
     "EngineRunner": "engines",
     "LanePacker": "engines",
     "save_to_bentoml": "source",

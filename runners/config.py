@@ -33,11 +33,12 @@ from typing import Any, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..keystore import TENANT_RE
+
 API_KEY_PREFIX = "h33_pk_"
 MiB = 1 << 20
 GiB = 1 << 30
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def new_api_key() -> str:
@@ -95,8 +96,8 @@ class ServeConfig(BaseModel):
                          else {"api_key_sha256": list(v)} if isinstance(v, (list, tuple)) else v)
                      for k, v in value.items()}
             for name in value:
-                if not _TENANT_RE.match(str(name)):
-                    raise ValueError(f"tenant name {name!r} must match {_TENANT_RE.pattern}")
+                if not TENANT_RE.match(str(name)):
+                    raise ValueError(f"tenant name {name!r} must match {TENANT_RE.pattern}")
         return value
 
     @model_validator(mode="after")
@@ -204,8 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     hsh.add_argument("api_key")
     args = parser.parse_args(argv)
     if args.cmd == "new-key":
-        if not _TENANT_RE.match(args.tenant):
-            parser.error(f"tenant must match {_TENANT_RE.pattern}")
+        if not TENANT_RE.match(args.tenant):
+            parser.error(f"tenant must match {TENANT_RE.pattern}")
         key = new_api_key()
         print(f"API key (give it to the tenant; it is not stored anywhere): {key}")
         print("add to the server's api-keys file:")

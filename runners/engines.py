@@ -19,7 +19,6 @@ filling, so under load runs are full without any waiting.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import time
@@ -36,10 +35,10 @@ from ..ckks.context import get_context
 from ..ckks.keys import EvaluationKeys
 from ..ckks.serialization import EncryptedTensor
 from ..compiler.program import CompiledModel
-from ..errors import EnvelopeError, TamperedDataError
-from ..runtime.engine import DEFAULT_CACHE_BYTES, Engine
+from ..errors import EnvelopeError, EvaluationKeysNotFoundError, TamperedDataError
+from ..keystore import KeyStore
+from ..runtime.engine import DEFAULT_CACHE_BYTES, Engine, PlaintextCache
 from .errors import HTTPError, from_envelope_error, unknown_key
-from .keystore import KeyStore
 from .metrics import Metrics, NullMetrics
 
 logger = logging.getLogger("h33_bento.runners")
@@ -114,12 +113,11 @@ class EngineRunner:
         self.params = compiled.params
         self.keystore = keystore
         self.max_engines = max_engines
-        self.cache_bytes = cache_bytes
+        self.cache = PlaintextCache(compiled, cache_bytes)
         self.metrics = metrics or NullMetrics(compiled.fingerprint)
         self._engines: OrderedDict[str, Engine] = OrderedDict()
         self._tag_owner: dict[str, str] = {}
-        self._installed: dict[str, EvaluationKeys] = {}  # key_id -> bundle without its key blobs
-        self._shared_cache: Any = None
+        self._installed: dict[str, EvaluationKeys] = {}  # key_id -> bundle without its serialized keys
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h33-engine")
         self.runs = 0
         lanes = self.params.lanes
@@ -153,7 +151,10 @@ class EngineRunner:
         slim = self._installed.get(key_id)
         if slim is not None:  # evicted from the LRU, but its keys are still in OpenFHE's maps
             return self.install(slim)
-        keys = EvaluationKeys.from_bytes(self.keystore.read_bundle(key_id), self.params)
+        try:
+            keys = self.keystore.load(key_id, self.params)
+        except EvaluationKeysNotFoundError:  # deleted since the lookup
+            raise unknown_key(key_id) from None
         return self.install(keys)
 
     def install(self, keys: EvaluationKeys) -> Engine:
@@ -173,7 +174,9 @@ class EngineRunner:
             raise TamperedDataError("the bundle's key tag already belongs to another key")
         before = self._installed_tags(cc)
         try:
-            engine = Engine(self.compiled, keys, cache_bytes=self.cache_bytes)
+            # once OpenFHE's maps hold the keys the engine drops its serialized copy (hundreds of MB
+            # per bundle); plaintext diagonals do not depend on the key, so all engines share a cache
+            engine = Engine(self.compiled, keys, cache=self.cache, keep_serialized_keys=False)
         except EnvelopeError:
             raise
         except Exception as exc:  # OpenFHE: ValueError/MemoryError on malformed key blobs
@@ -186,14 +189,7 @@ class EngineRunner:
                 self._reset_openfhe(cc)
         if foreign:
             raise TamperedDataError("the bundle carries evaluation keys for other key tags")
-        # the keys now live in OpenFHE's maps; drop the serialized copies (hundreds of MB per bundle)
-        slim = dataclasses.replace(keys, mult_key=b"", rotation_keys=b"")
-        engine.keys = slim
-        self._installed[keys.key_id] = slim
-        if self._shared_cache is None:
-            self._shared_cache = engine.cache
-        else:
-            engine.cache = self._shared_cache
+        self._installed[keys.key_id] = engine.keys
         self._engines[keys.key_id] = engine
         self._tag_owner[keys.key_tag] = keys.key_id
         while len(self._engines) > self.max_engines:

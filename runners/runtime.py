@@ -13,14 +13,14 @@ from typing import Any
 
 import anyio
 
-from ..ckks.keys import EvaluationKeys
 from ..ckks.serialization import WIRE_VERSION, EncryptedTensor
 from ..compiler.program import CompiledModel
 from ..errors import EnvelopeError
+from ..keystore import KeyRecord, StagedBundle
 from .config import Authenticator, ServeConfig
 from .engines import EngineRunner, InferItem, LanePacker
 from .errors import HTTPError, foreign_key, from_envelope_error
-from .keystore import KeyRecord, KeyStore
+from .keystore import TenantKeyStore
 from .metrics import Metrics, create as create_metrics
 from .source import load_compiled
 
@@ -46,7 +46,7 @@ class Runtime:
         self.auth = Authenticator(config.tenants)
         if not config.tenants:
             logger.warning("no tenants are configured: every authenticated endpoint will answer 401")
-        self.keystore = KeyStore(config.key_store, config.max_keys_per_tenant)
+        self.keystore = TenantKeyStore(config.key_store, config.max_keys_per_tenant)
         self.metrics = metrics or create_metrics(compiled.fingerprint)
         self.runner = EngineRunner(compiled, self.keystore, config.max_engines, config.engine_cache_bytes,
                                    self.metrics)
@@ -155,15 +155,11 @@ class Runtime:
     # ----------------------------------------------------------------- /keys
     async def register_keys(self, tenant: str, upload: Path) -> tuple[KeyRecord, bool]:
         """Validate an uploaded bundle, install it, and persist it bound to ``tenant``."""
-        params = self.compiled.params
-
-        def parse() -> EvaluationKeys:
-            return EvaluationKeys.from_bytes(upload.read_bytes(), params)
-
         try:
-            keys = await anyio.to_thread.run_sync(parse)
+            staged: StagedBundle = await anyio.to_thread.run_sync(self.keystore.stage, upload, self.compiled.params)
         except EnvelopeError as exc:
             raise from_envelope_error(exc, bundle=True) from None
+        keys = staged.keys
         existing = self.keystore.get(keys.key_id)
         if existing is not None:
             if existing.tenant != tenant:
@@ -174,9 +170,9 @@ class Runtime:
             await self.runner.call(self.runner.install, keys)
         except EnvelopeError as exc:
             raise from_envelope_error(exc, bundle=True) from None
-        return await anyio.to_thread.run_sync(self.keystore.commit, upload, keys, tenant)
+        return await anyio.to_thread.run_sync(self.keystore.register, staged, tenant)
 
     async def delete_keys(self, tenant: str, key_id: str) -> KeyRecord:
-        rec = await anyio.to_thread.run_sync(self.keystore.delete, key_id, tenant)
+        rec = await anyio.to_thread.run_sync(self.keystore.unregister, key_id, tenant)
         await self.runner.call(self.runner.forget, key_id)
         return rec

@@ -7,7 +7,8 @@ import pytest
 
 from h33_bento import simulate, zoo
 from h33_bento.ckks.keys import KeyChain
-from h33_bento.runtime.engine import Engine
+from h33_bento.client import FHEInferenceClient
+from h33_bento.runtime.engine import Engine, PlaintextCache
 
 from conftest import assert_logits_close
 
@@ -111,3 +112,34 @@ def test_engine_output_equals_simulate(convnet_compiled, convnet_client, mnist_t
     x = mnist_test[0][100:108]
     got = convnet_client.decrypt_logits(convnet_client.infer(convnet_client.encrypt(x)))
     assert_logits_close(got, simulate(convnet_compiled, x), rel=1e-3)
+
+
+def test_engines_of_one_model_share_a_plaintext_cache_and_can_drop_serialized_keys(
+        convnet_compiled, convnet_client, cnn_compiled, mnist_test):
+    """What a server holding one engine per client key relies on (BentoML service, MLflow pyfunc)."""
+    x = mnist_test[0][:8]
+    want = simulate(convnet_compiled, x)
+    bundle = convnet_client.keys.evaluation_keys()
+    assert Engine(convnet_compiled, bundle).keys.rotation_keys == bundle.rotation_keys  # kept by default
+
+    cache = PlaintextCache(convnet_compiled)
+    first = Engine(convnet_compiled, bundle, cache=cache, keep_serialized_keys=False)
+    assert first.cache is cache
+    assert first.keys.mult_key == b"" and first.keys.rotation_keys == b""
+    assert first.keys.public_key == bundle.public_key and first.keys.key_tag == bundle.key_tag
+    assert_logits_close(convnet_client.decrypt_logits(first.run(convnet_client.encrypt(x))), want, rel=1e-3)
+    cached, misses = len(cache._items), cache.misses
+    assert cached > 0
+
+    # another client's engine: its first run finds every diagonal the first run cached
+    other = FHEInferenceClient(convnet_compiled)
+    second = Engine(convnet_compiled, other.keys.evaluation_keys(), cache=cache, keep_serialized_keys=False)
+    assert_logits_close(other.decrypt_logits(second.run(other.encrypt(x))), want, rel=1e-3)
+    assert cache.misses - misses == misses - cached and len(cache._items) == cached
+
+    # the slimmed bundle builds another engine while its keys stay installed (a server's LRU refill)
+    again = Engine(convnet_compiled, first.keys, cache=cache)
+    assert_logits_close(convnet_client.decrypt_logits(again.run(convnet_client.encrypt(x))), want, rel=1e-3)
+
+    with pytest.raises(ValueError, match="plaintext cache belongs to model"):
+        Engine(cnn_compiled, bundle, cache=cache)

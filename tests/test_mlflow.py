@@ -31,6 +31,7 @@ import h33_bento  # noqa: E402,F401  (attaches mlflow.h33)
 from h33_bento import mlflow_flavor as flavor  # noqa: E402
 from h33_bento import simulate  # noqa: E402
 from h33_bento.errors import EnvelopeError, KeyMismatchError, ModelFormatError, TamperedDataError  # noqa: E402
+from h33_bento.keystore import DEFAULT_TENANT  # noqa: E402
 from h33_bento.runtime.engine import Engine  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -168,7 +169,10 @@ def key_store(tmp_path_factory, convnet_client):
     store = tmp_path_factory.mktemp("key-store")
     key_id = flavor.save_evaluation_keys(convnet_client, store)
     assert key_id == convnet_client.keys.key_id
-    assert sorted(p.name for p in store.iterdir()) == [f"{key_id}.h33k"]
+    # the layout the BentoML service uses: one directory per key, bound to the default tenant
+    assert sorted(p.name for p in store.iterdir()) == [".incoming", key_id]
+    assert sorted(p.name for p in (store / key_id).iterdir()) == ["bundle.h33k", "meta.json"]
+    assert json.loads((store / key_id / "meta.json").read_text())["tenant"] == DEFAULT_TENANT
     return store
 
 
@@ -275,7 +279,10 @@ def test_log_register_alias_load_and_infer(backend, convnet_compiled, convnet_cl
         (out,) = model.predict(pd.DataFrame({"ciphertext": [envelope]}))
         assert isinstance(out, bytes)
     _assert_same_logits(convnet_client.decrypt_logits(out), direct_logits)
-    assert list(model._model_impl._engines) == [convnet_client.keys.key_id]  # one cached Engine per key
+    impl = model._model_impl
+    assert list(impl._engines) == [convnet_client.keys.key_id]  # one cached Engine per key
+    engine = impl._engines[convnet_client.keys.key_id]
+    assert engine.cache is impl.cache and engine.keys.rotation_keys == b""  # shared cache, no key blobs kept
 
     # what was stored: the native program, an h33 flavor section, no key material
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl")))
@@ -466,7 +473,7 @@ def test_pyfunc_predict_without_keys(saved_model, convnet_client, envelope, tmp_
     empty = tmp_path / "keys"
     empty.mkdir()
     model = mlflow.pyfunc.load_model(str(saved_model), model_config={"key_store": str(empty)})
-    with pytest.raises(flavor.EvaluationKeysNotFoundError, match=f"key_id {key_id}: .* has no {key_id}.h33k") as err:
+    with pytest.raises(flavor.EvaluationKeysNotFoundError, match=f"key_id {key_id}: .* has no bundle for it") as err:
         model.predict([_b64(envelope)])
     assert err.value.key_id == key_id and isinstance(err.value, KeyMismatchError)
 
@@ -474,6 +481,18 @@ def test_pyfunc_predict_without_keys(saved_model, convnet_client, envelope, tmp_
     model = mlflow.pyfunc.load_model(str(saved_model))
     with pytest.raises(flavor.EvaluationKeysNotFoundError, match="missing does not exist"):
         model.predict(envelope)
+
+
+def test_pyfunc_reads_a_legacy_flat_key_store(saved_model, convnet_client, envelope, direct_logits, tmp_path):
+    """Key stores written before the shared layout hold ``<key_id>.h33k`` files; they still serve."""
+    legacy = tmp_path / "old-keys"
+    legacy.mkdir()
+    key_id = convnet_client.keys.key_id
+    (legacy / f"{key_id}.h33k").write_bytes(convnet_client.keys.evaluation_keys().to_bytes())
+    model = mlflow.pyfunc.load_model(str(saved_model), model_config={"key_store": str(legacy)})
+    (out,) = model.predict([envelope])
+    _assert_same_logits(convnet_client.decrypt_logits(out), direct_logits)
+    assert sorted(p.name for p in legacy.iterdir()) == [f"{key_id}.h33k"]  # read, not rewritten
 
 
 def test_bad_inputs_and_arguments(saved_model, convnet_compiled, envelope, key_store):

@@ -424,6 +424,45 @@ def test_keys_survive_a_server_restart(deployment, acme, service_model, mnist_te
     assert acme.decrypt(resp.content).index == simulate(service_model, x[40:41]).argmax(1)[0]
 
 
+# --------------------------------------------------------------------------- one key store, two servers
+def test_the_service_and_the_mlflow_flavor_share_one_key_store(deployment, acme, service_model, mnist_test,
+                                                                tmp_path):
+    """Bundles saved by ``mlflow.h33.save_evaluation_keys`` are served over HTTP, and bundles uploaded
+    with ``POST /keys`` serve the MLflow pyfunc: one layout, real files in the running server's store."""
+    mlflow = pytest.importorskip("mlflow")
+    from h33_bento import mlflow_flavor
+    from h33_bento.keystore import DEFAULT_TENANT, KeyStore
+
+    store = deployment.root / "keystore"
+    x, _ = mnist_test
+    want = simulate(service_model, x[70:72]).argmax(1)
+    key = deployment.api_keys["acme"]
+
+    # flavor -> service.  Keys made here and never sent over HTTP; saved without a tenant they
+    # belong to the default tenant, so acme may not use them
+    local = FHEInferenceClient(service_model)
+    key_id = mlflow_flavor.save_evaluation_keys(local, store)
+    assert KeyStore(store, create=False).get(key_id).tenant == DEFAULT_TENANT
+    refused = post_infer(deployment.url, key, local.encrypt(x[70]).to_bytes())
+    assert refused.status_code == 403 and error_code(refused) == "forbidden_key"
+    # saved again for acme (by another process than the server, which re-reads the store)
+    KeyStore(store).delete(key_id)
+    assert mlflow_flavor.save_evaluation_keys(local, store, tenant="acme") == key_id
+    record = httpx.get(f"{deployment.url}/keys/{key_id}", headers=deployment.auth("acme"), timeout=30)
+    assert record.status_code == 200 and record.json()["tenant"] == "acme"
+    resp = post_infer(deployment.url, key, local.encrypt(x[70]).to_bytes())
+    assert resp.status_code == 200, resp.text[:300]
+    assert local.decrypt(resp.content).index == want[0]
+
+    # service -> flavor: acme's bundle, uploaded with POST /keys, runs the MLflow pyfunc
+    acme_key = acme.upload_keys()
+    assert (store / acme_key / "bundle.h33k").is_file()
+    mlflow_flavor.save_model(service_model, tmp_path / "model")
+    model = mlflow.pyfunc.load_model(str(tmp_path / "model"), model_config={"key_store": str(store)})
+    (out,) = model.predict([acme.encrypt(x[71]).to_bytes()])
+    assert acme.decrypt(out).index == want[1]
+
+
 # --------------------------------------------------------------------------- remote client
 def test_remote_client_batch_request_runs_as_is_and_checks_the_model(deployment, globex, service_model, mnist_test):
     x, _ = mnist_test

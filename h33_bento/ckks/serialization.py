@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,28 +43,52 @@ def pack_frame(magic: bytes, header: dict[str, Any], blobs: list[bytes]) -> byte
     return body + hashlib.sha256(body).digest()
 
 
-def unpack_frame(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], list[bytes]]:
-    """Validate a frame and return (header, blobs), raising a specific EnvelopeError on any fault."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise EnvelopeError(f"{what} must be bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) < _PREFIX.size:
-        raise TruncatedDataError(f"{what} is truncated: {len(data)} bytes is shorter than the frame prefix")
-    got_magic, version, head_len = _PREFIX.unpack_from(data)
+def _header_end(prefix: bytes, magic: bytes, what: str) -> int:
+    """Check a frame's prefix (magic, version); returns the offset where its JSON header ends."""
+    if len(prefix) < _PREFIX.size:
+        raise TruncatedDataError(f"{what} is truncated: {len(prefix)} bytes is shorter than the frame prefix")
+    got_magic, version, head_len = _PREFIX.unpack_from(prefix)
     if got_magic != magic:
         raise EnvelopeError(f"not an h33 {what}: magic {got_magic!r}, expected {magic!r}")
     if version != WIRE_VERSION:
         raise UnsupportedVersionError(
             f"{what} uses wire format version {version}; this build reads version {WIRE_VERSION}"
         )
-    head_end = _PREFIX.size + head_len
-    if len(data) < head_end + _DIGEST_LEN:
-        raise TruncatedDataError(f"{what} is truncated inside its header ({len(data)} bytes)")
+    return _PREFIX.size + head_len
+
+
+def _parse_header(head: bytes, what: str) -> tuple[dict[str, Any], list[int]]:
     try:
-        header = json.loads(data[_PREFIX.size:head_end])
+        header = json.loads(head)
         lengths = [int(n) for n in header["blob_lengths"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise TamperedDataError(f"{what} header is not valid: {exc}") from exc
+    return header, lengths
+
+
+def read_frame_header(path: str | os.PathLike, magic: bytes, what: str) -> dict[str, Any]:
+    """The JSON header of a framed file, read without its blobs (which stay unverified).
+
+    For listing large files (key bundles are hundreds of MB) by what their header says; anything
+    that uses the blobs must go through :func:`unpack_frame`, which checks the digest.
+    """
+    with open(path, "rb") as fh:
+        head_end = _header_end(fh.read(_PREFIX.size), magic, what)
+        head = fh.read(head_end - _PREFIX.size)
+    if len(head) < head_end - _PREFIX.size:
+        raise TruncatedDataError(f"{what} is truncated inside its header")
+    return _parse_header(head, what)[0]
+
+
+def unpack_frame(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], list[bytes]]:
+    """Validate a frame and return (header, blobs), raising a specific EnvelopeError on any fault."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise EnvelopeError(f"{what} must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    head_end = _header_end(data, magic, what)
+    if len(data) < head_end + _DIGEST_LEN:
+        raise TruncatedDataError(f"{what} is truncated inside its header ({len(data)} bytes)")
+    header, lengths = _parse_header(data[_PREFIX.size:head_end], what)
     expected = head_end + sum(lengths) + _DIGEST_LEN
     if len(data) < expected:
         raise TruncatedDataError(f"{what} is truncated: {len(data)} of {expected} bytes")

@@ -5,6 +5,7 @@ they are consumed and cached up to a memory budget; the first run encodes, later
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Sequence
@@ -21,21 +22,24 @@ from ..errors import EnvelopeError, TamperedDataError
 
 
 
-class _PlaintextCache:
-    """Encoded plaintexts keyed by (step, term, level, scale degree), bounded in bytes.
+class PlaintextCache:
+    """Encoded plaintexts of one model keyed by (step, term, level, scale degree), bounded in bytes.
 
     Every run replays the same sequence of diagonals, so once the budget is full new ones are
     encoded on the fly and not kept: an LRU would evict each entry just before its next use
     and hit nothing at all whenever a program's plaintexts exceed the budget, while a cache
-    that keeps what it holds serves that share of every run.
+    that keeps what it holds serves that share of every run.  Plaintexts do not depend on the
+    evaluation keys, so the engines of one model (one per client key) can share one cache.
     """
 
-    def __init__(self, budget_bytes: int, bytes_per_tower: int, towers: int) -> None:
+    def __init__(self, compiled: CompiledModel, budget_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.model_fingerprint = compiled.fingerprint
         self.budget = budget_bytes
-        self.per_tower = bytes_per_tower
-        self.towers = towers
+        self.per_tower = compiled.params.ring_dim * 8
+        self.towers = compiled.params.multiplicative_depth + 1
         self.used = 0
         self._items: dict[tuple, openfhe.Plaintext] = {}
+        self._lock = threading.Lock()  # engines sharing the cache may run on different threads
         self.hits = self.misses = 0
 
     def get(self, key: tuple, level: int, make) -> openfhe.Plaintext:
@@ -46,9 +50,10 @@ class _PlaintextCache:
         self.misses += 1
         pt = make()
         size = self.per_tower * (self.towers - level)
-        if self.used + size <= self.budget:
-            self._items[key] = pt
-            self.used += size
+        with self._lock:
+            if key not in self._items and self.used + size <= self.budget:
+                self._items[key] = pt
+                self.used += size
         return pt
 
 
@@ -56,9 +61,21 @@ class Engine:
     """Runs one compiled model for the holder of one evaluation-key bundle."""
 
     def __init__(self, compiled: CompiledModel, evaluation_keys: EvaluationKeys | bytes,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, *, cache: PlaintextCache | None = None,
+                 keep_serialized_keys: bool = True) -> None:
+        """Install ``evaluation_keys`` into OpenFHE and prepare to run ``compiled``.
+
+        ``cache``: a :class:`PlaintextCache` of this model to share with other engines; without
+        one the engine encodes into its own cache of ``cache_bytes``.  ``keep_serialized_keys=False``
+        drops the serialized relinearization and rotation keys once OpenFHE holds them (about the
+        bundle's size, hundreds of MB); ``self.keys`` then keeps the public key and key tag, which
+        is all the engine reads later, and can build another engine while the keys stay installed.
+        """
         if not compiled.runnable:
             raise ValueError("this compiled model is a plan only (its depth needs bootstrapping); it cannot run")
+        if cache is not None and cache.model_fingerprint != compiled.fingerprint:
+            raise ValueError(f"the plaintext cache belongs to model {cache.model_fingerprint}, "
+                             f"not {compiled.fingerprint}")
         if isinstance(evaluation_keys, (bytes, bytearray, memoryview)):
             evaluation_keys = EvaluationKeys.from_bytes(bytes(evaluation_keys), compiled.params)
         self.model = compiled
@@ -66,11 +83,13 @@ class Engine:
         self.keys = evaluation_keys
         self.key_id = evaluation_keys.key_id
         self.cc = evaluation_keys.install(compiled.params)
+        if not keep_serialized_keys:
+            self.keys = dataclasses.replace(evaluation_keys, mult_key=b"", rotation_keys=b"")
         self._m = self.cc.GetCyclotomicOrder()
         self._manual = self.params.scaling_technique == "FIXEDMANUAL"
         self._zero: openfhe.Ciphertext | None = None
         self._lock = threading.Lock()
-        self.cache = _PlaintextCache(cache_bytes, self.params.ring_dim * 8, self.params.multiplicative_depth + 1)
+        self.cache = cache if cache is not None else PlaintextCache(compiled, cache_bytes)
         self.last_timings: dict[str, float] = {}
 
     # ----------------------------------------------------------------- envelopes

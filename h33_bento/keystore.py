@@ -1,0 +1,302 @@
+"""The evaluation-key store: one on-disk layout for every server (BentoML service, MLflow pyfunc).
+
+Layout::
+
+    <root>/<key_id>/bundle.h33k   EvaluationKeys.to_bytes(), exactly as received (public material only)
+    <root>/<key_id>/meta.json     {"key_id", "tenant", "params_fingerprint", "key_tag", "size_bytes", "created_at"}
+    <root>/.incoming/             uploads and key directories being written
+    <root>/<key_id>.h33k          legacy flat layout (the MLflow flavor before this store): read, never written
+
+One directory per key, so that several processes (service replicas on a shared volume, an
+``mlflow models serve`` next to them) can read and write the same store.  A key directory
+appears atomically: it is written under ``.incoming``, fsynced and renamed into place, so a
+crash never leaves a half-written bundle behind a valid name.  Every lookup checks with one
+``stat`` that its indexed record is still what the disk holds and re-reads it otherwise, which
+is how one process sees another's writes and deletions.
+
+Every bundle is validated on the way in (``EvaluationKeys.from_bytes``) and on the way out
+(``load`` also checks that the bundle is the one its key_id names).  A bundle belongs to a
+tenant, recorded in ``meta.json``: the BentoML service records the uploading tenant and serves
+a key only to it; writers without tenants (``mlflow.h33.save_evaluation_keys``) record
+``DEFAULT_TENANT`` unless told otherwise, and legacy flat files count as ``DEFAULT_TENANT``'s.
+The first writer of a key_id owns it: storing it again returns the existing record unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .ckks.keys import EvaluationKeys
+from .ckks.params import CKKSParams
+from .ckks.serialization import KEYS_MAGIC, read_frame_header
+from .errors import EnvelopeError, EvaluationKeysNotFoundError, KeyMismatchError
+
+KEY_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: The tenant recorded for bundles stored without one (and for legacy flat files).
+DEFAULT_TENANT = "default"
+BUNDLE_FILE = "bundle.h33k"
+META_FILE = "meta.json"
+INCOMING = ".incoming"
+LEGACY_SUFFIX = ".h33k"
+_STALE_S = 3600.0
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """What the store knows about one bundle without reading it (the contents of ``meta.json``)."""
+
+    key_id: str
+    tenant: str
+    params_fingerprint: str
+    key_tag: str
+    size_bytes: int
+    created_at: float
+
+    def public(self) -> dict[str, Any]:
+        """The record as shown to its tenant (the OpenFHE key tag is an internal detail)."""
+        d = asdict(self)
+        d.pop("key_tag")
+        return d
+
+
+@dataclass(frozen=True)
+class StagedBundle:
+    """A validated bundle in ``.incoming``, ready for :meth:`KeyStore.commit`.
+
+    Made only by :meth:`KeyStore.stage`, so the parsed keys are always those of the file.
+    """
+
+    path: Path
+    keys: EvaluationKeys
+
+
+class KeyStore:
+    """Evaluation-key bundles under ``root`` (see the module docstring for the layout).
+
+    ``create=False`` opens a store for reading without touching the disk: a missing root is an
+    empty store whose lookups say it does not exist (the MLflow pyfunc's case).
+    """
+
+    def __init__(self, root: str | os.PathLike, create: bool = True) -> None:
+        self.root = Path(root).resolve()
+        self._lock = threading.Lock()
+        self._records: dict[str, tuple[KeyRecord, tuple[int, ...]]] = {}  # key_id -> (record, stamp)
+        if create:
+            self._incoming_dir()
+            self._clean_incoming()
+        if self.root.is_dir():
+            for entry in self.root.iterdir():
+                key_id = entry.name.removesuffix(LEGACY_SUFFIX)
+                if KEY_ID_RE.match(key_id):
+                    self.get(key_id)
+
+    def _clean_incoming(self) -> None:
+        """Remove uploads and staged directories left behind by a crash (older than an hour)."""
+        for stale in (self.root / INCOMING).iterdir():
+            try:
+                if time.time() - stale.stat().st_mtime > _STALE_S:
+                    if stale.is_dir():
+                        shutil.rmtree(stale, ignore_errors=True)
+                    else:
+                        stale.unlink(missing_ok=True)
+            except OSError:  # another process cleaned it up first
+                pass
+
+    # ----------------------------------------------------------------- lookups
+    def _legacy_path(self, key_id: str) -> Path:
+        return self.root / f"{key_id}{LEGACY_SUFFIX}"
+
+    def bundle_path(self, key_id: str) -> Path:
+        """Where ``key_id``'s bundle is: its key directory, or else a legacy flat file."""
+        path = self.root / key_id / BUNDLE_FILE
+        legacy = self._legacy_path(key_id)
+        return legacy if not path.is_file() and legacy.is_file() else path
+
+    def _stamp(self, key_id: str) -> tuple[int, ...] | None:
+        """Identity of what is stored for ``key_id`` now: the stat of its meta.json (or legacy file)."""
+        for path in (self.root / key_id / META_FILE, self._legacy_path(key_id)):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
+        return None
+
+    def _read(self, key_id: str) -> KeyRecord | None:
+        d = self.root / key_id
+        try:
+            meta = json.loads((d / META_FILE).read_text())
+            if meta["key_id"] == key_id and (d / BUNDLE_FILE).is_file():
+                return KeyRecord(**{k: meta[k] for k in KeyRecord.__dataclass_fields__})
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        legacy = self._legacy_path(key_id)
+        try:
+            header = read_frame_header(legacy, KEYS_MAGIC, "evaluation-key bundle")
+            stat = legacy.stat()
+            return KeyRecord(key_id=key_id, tenant=DEFAULT_TENANT,
+                             params_fingerprint=str(header["params_fingerprint"]), key_tag=str(header["key_tag"]),
+                             size_bytes=stat.st_size, created_at=stat.st_mtime)
+        except (OSError, EnvelopeError, KeyError):
+            return None
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        """The record of ``key_id``, or None.
+
+        One ``stat`` tells whether the indexed record is still what the disk holds; if another
+        process wrote, replaced or deleted the key since, the disk is read again.
+        """
+        if not isinstance(key_id, str) or not KEY_ID_RE.match(key_id):
+            return None
+        stamp = self._stamp(key_id)  # taken before reading, so a concurrent change shows next time
+        with self._lock:
+            cached = self._records.get(key_id)
+        if cached is not None and stamp is not None and cached[1] == stamp:
+            return cached[0]
+        rec = self._read(key_id) if stamp is not None else None
+        with self._lock:
+            if rec is None:
+                self._records.pop(key_id, None)
+            else:
+                self._records[key_id] = (rec, stamp)
+        return rec
+
+    def require(self, key_id: str) -> KeyRecord:
+        """The record of ``key_id``; ``EvaluationKeysNotFoundError`` naming it and why otherwise."""
+        rec = self.get(key_id)
+        if rec is not None:
+            return rec
+        if not isinstance(key_id, str) or not KEY_ID_RE.match(key_id):
+            raise EvaluationKeysNotFoundError(str(key_id), "not a valid key id (32 hex digits)")
+        if not self.root.is_dir():
+            raise EvaluationKeysNotFoundError(key_id, f"the key store {self.root} does not exist")
+        raise EvaluationKeysNotFoundError(key_id, f"the key store {self.root} has no bundle for it "
+                                                  f"(expected {self.root / key_id / BUNDLE_FILE})")
+
+    def load(self, key_id: str, params: CKKSParams | None = None) -> EvaluationKeys:
+        """Read and validate ``key_id``'s bundle (against ``params`` when given).
+
+        Raises ``EvaluationKeysNotFoundError`` if it is not stored, ``KeyMismatchError`` if the
+        file holds another key's bundle, and the bundle's own ``EnvelopeError`` (tampered,
+        truncated, other params) with the key_id in its message.
+        """
+        self.require(key_id)
+        path = self.bundle_path(key_id)
+        try:
+            keys = EvaluationKeys.from_bytes(path.read_bytes(), params)
+        except FileNotFoundError:  # deleted between the lookup and the read
+            raise EvaluationKeysNotFoundError(key_id, f"its bundle was removed from {self.root}") from None
+        except EnvelopeError as exc:
+            raise type(exc)(f"the stored bundle for key_id {key_id} ({path}): {exc}") from exc
+        if keys.key_id != key_id:
+            raise KeyMismatchError(f"{path} holds evaluation keys for key_id {keys.key_id}, not {key_id}")
+        return keys
+
+    def for_tenant(self, tenant: str) -> list[KeyRecord]:
+        """The records of ``tenant`` this process knows, oldest first."""
+        with self._lock:
+            return sorted((r for r, _ in self._records.values() if r.tenant == tenant), key=lambda r: r.created_at)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._records)
+
+    # ----------------------------------------------------------------- writes
+    def _incoming_dir(self) -> Path:
+        """``.incoming``, made on first use (a store opened with ``create=False`` has none yet)."""
+        d = self.root / INCOMING
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def incoming_path(self) -> Path:
+        """A fresh file name under ``.incoming`` for an upload (same file system as the keys)."""
+        return self._incoming_dir() / f"{uuid.uuid4().hex}.part"
+
+    def stage(self, upload: Path, params: CKKSParams | None = None) -> StagedBundle:
+        """Validate an uploaded file (from :meth:`incoming_path`) as a bundle, for ``params`` if given."""
+        upload = Path(upload)
+        if upload.resolve().parent != self.root / INCOMING:
+            raise ValueError(f"{upload} is not an upload of this store; write it to incoming_path()")
+        return StagedBundle(upload, EvaluationKeys.from_bytes(upload.read_bytes(), params))
+
+    def commit(self, staged: StagedBundle, tenant: str = DEFAULT_TENANT) -> tuple[KeyRecord, bool]:
+        """Move a staged bundle into place as ``tenant``'s; returns (record, created).
+
+        If the key_id is already stored (by anyone, in either layout), nothing is written and the
+        existing record comes back with ``created`` False: callers that bind keys to tenants
+        compare its ``tenant`` with theirs.
+        """
+        if not TENANT_RE.match(tenant):
+            raise ValueError(f"tenant name {tenant!r} must match {TENANT_RE.pattern}")
+        keys = staged.keys
+        existing = self.get(keys.key_id)
+        if existing is not None:
+            return existing, False
+        rec = KeyRecord(key_id=keys.key_id, tenant=tenant, params_fingerprint=keys.params_fingerprint,
+                        key_tag=keys.key_tag, size_bytes=staged.path.stat().st_size, created_at=time.time())
+        staging = self._incoming_dir() / f"{keys.key_id}.{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            os.replace(staged.path, staging / BUNDLE_FILE)
+            (staging / META_FILE).write_text(json.dumps(asdict(rec), indent=1))
+            for f in (staging / BUNDLE_FILE, staging / META_FILE):
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            try:
+                os.rename(staging, self.root / keys.key_id)
+            except OSError:  # another request or process stored the same key_id meanwhile
+                other = self.get(keys.key_id)
+                if other is None:
+                    raise
+                return other, False
+            _fsync_dir(self.root)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.get(rec.key_id)  # index it
+        return rec, True
+
+    def put(self, bundle: EvaluationKeys | bytes, tenant: str = DEFAULT_TENANT,
+            params: CKKSParams | None = None) -> tuple[KeyRecord, bool]:
+        """Validate and store a bundle held in memory; returns (record, created) as :meth:`commit`."""
+        data = bundle.to_bytes() if isinstance(bundle, EvaluationKeys) else bytes(bundle)
+        keys = EvaluationKeys.from_bytes(data, params)
+        existing = self.get(keys.key_id)
+        if existing is not None:
+            return existing, False
+        upload = self.incoming_path()
+        try:
+            upload.write_bytes(data)
+            return self.commit(StagedBundle(upload, keys), tenant)
+        finally:
+            upload.unlink(missing_ok=True)
+
+    def delete(self, key_id: str) -> KeyRecord:
+        """Remove ``key_id``'s bundle (either layout); returns its record."""
+        rec = self.require(key_id)
+        key_dir = self.root / key_id
+        if key_dir.is_dir():
+            trash = self._incoming_dir() / f"deleted.{key_id}.{uuid.uuid4().hex}"
+            os.rename(key_dir, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        self._legacy_path(key_id).unlink(missing_ok=True)
+        with self._lock:
+            self._records.pop(key_id, None)
+        return rec
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo local-demo test bench peers install clean
+.PHONY: demo local-demo test bench throughput peers install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_convnet.py
+
+# Server throughput with 1 and 2 worker processes (one per core) on the ConvNet.
+throughput: $(STAMP)
+	$(PY) benchmarks/throughput.py
 
 # Orion (Python 3.11 only) and TenSEAL in their own venvs, then one side-by-side table.
 peers: $(STAMP)

@@ -186,21 +186,28 @@ def render(records: list[dict], measured: dict, command: str, total_s: float, sm
         "* **key bundle**: public + relinearization key + one rotation key per index, each at its measured",
         "  serialized size at N=2^16, depth 30"
         f" ({_gib(measured['sizes'].get('rotation', 0))} per rotation key).",
-        "* **predicted latency**: sum over steps of measured primitive costs (below), scaled by the towers",
-        "  left at each step (after the first 30 levels, as if right after a bootstrap). Bootstraps themselves",
-        "  are **not** included: they have not been measured here.",
+        "* **predicted latency**: sum over steps of the primitive operations each needs, priced with the",
+        "  costs measured at that step's level (below; after the first 30 levels, as if right after a",
+        "  bootstrap), including re-encoding on every run the plaintext diagonals that do not fit the",
+        "  engine's default 2 GiB cache (tens of GiB here). Bootstraps themselves are **not** included:",
+        "  they have not been measured here.",
         "",
-        f"Primitive costs measured once at N=2^16, depth 30 ({measured['seconds']:.0f} s to measure; ms, best of 2):",
-        "rotate {rotate:.0f}, hoisted rotate {fast_rotate:.0f}, hoisting precompute {precompute:.0f}, plaintext multiply "
-        "{mult_plain:.1f}, add {add:.1f}, ciphertext multiply {mult_cipher:.0f}".format(**c)
-        + "".join(f", Chebyshev degree {k.split('_')[1]} {v:.0f}" for k, v in c.items() if k.startswith("chebyshev_"))
+        f"Primitive costs measured once at N=2^16, depth 30 ({measured['seconds']:.0f} s to measure; ms, median of 2",
+        f"or more, at levels {c['levels'][0]} / {c['levels'][len(c['levels']) // 2]} / {c['levels'][-1]}):",
+        ", ".join(f"{label} {' / '.join(f'{c[key][i]:.1f}' for i in (0, len(c['levels']) // 2, -1))}"
+                  for label, key in (("rotate", "rotate"), ("hoisted rotate", "fast_rotate"),
+                                     ("hoisting precompute", "precompute"), ("extended-basis rotate", "rotate_ext"),
+                                     ("ModDown", "key_switch_down"), ("plaintext multiply", "mult_plain"),
+                                     ("add", "add"), ("ciphertext multiply", "mult_cipher"), ("encode", "encode")))
+        + "".join(f", Chebyshev degree {k.split('_')[1]} {v:.0f} (top level)" for k, v in c.items()
+                  if k.startswith("chebyshev_"))
         + ".",
         "",
-        "Compiler changes these plans needed (see the report in the pull request): plan-only compiles import",
-        "matrices in float32; fusion scales rows/columns for diagonal factors (BatchNorm) instead of a sparse",
-        "product; diagonal planning finds distinct diagonals with a bitmap, in chunks; layout candidates and",
-        "costs are memoized; the grid-layout search has a work budget (per layer and per graph) beyond which",
-        "layers keep compact layouts; a plan reports bootstraps instead of assuming none.",
+        "Compiler changes these plans needed: plan-only compiles import matrices in float32; fusion scales",
+        "rows/columns for diagonal factors (BatchNorm) instead of a sparse product; diagonal planning finds",
+        "distinct diagonals with a bitmap, in chunks; layout candidates and costs are memoized; the",
+        "grid-layout search has a work budget (per layer and per graph) beyond which layers keep the compact",
+        "and plane-grid layouts (docs/architecture.md); a plan reports bootstraps instead of assuming none.",
         "",
     ]
     lines += NN_SECTION.rstrip("\n").split("\n") + [""]

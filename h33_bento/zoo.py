@@ -475,12 +475,15 @@ def _breast_cancer(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _data(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``split`` is "train" or "test"; PneumoniaMNIST also has its official "val" split."""
     from . import datasets
 
+    if name == "pneumonia":
+        return datasets.pneumonia(split)
+    if split not in ("train", "test"):
+        raise ValueError(f"dataset {name!r} has no {split!r} split (train, test)")
     if name == "mnist":
         return datasets.mnist_train5k() if split == "train" else datasets.mnist_test()
-    if name == "pneumonia":
-        return datasets.pneumonia("train" if split == "train" else "test")
     if name == "cifar10":
         return datasets.cifar10("train9000" if split == "train" else "test1000")
     if name == "breast_cancer":

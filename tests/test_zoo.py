@@ -76,6 +76,14 @@ def test_recipe_is_reproducible_and_learns() -> None:
     assert (simulate(compiled, x).argmax(1) == zoo.predict_logits(a, x).argmax(1)).all()
 
 
+def test_data_splits_are_the_named_ones() -> None:
+    """The accuracy report picks PneumoniaMNIST's epochs on "val": it must not be the test split."""
+    sizes = {split: len(zoo._data("pneumonia", split)[1]) for split in ("train", "val", "test")}
+    assert sizes == {"train": 3882, "val": 524, "test": 624}
+    with pytest.raises(ValueError, match="no 'val' split"):
+        zoo._data("cifar10", "val")
+
+
 def test_random_crop_flip_shifts_and_mirrors_each_image() -> None:
     torch.manual_seed(0)
     x = torch.arange(64 * 2 * 6 * 5, dtype=torch.float32).reshape(64, 2, 6, 5) + 1.0  # no zeros

@@ -4,11 +4,13 @@ compiled program (``simulate``) on the full test set, and real encrypted inferen
     python benchmarks/accuracy.py                          # all three datasets, print the table
     python benchmarks/accuracy.py --write docs/accuracy.md  # ... and write the report
 
-Per dataset: train the ReLU network (``h33_bento.zoo``, fixed seed), ``polyfy`` it (degree-4
-PolyReLU, MaxPool -> AvgPool) with ranges calibrated on training images, ``finetune`` it with the
-range penalty, distilling from the ReLU model, ``compile`` it, ``simulate`` the compiled program on the whole test set, then run
-the first N test images encrypted (8 per ciphertext) through ``FHEInferenceClient``.  An extra
-plaintext experiment on MNIST measures what inputs outside the calibrated ranges do to accuracy.
+Per dataset: train the ReLU network (``h33_bento.zoo``, fixed seed), ``polyfy`` it (PolyReLU with
+trainable coefficients, MaxPool -> AvgPool) with ranges calibrated on training images, ``finetune``
+it (range penalty, distillation from the ReLU model, BatchNorm statistics frozen, same data and
+augmentation as the ReLU model), ``compile`` it, ``simulate`` the compiled program on the whole test
+set, then run the first N test images encrypted (8 per ciphertext) through ``FHEInferenceClient``.
+An extra plaintext experiment on MNIST measures what inputs outside the calibrated ranges do to
+accuracy.
 """
 from __future__ import annotations
 
@@ -33,11 +35,16 @@ sys.path.insert(0, str(ROOT))
 from h33_bento import compile, simulate, zoo  # noqa: E402
 from h33_bento import nn as hnn  # noqa: E402
 from h33_bento.client import FHEInferenceClient  # noqa: E402
+from h33_bento.compiler.activations import chebyshev_depth  # noqa: E402
 from h33_bento.compiler.calibration import RangeWarning  # noqa: E402
 
 
 @dataclass
 class Config:
+    """One dataset's recipe.  The ReLU model and its polynomial version get the same training data,
+    the same augmentation and the same learning-rate schedule; the epochs are kept on validation
+    data where ``val`` is set."""
+
     name: str
     label: str
     ctor: type
@@ -47,6 +54,14 @@ class Config:
     epochs: int
     finetune_epochs: int
     lr: float = 2e-3
+    finetune_lr: float = 1e-3
+    #: learning rate of the trainable polynomial coefficients
+    coeff_lr: float = 1e-2
+    #: PolyReLU degree (4 and 5 cost 4 levels, 6 to 13 cost 5)
+    degree: int = 4
+    lr_schedule: str = "constant"
+    #: random crops and mirroring (``zoo.random_crop_flip``) for both models
+    augment: bool = False
     encrypted: int = 256
     #: select the training / fine-tuning epoch on a validation set: the dataset's own split
     #: ("official") or the last 1,000 of a seeded shuffle of the training images ("holdout")
@@ -60,47 +75,19 @@ CONFIGS = {
                         "official test split (624)", epochs=10, finetune_epochs=10, encrypted=624, val="official"),
     "cifar10": Config("cifar10", "CIFAR-10", zoo.CifarCNN, "cifar10",
                       "the 9,000-image JPEG subset (8,000 to train, 1,000 held out to pick epochs)",
-                      "1,000 lossless test images (disjoint)", epochs=15, finetune_epochs=30, val="holdout"),
+                      "1,000 lossless test images (disjoint)", epochs=120, finetune_epochs=40, lr=4e-3,
+                      finetune_lr=2e-3, degree=13, lr_schedule="cosine", augment=True, val="holdout"),
 }
 
 
-def fit_relu(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, seed: int,
-             val: tuple[np.ndarray, np.ndarray] | None) -> tuple[torch.nn.Module, int]:
-    """``zoo.train`` (same optimizer, same batches); with ``val``, keep the epoch best on it."""
-    xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    best = (-1.0, epochs, None)
-    for epoch in range(1, epochs + 1):
-        model.train()
-        for idx in torch.randperm(len(xt), generator=gen).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-        if val is not None:
-            score = _acc(zoo.predict_logits(model.eval(), val[0]), val[1])
-            if score > best[0]:
-                best = (score, epoch, copy.deepcopy(model.state_dict()))
-    if best[2] is not None:
-        model.load_state_dict(best[2])
-    return model.eval(), best[1]
-
-
-def fit_poly(poly: torch.nn.Module, teacher: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
-             val: tuple[np.ndarray, np.ndarray] | None, history: list[dict]) -> int:
-    """``hnn.finetune`` distilling from the ReLU model, one epoch at a time (one Adam optimizer);
-    with ``val``, keep the epoch best on it.  Returns the kept epoch."""
-    opt = torch.optim.Adam(poly.parameters(), lr=1e-3)
-    best = (-1.0, epochs, None)
-    for epoch in range(1, epochs + 1):
-        hnn.finetune(poly, (x, y), epochs=1, optimizer=opt, seed=seed + epoch, teacher=teacher, history=history)
-        if val is not None:
-            score = _acc(_quiet_logits(poly, val[0]), val[1])
-            if score > best[0]:
-                best = (score, epoch, copy.deepcopy(poly.state_dict()))
-    if best[2] is not None:
-        poly.load_state_dict(best[2])
-    return best[1]
+def _kept_epoch(history: list[dict], epochs: int) -> tuple[int, float | None]:
+    """The epoch (from 1) ``train``/``finetune`` kept, the first best on validation, and its
+    validation top-1; without validation data the last epoch and None."""
+    scores = [h["val_accuracy"] for h in history if "val_accuracy" in h]
+    if not scores:
+        return epochs, None
+    best = int(np.argmax(scores))
+    return best + 1, scores[best]
 
 
 def _acc(logits: np.ndarray, y: np.ndarray) -> float:
@@ -144,7 +131,9 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     x_tr, y_tr = zoo._data(cfg.dataset, "train")
     x_te, y_te = zoo._data(cfg.dataset, "test")
     r: dict = {"dataset": cfg.label, "model": cfg.ctor.__name__, "train": cfg.train_desc, "test": cfg.test_desc,
-               "n_test": int(len(x_te)), "val": cfg.val}
+               "n_test": int(len(x_te)), "val": cfg.val,
+               "recipe": {k: getattr(cfg, k) for k in ("epochs", "lr", "finetune_epochs", "finetune_lr", "coeff_lr",
+                                                       "lr_schedule", "augment")}}
     val = None
     if cfg.val == "official":
         val = zoo._data(cfg.dataset, "val")
@@ -153,9 +142,15 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
         val = (x_tr[order[-1000:]], y_tr[order[-1000:]])
         x_tr, y_tr = x_tr[order[:-1000]], y_tr[order[:-1000]]
     epochs = 1 if args.quick else cfg.epochs
+    augment = zoo.random_crop_flip if cfg.augment else None
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    relu, r["relu_epoch"] = fit_relu(cfg.ctor(), x_tr, y_tr, epochs, cfg.lr, args.seed, val)
+    r["recipe"]["epochs"] = epochs
+    relu_history: list[dict] = []
+    relu = zoo.train(cfg.ctor(), x_tr, y_tr, epochs=epochs, lr=cfg.lr, seed=args.seed, lr_schedule=cfg.lr_schedule,
+                     augment=augment, validation=val, history=relu_history)
+    r["relu_epoch"], r["relu_val_acc"] = _kept_epoch(relu_history, epochs)
+    r["n_train"], r["n_val"] = len(x_tr), (len(val[0]) if val is not None else 0)
     r["train_s"] = time.perf_counter() - t0
     r["relu_acc"] = _acc(zoo.predict_logits(relu, x_te), y_te)
     print(f"[{cfg.name}] ReLU model ({epochs} epochs, kept epoch {r['relu_epoch']}, {r['train_s']:.0f} s): "
@@ -163,15 +158,19 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
 
     poly = copy.deepcopy(relu)
     calib = x_tr[np.random.default_rng(args.seed).permutation(len(x_tr))[:2000]]
+    r["degree"] = args.degree or cfg.degree
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RangeWarning)
-        replaced = hnn.polyfy(poly, calib, margin=args.margin, degrees={"relu": args.degree})
+        replaced = hnn.polyfy(poly, calib, margin=args.margin, degrees={"relu": r["degree"]}, trainable=True)
     r["replaced"] = [f"{p.path}: {p.original} -> {p.replacement}" for p in replaced]
     r["poly_acc_before_finetune"] = _acc(_quiet_logits(poly, x_te), y_te)
     t0 = time.perf_counter()
     history: list[dict] = []
-    r["finetune_epoch"] = fit_poly(poly, relu, x_tr, y_tr, 1 if args.quick else cfg.finetune_epochs, args.seed,
-                                   val, history)
+    ft_epochs = r["recipe"]["finetune_epochs"] = 1 if args.quick else cfg.finetune_epochs
+    hnn.finetune(poly, (x_tr, y_tr), epochs=ft_epochs, lr=cfg.finetune_lr, coeff_lr=cfg.coeff_lr, seed=args.seed,
+                 teacher=relu, lr_schedule=cfg.lr_schedule, augment=augment, freeze_bn=True, validation=val,
+                 history=history)
+    r["finetune_epoch"], r["poly_val_acc"] = _kept_epoch(history, ft_epochs)
     r["finetune_s"] = time.perf_counter() - t0
     r["finetune_history"] = history
     poly_logits = _quiet_logits(poly, x_te)
@@ -272,12 +271,17 @@ def _pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
 
+def _lr(v: float) -> str:
+    """A learning rate as written in the code: 2e-3."""
+    return f"{v:.0e}".replace("e-0", "e-")
+
+
 def render(results: list[dict], args: argparse.Namespace, command: str, total_s: float) -> str:
     L = [
         "# Accuracy of encrypted models on real data",
         "",
         "Measured, not promised: every number below comes from one run of the command below on this",
-        f"machine ({platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, torch threads = 2,"
+        f"machine ({platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, torch threads = {args.threads},"
         f" OpenFHE 1.6.1), {total_s / 60:.0f} minutes in all.",
         "",
         "```",
@@ -286,16 +290,13 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
         "",
         "What each column is:",
         "",
-        "* **ReLU**: the original network (`h33_bento.zoo`, ReLU activations), trained with Adam, seed "
-        f"{args.seed}.",
-        f"* **poly**: the same network after `h33_bento.nn.polyfy` (ReLU -> degree-{args.degree} `PolyReLU`, ranges",
-        f"  calibrated on 2,000 training images with a {args.margin:.0%} margin) and `finetune` (range penalty,",
-        "  distillation from the ReLU model: `teacher=relu`), in plaintext torch. On PneumoniaMNIST and",
-        "  CIFAR-10 the test accuracy of these small models swings by 2 to 8 points from one epoch to the next,",
-        "  so there both the ReLU training and the fine-tuning keep the epoch that scores best on a validation",
-        "  set, never the test set: PneumoniaMNIST's official validation split (524 images); for CIFAR-10, 1,000",
-        "  of the 9,000 training images held out (seeded shuffle), so both models train on the other 8,000.",
-        "  MNIST uses fixed epochs (10, then 5 of fine-tuning) on all 5,000 training images.",
+        "* **ReLU**: the original network (`h33_bento.zoo`, ReLU activations), trained by `zoo.train` (Adam,",
+        f"  cross-entropy, seed {args.seed}) with the recipe of the next table.",
+        "* **poly**: the same network after `h33_bento.nn.polyfy(..., trainable=True)` (ReLU -> `PolyReLU`, a",
+        "  Chebyshev series started as the fit of a smooth ReLU, whose coefficients are then trained; ranges",
+        f"  calibrated on 2,000 training images with a {args.margin:.0%} margin, then fixed) and `finetune` (range",
+        "  penalty; distillation from the ReLU model, weight 0.5 at temperature 2; BatchNorm statistics frozen;",
+        "  the same training images, augmentation and learning-rate schedule as the ReLU model), in plaintext torch.",
         "* **compiled**: the CKKS program from `h33_bento.compile`, run by `simulate` (same layouts, diagonals",
         "  and polynomials as the encrypted engine, without the noise) on the **whole** test set.",
         "* **encrypted**: real OpenFHE inference through `FHEInferenceClient` (keygen, encrypt 8 images per",
@@ -317,15 +318,39 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
         )
     L += [
         "",
-        "The polynomial models are made like this (what `run_dataset` does):",
+        "Recipes (`CONFIGS` in `benchmarks/accuracy.py`; Adam, batches of 64). Where there is validation data,",
+        "both models keep the epoch that scores best on it, never on the test set: the accuracy of these small",
+        "models swings by one to several points from one epoch to the next.",
+        "",
+        "| dataset | ReLU training | poly fine-tuning | PolyReLU degree (levels) | augmentation | epochs kept on |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        c = r["recipe"]
+        kept = (f"validation, {r['n_val']:,} images (ReLU epoch {r['relu_epoch']}, fine-tuning epoch "
+                f"{r['finetune_epoch']})" if r.get("val") else "none: the last epoch")
+        L.append(
+            f"| {r['dataset']} | {c['epochs']} epochs, lr {_lr(c['lr'])} {c['lr_schedule']} | {c['finetune_epochs']} "
+            f"epochs, lr {_lr(c['finetune_lr'])} (coefficients {_lr(c['coeff_lr'])}) {c['lr_schedule']} | {r['degree']} "
+            f"({chebyshev_depth(r['degree'])}) | {'random crops (4-pixel padding), mirroring' if c['augment'] else 'none'} "
+            f"| {kept} |"
+        )
+    cifar = CONFIGS["cifar10"]
+    L += [
+        "",
+        "The CIFAR-10 models are made like this (what `run_dataset` does):",
         "",
         "```python",
         "from h33_bento import compile, nn as hnn, zoo",
-        "model = zoo.train(zoo.MnistNet(), x_train, y_train, epochs=10)      # ReLU original",
-        "relu = copy.deepcopy(model)",
-        f"hnn.polyfy(model, x_train[:2000], margin={args.margin}, degrees={{'relu': {args.degree}}})  # PolyReLU, calibrated ranges",
-        "hnn.finetune(model, (x_train, y_train), epochs=5, teacher=relu)     # range penalty + distillation",
-        "compiled = compile(model, (1, 28, 28))                             # ChebyshevPoly nodes compiled as trained",
+        f"relu = zoo.train(zoo.CifarCNN(), x_train, y_train, epochs={cifar.epochs}, lr={_lr(cifar.lr)}, "
+        f"lr_schedule={cifar.lr_schedule!r},",
+        "                 augment=zoo.random_crop_flip, validation=(x_val, y_val))          # ReLU original",
+        "model = copy.deepcopy(relu)",
+        f"hnn.polyfy(model, x_train[:2000], margin={args.margin}, degrees={{'relu': {cifar.degree}}}, trainable=True)",
+        f"hnn.finetune(model, (x_train, y_train), epochs={cifar.finetune_epochs}, lr={_lr(cifar.finetune_lr)}, "
+        f"coeff_lr={_lr(cifar.coeff_lr)}, lr_schedule={cifar.lr_schedule!r},",
+        "             augment=zoo.random_crop_flip, teacher=relu, freeze_bn=True, validation=(x_val, y_val))",
+        "compiled = compile(model, (3, 32, 32))      # ChebyshevPoly nodes compiled as trained",
         "```",
     ]
     L += ["", "## Targets", ""]
@@ -333,25 +358,58 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
         diff = 100 * (r["poly_acc"] - r["relu_acc"])
         ok1 = diff >= -1.0
         line = (f"* {r['dataset']}: poly within 1 point of ReLU top-1: **{'met' if ok1 else 'NOT met'}** "
-                f"({diff:+.2f} points)")
+                f"({diff:+.2f} points")
+        if r.get("relu_val_acc") is not None:
+            line += (f"; on the validation images {100 * (r['poly_val_acc'] - r['relu_val_acc']):+.2f}, "
+                     f"{_pct(r['poly_val_acc'])} vs {_pct(r['relu_val_acc'])}")
+        line += ")"
         if r.get("n_encrypted"):
             ok2 = r["enc_agrees_sim"] >= 0.999
             line += (f"; encrypted argmax = simulate on >= 99.9%: **{'met' if ok2 else 'NOT met'}** "
                      f"({_pct(r['enc_agrees_sim'])}% of {r['n_encrypted']})")
         L.append(line + ".")
-    if any(100 * (r["poly_acc"] - r["relu_acc"]) < -1.0 for r in results):
-        L += [
-            "",
-            "Where the first target is missed: a degree-4 polynomial on ranges as wide as these (about +-10 to",
-            "+-20 after BatchNorm) is far from ReLU near zero, where most inputs are, so the network has to be",
-            "re-trained around it. During development (plaintext, same seed, numbers not produced by the command",
-            "above) fine-tuning on labels alone left CIFAR-10 10 to 14 points below ReLU, blending ReLU into the",
-            "polynomial gradually 4 to 9 points, distilling from the ReLU model (used here) 1 to 4 points after 10",
-            "or more epochs, varying from epoch to epoch. The test set has 1,000 images (a standard error of about",
-            "1.6 points at this accuracy).",
-            "Not tried yet: lower ranges by penalising wide activations while training the ReLU model, degree-2",
-            "or learned-coefficient activations, longer schedules and augmentation.",
-        ]
+    L += [
+        "",
+        "The test sets are small: 1,000 CIFAR-10 images give a standard error of about 1.5 points on each",
+        "model's accuracy (less on the difference of two models that agree on most images, but not nothing).",
+        "",
+        "## CIFAR-10: what changed, what was tried (development notes)",
+        "",
+        "The previous version of this report had CIFAR-10 at ReLU 55.90, poly 52.30 (-3.60): the ReLU model",
+        "trained 15 epochs at a constant lr 2e-3 without augmentation, degree-4 PolyReLU with fixed",
+        "coefficients, 30 epochs of fine-tuning with distillation. What changed it, measured during",
+        "development in plaintext (1 torch thread, the benchmark's split for seeds 0 to 2; **validation** top-1",
+        "on the 1,000 held-out images at the best epoch, never the test set; these numbers do not come from the",
+        "command above):",
+        "",
+        "* The ReLU baseline was under-trained. With random crops and mirroring and a cosine schedule it",
+        "  reached 58.8 (40 epochs, lr 2e-3), 62.9 (40, lr 4e-3), 64.7 (80), 66.5 (120), 65.6 (200) and 66.6",
+        "  (300 epochs, lr 4e-3); lr 8e-3 or weight decay 1e-4 did not help. 120 epochs at lr 4e-3 is where it",
+        "  stops improving, so that is the ReLU model now (about 10 points above the old one), and training it",
+        "  longer would not change the comparison. The polynomial model gets the same images, augmentation",
+        "  and schedule, starts from the trained ReLU weights and learns from them by distillation.",
+        "* Trainable coefficients (`polyfy(..., trainable=True)`) and frozen BatchNorm statistics while",
+        "  fine-tuning (`freeze_bn=True`) were enough against a weak baseline (40-epoch ReLU 58.8, poly 59.6),",
+        "  not against the 120-epoch one: at degree 4 the polynomial model stayed 3.5 to 4.5 points below it",
+        "  (62.0 to 63.0 vs 66.5) whatever we tried: fixed or trained coefficients, 40 or 60 epochs,",
+        "  distillation weight 1.0 at temperature 4, matching logits (MSE) instead of KL, coefficients",
+        "  initialised by a least-squares fit of ReLU on the observed activation inputs. Degree 5 (same 4",
+        "  levels) gave 63.5, degree 7 (5 levels) 63.6.",
+        "* Degree 13, the largest degree at 5 levels, brought it to parity: the network is 13 levels deep instead of 11,",
+        "  still N=2^16 without bootstrapping. Validation gaps (poly - ReLU) for seeds 0, 1, 2: +0.4, +1.4,",
+        "  -0.6 (development script) and -1.6, -0.6, +0.7 (this benchmark's code, whose augmentation draws",
+        "  other random numbers): parity within the noise of 1,000 images, not a margin.",
+        "* Did not help at degree 13 (changes within the epoch-to-epoch noise; the mean over the last 10",
+        "  epochs stayed put): 60 instead of 40 fine-tuning epochs, coefficient lr 2e-3 or 3e-2 instead of",
+        "  1e-2, fine-tuning lr 1e-3 or 4e-3 instead of 2e-3, distillation weight 0.2 or 0.8, a 5% margin,",
+        "  ranges narrowed to 75% of the calibrated ones. Worse: ranges narrowed to 50% and degree 27",
+        "  (6 levels) diverged while fine-tuning; the least-squares initialisation collapsed on one seed.",
+        "",
+        "The same fine-tuning recipe (trainable coefficients, frozen BatchNorm) is used on MNIST and",
+        "PneumoniaMNIST, with their degree 4 and their previous epochs and learning rates. A bug fixed with",
+        "this version: `zoo._data('pneumonia', 'val')` returned the test split, so the PneumoniaMNIST epochs of",
+        "the previous report were picked on the test set; they are picked on the official validation split now.",
+    ]
     L += ["", "## Details per dataset", ""]
     for r in results:
         L += [
@@ -362,11 +420,13 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
             + "; ".join(f"`{s}`" for s in r["replaced"]) + ".",
             "* Calibrated ranges (lower, upper, degree): "
             + ", ".join(f"`{k}` [{v[0]:.3g}, {v[1]:.3g}] deg {v[2]}" for k, v in r["ranges"].items()) + ".",
+            f"* ReLU training {r['train_s']:.0f} s, fine-tuning {r['finetune_s']:.0f} s"
+            + (f"; validation top-1 at the kept epochs: ReLU {_pct(r['relu_val_acc'])} (epoch {r['relu_epoch']}), "
+               f"poly {_pct(r['poly_val_acc'])} (fine-tuning epoch {r['finetune_epoch']})" if r.get("val") else "")
+            + ".",
             f"* Poly top-1 right after polyfy (before fine-tuning): {_pct(r['poly_acc_before_finetune'])}; after "
             f"{len(r['finetune_history'])} fine-tuning epochs: {_pct(r['poly_acc'])} "
-            f"(final range penalty {r['finetune_history'][-1]['penalty']:.2e})"
-            + (f"; epochs kept on the validation split: ReLU {r['relu_epoch']}, fine-tuning {r['finetune_epoch']}"
-               if r.get("val") else "") + ".",
+            f"(range penalty in the last epoch {r['finetune_history'][-1]['penalty']:.2e}).",
             f"* Test images with some activation input outside its range: {r['test_out_of_range']:.2%}.",
             f"* Compiled: N={r['ring_dim']}, {r['depth']} levels, {r['rotation_keys']} rotation keys; compiled "
             f"polynomials equal the trained ones: {r['compiled_polynomials_equal_trained']}; simulate argmax = torch "
@@ -425,14 +485,15 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--encrypted", type=int, default=256, help="encrypted test images for MNIST and CIFAR-10")
     parser.add_argument("--encrypted-pneumonia", type=int, default=624, help="encrypted PneumoniaMNIST test images")
-    parser.add_argument("--degree", type=int, default=4, help="PolyReLU degree")
+    parser.add_argument("--degree", type=int, help="PolyReLU degree for every dataset (default: each dataset's)")
     parser.add_argument("--margin", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="1 epoch, 16 encrypted images (smoke test)")
     parser.add_argument("--write", metavar="PATH", help="write the markdown report (e.g. docs/accuracy.md)")
     parser.add_argument("--json", metavar="PATH", help="write the raw results as JSON")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     results = [run_dataset(CONFIGS[name], args) for name in args.datasets]
     total = time.perf_counter() - t0

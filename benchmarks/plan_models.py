@@ -56,9 +56,12 @@ compiled = compile(model, input_shape)               # the trained polynomials, 
 * `calibrate_ranges(model, data, margin=0.1)` measures each activation's input range with the exact
   activations, widens it by the margin and refits; `check_ranges` and the modules themselves (eval mode)
   warn with `RangeWarning` when inputs leave a range. `finetune` trains through the polynomials with a
-  penalty on inputs near or past a range's edge, and optionally distils from the original model.
-* The coefficients and ranges are float32-exact buffers; the ONNX export writes them into
-  `ai.h33::ChebyshevPoly` nodes, which the compiler keeps as they are.
+  penalty on inputs near or past a range's edge, and optionally distils from the original model,
+  freezes BatchNorm statistics, augments batches and keeps the best epoch on validation data.
+* The coefficients and ranges are float32-exact buffers; with `polyfy(..., trainable=True)` the
+  coefficients are parameters that `finetune` trains (the modules compute with them rounded to
+  float32). The ONNX export writes them into `ai.h33::ChebyshevPoly` nodes, which the compiler keeps
+  as they are.
 
 """
 

@@ -13,10 +13,13 @@ a polynomial, valid on a bounded input range.  This module gives
   those and MaxPool for AvgPool in any model, and refuses what it cannot convert;
 * :func:`calibrate_ranges` (measure every activation's input range on data, add a margin, refit)
   and :func:`check_ranges` (warn with :class:`RangeWarning` where data leave a range);
-* :func:`finetune`, training with a penalty that keeps activation inputs inside their ranges.
+* :func:`finetune`, training with a penalty that keeps activation inputs inside their ranges,
+  optionally distilling from the original model and training the polynomials' coefficients too
+  (``polyfy(..., trainable=True)``), with the epoch kept on validation data.
 
 A polyfied model exports to ONNX with one ``ai.h33::ChebyshevPoly`` node per activation, which
-the compiler keeps as-is: the compiled polynomials are the trained ones, bit for bit.
+the compiler keeps as-is: the compiled polynomials are the trained ones, bit for bit (trained
+coefficients included: the modules compute with them rounded to float32, as the export stores them).
 
 Outside its range a polynomial diverges (like ``t**degree``), so an input that leaves the
 calibrated range gives garbage activations; modules in eval mode warn (``RangeWarning``) when
@@ -26,6 +29,7 @@ Needs the ``torch`` extra.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -136,7 +140,11 @@ class PolyActivation(nn.Module):
 
     Buffers: ``coeffs`` (float64 holding float32-exact values, numpy ``chebval`` convention) and
     ``range`` ([lower, upper]).  ``fit(lower, upper)`` refits on a new range; subclasses name the
-    target.  With ``min_r2`` set, a fit whose R^2 on the range falls short is retried at higher
+    target.  With ``trainable`` (or :meth:`set_trainable`) ``coeffs`` is an ``nn.Parameter`` instead,
+    trained with the network: the series then starts as the fit of the target and becomes whatever
+    polynomial of that degree the training finds, and the module evaluates it with the
+    coefficients rounded to float32 (:meth:`numpy_coeffs`), exactly what ONNX export and the
+    compiler use.  With ``min_r2`` set, a fit whose R^2 on the range falls short is retried at higher
     degrees up to ``max_degree``, but never past the multiplicative depth of ``degree`` itself
     (a degree-7 series and a degree-13 one both cost 5 levels).
 
@@ -151,7 +159,7 @@ class PolyActivation(nn.Module):
     max_degree = 13
 
     def __init__(self, lower: float | None = None, upper: float | None = None, degree: int | None = None,
-                 coeffs: Sequence[float] | None = None) -> None:
+                 coeffs: Sequence[float] | None = None, trainable: bool = False) -> None:
         super().__init__()
         self.degree = int(degree if degree is not None else self.default_degree)
         if self.degree < 1:
@@ -172,6 +180,7 @@ class PolyActivation(nn.Module):
             self.set_polynomial(coeffs, lower, upper)
         else:
             self.fit(lower, upper)
+        self.set_trainable(trainable)
 
     # -- target ---------------------------------------------------------------------------------
     def target_np(self, x: np.ndarray) -> np.ndarray:
@@ -189,15 +198,41 @@ class PolyActivation(nn.Module):
     def upper(self) -> float:
         return float(self.range[1])
 
+    @property
+    def trainable(self) -> bool:
+        """Whether the coefficients are a trainable ``nn.Parameter`` (else a fixed buffer)."""
+        return isinstance(self.coeffs, nn.Parameter)
+
+    def set_trainable(self, trainable: bool = True) -> PolyActivation:
+        """Make the coefficients a trainable parameter, or a fixed buffer again; returns ``self``.
+
+        Create the optimizer after this call: it replaces the ``coeffs`` tensor.
+        """
+        if bool(trainable) != self.trainable:
+            c = self.coeffs.detach().clone()
+            delattr(self, "coeffs")
+            if trainable:
+                self.coeffs = nn.Parameter(c)
+            else:
+                self.register_buffer("coeffs", c)
+        return self
+
     def numpy_coeffs(self) -> np.ndarray:
-        return self.coeffs.detach().cpu().double().numpy().copy()
+        """The coefficients rounded to float32 (what the module evaluates and ONNX export stores)."""
+        return _f32(self.coeffs.detach().cpu().double().numpy())
 
     def set_polynomial(self, coeffs: Sequence[float], lower: float, upper: float) -> None:
         lower, upper = (float(v) for v in _f32([lower, upper]))
         if not upper > lower:
             raise ValueError(f"empty range [{lower}, {upper}]")
         c = torch.as_tensor(_f32(coeffs), dtype=torch.float64, device=self.coeffs.device)
-        self.coeffs = c  # re-registers the buffer with the new size
+        if not self.trainable:
+            self.coeffs = c  # re-registers the buffer with the new size
+        elif c.shape == self.coeffs.shape:
+            with torch.no_grad():
+                self.coeffs.copy_(c)  # in place: an optimizer holding the parameter keeps it
+        else:
+            self.coeffs = nn.Parameter(c)
         self.range = torch.tensor([lower, upper], dtype=torch.float64, device=self.range.device)
         self.degree = len(c) - 1
 
@@ -247,7 +282,8 @@ class PolyActivation(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch API
         key = prefix + "coeffs"
         if key in state_dict and state_dict[key].shape != self.coeffs.shape:
-            self.coeffs = torch.zeros_like(state_dict[key], dtype=torch.float64)
+            zeros = torch.zeros_like(state_dict[key], dtype=torch.float64)
+            self.coeffs = nn.Parameter(zeros) if self.trainable else zeros
             self.degree = len(self.coeffs) - 1
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -276,7 +312,8 @@ class PolyActivation(nn.Module):
                     RangeWarning,
                     stacklevel=2,
                 )
-        return _clenshaw(x, self.coeffs, lower, upper)
+        # float32 rounding (the identity for fixed coefficients; straight-through for trained ones)
+        return _clenshaw(x, self.coeffs.to(torch.float32).to(torch.float64), lower, upper)
 
     def extra_repr(self) -> str:
         return f"degree={self.degree}, range=[{self.lower:.4g}, {self.upper:.4g}]"
@@ -496,11 +533,11 @@ class _FunctionProbe(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _make_poly(kind: str, degrees: dict[str, int] | None, original: nn.Module) -> PolyActivation:
+def _make_poly(kind: str, degrees: dict[str, int] | None, original: nn.Module, trainable: bool) -> PolyActivation:
     cls = POLY_CLASSES[kind]
     if kind == "gelu" and getattr(original, "approximate", "none") not in ("none", "tanh"):
         raise UnsupportedModuleError(f"GELU(approximate={original.approximate!r}) is not supported")
-    return cls(degree=(degrees or {}).get(kind))
+    return cls(degree=(degrees or {}).get(kind), trainable=trainable)
 
 
 def polyfy(
@@ -510,6 +547,7 @@ def polyfy(
     margin: float = 0.1,
     degrees: dict[str, int] | None = None,
     example_input: torch.Tensor | None = None,
+    trainable: bool = False,
 ) -> list[Replacement]:
     """Make ``model`` FHE-friendly in place; return what was replaced, in module order.
 
@@ -526,7 +564,9 @@ def polyfy(
     your own with no children are trusted as they are (the probe still sees their functions).
 
     With ``calibration_data`` (a tensor/array of inputs, or a loader of (x, y) batches) the new
-    activations' ranges are calibrated (:func:`calibrate_ranges`, widened by ``margin``).
+    activations' ranges are calibrated (:func:`calibrate_ranges`, widened by ``margin``).  With
+    ``trainable`` the new activations' coefficients are parameters that :func:`finetune` trains
+    (see :class:`PolyActivation`); their ranges stay fixed.
     """
     replaced: list[Replacement] = []
     problems: list[str] = []
@@ -536,7 +576,7 @@ def polyfy(
             full = f"{path}.{name}" if path else name
             new: nn.Module | None = None
             if type(child) in _ACTIVATIONS:
-                new = _make_poly(_ACTIVATIONS[type(child)], degrees, child)
+                new = _make_poly(_ACTIVATIONS[type(child)], degrees, child, trainable)
             elif isinstance(child, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
                                     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
                 new = _max_to_avg(child)
@@ -638,7 +678,8 @@ def calibrate_ranges(model: nn.Module, data: Any, margin: float = 0.1, batch_siz
     """Measure every polynomial activation's input range on ``data`` and refit it there.
 
     The ranges are measured with the *exact* activations (as the compiler's own calibration
-    does), widened by ``margin`` times their span on each side, and every series is refitted.
+    does), widened by ``margin`` times their span on each side, and every series is refitted
+    (trained coefficients are replaced by the fit of the target on the new range).
     With ``check`` a second pass runs the polynomials themselves and warns (``RangeWarning``)
     where their inputs still leave a range.  Returns the new ranges by module path.
     """
@@ -730,20 +771,38 @@ def finetune(
     distill: float = 0.5,
     temperature: float = 2.0,
     history: list[dict[str, float]] | None = None,
+    coeff_lr: float | None = None,
+    lr_schedule: str = "constant",
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    freeze_bn: bool = False,
+    validation: tuple[Any, Any] | None = None,
 ) -> nn.Module:
     """Fine-tune a polyfied model through its polynomials, keeping activation inputs in range.
 
     ``loader`` is an iterable of (x, y) batches (e.g. a DataLoader; iterated once per epoch) or
     an ``(x, y)`` pair of arrays, shuffled with ``seed`` into ``batch_size`` batches.  The loss
     is ``loss_fn(model(x), y) + penalty * range_penalty``: the penalty grows once an input comes
-    within ``slack`` of its range's edge (see :func:`range_penalty`).  The ranges and coefficients are not
-    trained (the compiled model uses them as they are).
+    within ``slack`` of its range's edge (see :func:`range_penalty`).  The ranges are not trained;
+    the coefficients are trained only where they are parameters (``polyfy(..., trainable=True)``),
+    at ``coeff_lr`` (default ``lr``) when this function builds the (Adam) optimizer.
 
     With a ``teacher`` (typically the original ReLU model, kept in eval mode) the task loss becomes
     ``(1 - distill) * loss_fn + distill * T^2 * KL(softmax(teacher / T) || softmax(model / T))``
     with T = ``temperature``: distilling from the original recovers far more accuracy than the
-    labels alone (CIFAR-10, docs/accuracy.md).  Returns the model in eval mode; one dict per epoch
-    (mean loss, mean penalty) is appended to ``history`` when given.
+    labels alone (CIFAR-10, docs/accuracy.md).
+
+    * ``lr_schedule``: ``"constant"``, or ``"cosine"`` (annealed to 0 over all the batches of all
+      epochs, stepped after every batch; also applied to a given ``optimizer``);
+    * ``augment``: applied to every input batch (e.g. :func:`h33_bento.zoo.random_crop_flip`);
+      the teacher sees the same augmented batch;
+    * ``freeze_bn``: BatchNorm layers keep their running statistics and normalize with them while
+      training (their affine weights still train), so activation inputs during training are the
+      ones the compiled model (which folds BatchNorm) computes, and the range penalty acts on them;
+    * ``validation``: an ``(x, y)`` pair; after every epoch the model's top-1 on it is measured and
+      the model returned is the one of the best epoch (the first of equals).
+
+    Returns the model in eval mode; one dict per epoch (``epoch`` from 0, mean ``loss``, mean
+    ``penalty``, and ``val_accuracy`` with ``validation``) is appended to ``history`` when given.
     """
     if teacher is not None:
         teacher.eval()
@@ -753,24 +812,37 @@ def finetune(
     if isinstance(loader, tuple) and len(loader) == 2 and not isinstance(loader[0], torch.utils.data.Dataset):
         xt, yt = torch.as_tensor(loader[0], dtype=torch.float32), torch.as_tensor(loader[1])
         gen = torch.Generator().manual_seed(seed)
+        steps_per_epoch = -(-len(xt) // batch_size)
 
         def epoch_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
             for idx in torch.randperm(len(xt), generator=gen).split(batch_size):
                 yield xt[idx], yt[idx]
     else:
+        steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 0
+
         def epoch_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
             for xb, yb, *_ in loader:
                 yield torch.as_tensor(xb, dtype=torch.float32), torch.as_tensor(yb)
 
-    opt = optimizer or torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    if optimizer is None:
+        coeffs = [m.coeffs for _, m in poly_modules(model) if m.trainable]
+        rest = [p for p in model.parameters() if p.requires_grad and all(p is not c for c in coeffs)]
+        groups = [{"params": rest}] + ([{"params": coeffs, "lr": coeff_lr or lr}] if coeffs else [])
+        optimizer = torch.optim.Adam(groups, lr=lr)
+    scheduler = _lr_scheduler(optimizer, lr_schedule, epochs * steps_per_epoch)
+    best = _BestEpoch(model, validation)
     take = range_penalty(model, slack)
-    model.train()
     try:
         for epoch in range(epochs):
+            model.train()
+            if freeze_bn:
+                _freeze_batchnorm(model)
             total = pen_total = 0.0
             count = 0
             for xb, yb in epoch_batches():
-                opt.zero_grad()
+                if augment is not None:
+                    xb = augment(xb)
+                optimizer.zero_grad()
                 out = model(xb)
                 pen = take()
                 task = loss_fn(out, yb)
@@ -788,12 +860,72 @@ def finetune(
                 loss.backward()
                 if grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                opt.step()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
                 total += loss.item() * len(xb)
                 pen_total += pen.item() * len(xb)
                 count += len(xb)
+            record = {"epoch": epoch, "loss": total / max(count, 1), "penalty": pen_total / max(count, 1)}
+            if validation is not None:
+                record["val_accuracy"] = best.update(epoch)
             if history is not None:
-                history.append({"epoch": epoch, "loss": total / max(count, 1), "penalty": pen_total / max(count, 1)})
+                history.append(record)
     finally:
         take.remove()  # type: ignore[attr-defined]
+    best.restore()
     return model.eval()
+
+
+# ------------------------------------------------------------- training helpers (shared with zoo)
+
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode: normalize with (and keep) the running statistics."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str,
+                  total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """None for ``"constant"``; cosine annealing to 0 over ``total_steps`` (batches) for ``"cosine"``."""
+    if schedule == "constant":
+        return None
+    if schedule == "cosine":
+        if total_steps < 1:
+            raise ValueError("the cosine schedule needs the number of batches: pass arrays or a loader with a length")
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+    raise ValueError(f"unknown lr_schedule {schedule!r}: use 'constant' or 'cosine'")
+
+
+class _BestEpoch:
+    """Keeps a copy of the model's state at the epoch with the best top-1 on ``validation``."""
+
+    def __init__(self, model: nn.Module, validation: tuple[Any, Any] | None) -> None:
+        self.model = model
+        self.validation = validation
+        self.score = -1.0
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def update(self, epoch: int) -> float:
+        """Measure the model (in eval mode, polynomial range warnings silenced); keep it if best."""
+        assert self.validation is not None
+        x, y = self.validation
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RangeWarning)
+                logits = torch.cat([self.model(xb) for xb in _batches(x, 1000)])
+        finally:
+            self.model.train(was_training)
+        score = float((logits.argmax(1) == torch.as_tensor(y)).float().mean())
+        if score > self.score:
+            self.score, self.state = score, copy.deepcopy(self.model.state_dict())
+        return score
+
+    def restore(self) -> None:
+        """Load the best state kept (nothing without validation data)."""
+        if self.state is not None:
+            self.model.load_state_dict(self.state)

@@ -290,6 +290,113 @@ def test_finetune_distills_from_a_teacher() -> None:
         hnn.finetune(student, (xtr, ytr), epochs=1, teacher=teacher, distill=1.5)
 
 
+def test_finetune_leaves_fixed_coefficients_alone() -> None:
+    x = _data(256)
+    y = (x[:, 0] > 0).long()
+    model = _mlp(nn.ReLU())
+    hnn.polyfy(model, x)
+    before = model[1].numpy_coeffs()
+    hnn.finetune(model, (x, y), epochs=2, lr=1e-2)
+    assert not model[1].trainable
+    assert np.array_equal(model[1].numpy_coeffs(), before)
+
+
+def test_trainable_coefficients_are_parameters_evaluated_in_float32() -> None:
+    m = hnn.PolyReLU(-3.0, 3.0, trainable=True)
+    assert m.trainable and any(p is m.coeffs for p in m.parameters())
+    with torch.no_grad():
+        m.coeffs += 1e-9  # not representable in float32 any more
+    coeffs = m.numpy_coeffs()
+    assert np.array_equal(coeffs, coeffs.astype(np.float32).astype(np.float64))
+    assert not np.array_equal(coeffs, m.coeffs.detach().numpy())
+    x = np.linspace(-3.0, 3.0, 101)
+    with torch.no_grad():
+        got = m.eval()(torch.as_tensor(x)).numpy()
+    # the module computes with the float32 coefficients the export (and the compiler) will use
+    np.testing.assert_allclose(got, np.polynomial.chebyshev.chebval(x / 3.0, coeffs), rtol=1e-12, atol=1e-12)
+    # back to a fixed buffer and forth, through a state dict of another degree
+    m.set_trainable(False)
+    assert not m.trainable and not list(m.parameters()) and np.array_equal(m.numpy_coeffs(), coeffs)
+    other = hnn.PolyReLU(degree=2, trainable=True)
+    other.load_state_dict(hnn.PolyReLU(-3.0, 3.0, trainable=True).state_dict())
+    assert other.trainable and other.degree == 4 and other.coeffs.shape == (5,)
+    # recalibrating a trainable module refits in place (an optimizer keeps the same parameter)
+    fresh = hnn.PolyReLU(-3.0, 3.0, trainable=True)
+    param, before = fresh.coeffs, fresh.numpy_coeffs()
+    fresh.fit(-2.0, 2.0)
+    assert fresh.coeffs is param and fresh.upper == 2.0 and not np.array_equal(fresh.numpy_coeffs(), before)
+
+
+@pytest.fixture(scope="module")
+def trained_coeffs(mnist_train):
+    """Conv + BN + ReLU MNIST net polyfied with trainable degree-2 coefficients, fine-tuned with
+    BatchNorm frozen; returns (model, coefficients before fine-tuning, BN statistics before)."""
+    x, y = mnist_train
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 7, stride=3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(256, 10))
+    zoo.train(model, x, y, epochs=2)
+    hnn.polyfy(model, x[:1000], degrees={"relu": 2}, trainable=True)
+    before = model[2].numpy_coeffs()
+    stats = model[1].running_mean.clone(), model[1].running_var.clone()
+    hnn.finetune(model, (x, y), epochs=1, coeff_lr=1e-2, freeze_bn=True)
+    return model, before, stats
+
+
+def test_trained_coefficients_compile_as_trained(trained_coeffs, mnist_test) -> None:
+    model, before, _ = trained_coeffs
+    (_, module), = hnn.poly_modules(model)
+    assert module.trainable
+    assert np.abs(module.numpy_coeffs() - before).max() > 1e-3  # the polynomial itself was trained
+    compiled = compile(model, (1, 28, 28), measure_costs=False)
+    (step,) = [s for s in compiled.steps if s.op == "poly"]
+    assert np.array_equal(step.attrs["coeffs"], module.numpy_coeffs())
+    assert (step.attrs["lower"], step.attrs["upper"]) == (module.lower, module.upper)
+    x = mnist_test[0][:300]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RangeWarning)
+        ref = zoo.predict_logits(model, x)
+    np.testing.assert_allclose(simulate(compiled, x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_freeze_bn_keeps_running_statistics(trained_coeffs, mnist_train) -> None:
+    model, _, (mean, var) = trained_coeffs
+    bn = model[1]
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    x, y = mnist_train
+    moved = copy.deepcopy(model)  # a copy: the fixture stays as it is
+    hnn.finetune(moved, (x[:512], y[:512]), epochs=1)
+    assert not torch.equal(moved[1].running_mean, mean)  # without freeze_bn they move
+
+
+def test_finetune_keeps_the_best_validation_epoch() -> None:
+    x = _data(512)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    model = _mlp(nn.ReLU())
+    zoo.train(model, x.numpy(), y.numpy(), epochs=5, lr=1e-2)
+    hnn.polyfy(model, x, trainable=True)
+    xv = _data(200, seed=1)
+    yv = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(1))  # noise: scores go up and down
+    history: list[dict] = []
+    hnn.finetune(model, (x, y), epochs=8, lr=3e-2, validation=(xv, yv), history=history)
+    scores = [h["val_accuracy"] for h in history]
+    assert len(scores) == 8 and int(np.argmax(scores)) != 7  # the last epoch is not the best one...
+    final = float((zoo.predict_logits(model, xv.numpy()).argmax(1) == yv.numpy()).mean())
+    assert final == pytest.approx(max(scores))  # ... and the best one is what comes back
+
+
+def test_cosine_schedule_anneals_to_zero() -> None:
+    x = _data(256)
+    y = (x[:, 0] > 0).long()
+    model = _mlp(nn.ReLU())
+    hnn.polyfy(model, x, trainable=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    hnn.finetune(model, (x, y), epochs=3, batch_size=32, optimizer=opt, lr_schedule="cosine")
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        hnn.finetune(model, (x, y), epochs=1, lr_schedule="linear")
+
+
 # ------------------------------------------------------- compiled and encrypted polyfied models
 
 

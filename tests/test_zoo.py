@@ -79,6 +79,60 @@ def test_recipe_is_reproducible_and_learns() -> None:
     assert (simulate(compiled, x).argmax(1) == zoo.predict_logits(a, x).argmax(1)).all()
 
 
+def test_data_splits_are_the_named_ones() -> None:
+    """The accuracy report picks PneumoniaMNIST's epochs on "val": it must not be the test split."""
+    sizes = {split: len(zoo._data("pneumonia", split)[1]) for split in ("train", "val", "test")}
+    assert sizes == {"train": 3882, "val": 524, "test": 624}
+    with pytest.raises(ValueError, match="no 'val' split"):
+        zoo._data("cifar10", "val")
+
+
+def test_random_crop_flip_shifts_and_mirrors_each_image() -> None:
+    torch.manual_seed(0)
+    x = torch.arange(64 * 2 * 6 * 5, dtype=torch.float32).reshape(64, 2, 6, 5) + 1.0  # no zeros
+    out = zoo.random_crop_flip(x, padding=2)
+    assert out.shape == x.shape
+    padded = nn.functional.pad(x, (2, 2, 2, 2))
+    seen = set()
+    for i in range(len(x)):
+        found = [(flip, dy, dx) for flip in (False, True) for dy in range(5) for dx in range(5)
+                 if torch.equal(out[i], (padded[i].flip(2) if flip else padded[i])[:, dy:dy + 6, dx:dx + 5])]
+        assert len(found) == 1, i  # every image is exactly one crop of the (mirrored) padded image
+        seen.add(found[0])
+    assert {f for f, _, _ in seen} == {False, True} and len(seen) > 20  # and they differ
+
+
+def test_train_keeps_the_best_validation_epoch_with_cosine_and_augmentation() -> None:
+    pytest.importorskip("sklearn")
+    x, y = zoo._breast_cancer("train")
+    xv, _ = zoo._breast_cancer("test")
+    yv = np.random.default_rng(0).integers(0, 2, len(xv))  # noise: validation scores go up and down
+    calls = []
+
+    def noisy(xb: torch.Tensor) -> torch.Tensor:
+        calls.append(len(xb))
+        return xb + 0.05 * torch.randn_like(xb)
+
+    history: list[dict] = []
+    model = zoo.train(zoo.TabularMLP(act=nn.ReLU), x, y, epochs=6, lr=2e-3, lr_schedule="cosine", augment=noisy,
+                      validation=(xv, yv), history=history)
+    assert sum(calls) == 6 * len(x) and len(history) == 6
+    scores = [h["val_accuracy"] for h in history]
+    assert int(np.argmax(scores)) != 5  # the last epoch is not the best one...
+    assert (zoo.predict_logits(model, xv).argmax(1) == yv).mean() == pytest.approx(max(scores))  # ... the best is kept
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_cifar_cnn_with_degree_13_runs_without_bootstrapping() -> None:
+    """The accuracy report's CIFAR-10 recipe: degree-13 PolyReLU (5 levels each) -> 13 levels, N=2^16."""
+    model = zoo.CifarCNN().eval()
+    hnn.polyfy(model, degrees={"relu": 13}, trainable=True)
+    compiled = compile(model, (3, 32, 32), plan_only=True, measure_costs=False)
+    assert [p.degree for _, p in hnn.poly_modules(model)] == [13, 13]
+    assert compiled.depth == 13 and compiled.runnable and compiled.params.ring_dim == 2 ** 16
+    assert compiled.plan_summary()["bootstraps"] == 0
+
+
 # ------------------------------------------------------------------ CIFAR-scale architectures
 
 

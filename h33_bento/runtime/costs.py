@@ -29,17 +29,17 @@ def _time_ms(fn: Callable[[], object], repeat: int) -> float:
     return float(np.median(times))
 
 
-def _per_op_ms(op: Callable[[], object], repeat: int, batch: int = 8) -> float:
-    """Milliseconds per call of ``op``, timed in batches whose results are all kept alive, as a
+def _per_op_ms(op: Callable[[int], object], repeat: int, batch: int = 4) -> float:
+    """Milliseconds per call of ``op(i)``, timed in batches whose results are all kept alive, as a
     program keeps its rotated copies and partial products (fresh allocations cost ~10% more
     than a result freed and reused at once); the median over ``repeat`` batches."""
-    op()
+    op(0)
     times = []
     for _ in range(repeat):
         kept = []
         t0 = time.perf_counter()
-        for _ in range(batch):
-            kept.append(op())
+        for i in range(batch):
+            kept.append(op(i))
         times.append((time.perf_counter() - t0) * 1000.0 / batch)
         del kept
     return float(np.median(times))
@@ -71,25 +71,28 @@ def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = 
     fresh = cc.Encrypt(keys.publicKey, cc.MakeCKKSPackedPlaintext(values))
     levels = _levels(params.multiplicative_depth, max_levels)
     per_level: dict[str, list[float]] = {}
+    # a program multiplies many rotated copies by many diagonals, each encoded from its own values
+    vectors = [rng.uniform(-1, 1, params.slots) for _ in range(4)]
     for level in levels:
-        pt = cc.MakeCKKSPackedPlaintext(values, 1, level)
+        pts = [cc.MakeCKKSPackedPlaintext(v, 1, level) for v in vectors]
         ct = fresh if level == 0 else cc.LevelReduce(fresh, None, level)
-        product = cc.EvalMult(ct, pt)  # scale degree 2, as the partial sums of a linear transform are
+        cts = [ct] + [cc.EvalAdd(ct, ct) for _ in vectors[1:]]
+        product = cc.EvalMult(ct, pts[0])  # scale degree 2, as the partial sums of a linear transform are
         digits = cc.EvalFastRotationPrecompute(product)
         ext = cc.EvalFastRotationExt(product, step, digits, True)
-        total, total_ext = cc.EvalMult(ct, pt), cc.EvalFastRotationExt(product, step, digits, True)
+        total, total_ext = cc.EvalMult(ct, pts[0]), cc.EvalFastRotationExt(product, step, digits, True)
         timings = {  # each as the engine calls it
-            "rotate": lambda: cc.EvalRotate(product, step),
-            "precompute": lambda: cc.EvalFastRotationPrecompute(product),
-            "fast_rotate": lambda: cc.EvalFastRotation(product, step, m, digits),
-            "rotate_ext": lambda: cc.EvalFastRotationExt(product, step, digits, True),
-            "key_switch_down": lambda: cc.KeySwitchDown(ext),
-            "add_ext": lambda: cc.EvalAddInPlace(total_ext, ext),
-            "mult_plain": lambda: cc.EvalMult(ct, pt),
-            "add": lambda: cc.EvalAddInPlace(total, product),
-            "rescale": lambda: cc.Rescale(product),
-            "mult_cipher": lambda: cc.EvalMult(ct, ct),
-            "encode": lambda: cc.MakeCKKSPackedPlaintext(values, 1, level),
+            "rotate": lambda i: cc.EvalRotate(product, step),
+            "precompute": lambda i: cc.EvalFastRotationPrecompute(product),
+            "fast_rotate": lambda i: cc.EvalFastRotation(product, step, m, digits),
+            "rotate_ext": lambda i: cc.EvalFastRotationExt(product, step, digits, True),
+            "key_switch_down": lambda i: cc.KeySwitchDown(ext),
+            "add_ext": lambda i: cc.EvalAddInPlace(total_ext, ext),
+            "mult_plain": lambda i: cc.EvalMult(cts[i % len(cts)], pts[(i + 1) % len(pts)]),
+            "add": lambda i: cc.EvalAddInPlace(total, product),
+            "rescale": lambda i: cc.Rescale(product),
+            "mult_cipher": lambda i: cc.EvalMult(ct, ct),
+            "encode": lambda i: cc.MakeCKKSPackedPlaintext(vectors[i % len(vectors)], 1, level),
         }
         for name, fn in timings.items():
             per_level.setdefault(name, []).append(round(_per_op_ms(fn, repeat), 4))

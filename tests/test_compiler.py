@@ -83,6 +83,11 @@ def test_plan_report_and_summary(convnet_compiled):
     assert summary["predicted_latency_ms"] > 0
 
 
+def test_predicted_key_bundle_size_matches_the_real_bundle(convnet_compiled, convnet_client):
+    real = len(convnet_client.keys.evaluation_keys().to_bytes())
+    assert abs(convnet_compiled.predicted_key_bundle_bytes - real) < 0.02 * real
+
+
 def test_save_load_roundtrip(tmp_path, convnet_compiled, mnist_test):
     convnet_compiled.save(tmp_path / "m")
     loaded = CompiledModel.load(tmp_path / "m")

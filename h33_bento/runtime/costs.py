@@ -17,6 +17,11 @@ from ..ckks.context import get_context
 from ..ckks.params import CKKSParams
 from ..compiler.activations import to_openfhe_coeffs
 
+# A run streams its rotation keys and plaintext diagonals from memory (hundreds of MiB); timing
+# one key and a few plaintexts would time them hot in the last-level cache (32 MiB here) and
+# under-predict.  The operand pools below are sized to exceed this many bytes.
+STREAMED_BYTES = 96 << 20
+
 
 def _time_ms(fn: Callable[[], object], repeat: int) -> float:
     """Median of ``repeat`` timings after one warm-up: what a run typically pays, not its best case."""
@@ -30,19 +35,25 @@ def _time_ms(fn: Callable[[], object], repeat: int) -> float:
 
 
 def _per_op_ms(op: Callable[[int], object], repeat: int, batch: int = 4) -> float:
-    """Milliseconds per call of ``op(i)``, timed in batches whose results are all kept alive, as a
-    program keeps its rotated copies and partial products (fresh allocations cost ~10% more
-    than a result freed and reused at once); the median over ``repeat`` batches."""
+    """Milliseconds per call of ``op(i)`` (``i`` picks the operands), timed in batches whose
+    results are all kept alive, as a program keeps its rotated copies and partial products (fresh
+    allocations cost ~10% more than a result freed and reused at once); the median over
+    ``repeat`` batches."""
     op(0)
     times = []
-    for _ in range(repeat):
+    for r in range(repeat):
         kept = []
         t0 = time.perf_counter()
-        for i in range(batch):
+        for i in range(1 + r * batch, 1 + (r + 1) * batch):  # i keeps counting: fresh operands
             kept.append(op(i))
         times.append((time.perf_counter() - t0) * 1000.0 / batch)
         del kept
     return float(np.median(times))
+
+
+def _pool_size(item_bytes: int, least: int, most: int) -> int:
+    """How many distinct operands of ``item_bytes`` each exceed ``STREAMED_BYTES`` together."""
+    return int(min(most, max(least, -(-STREAMED_BYTES // max(item_bytes, 1)))))
 
 
 def _levels(depth: int, max_levels: int) -> list[int]:
@@ -63,8 +74,12 @@ def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = 
     cc = get_context(params)
     keys = cc.KeyGen()
     cc.EvalMultKeyGen(keys.secretKey)
-    step = params.lanes
-    cc.EvalRotateKeyGen(keys.secretKey, [step])
+    tag = keys.publicKey.GetKeyTag()
+    cc.EvalRotateKeyGen(keys.secretKey, [params.lanes])
+    key_bytes = len(openfhe.SerializeEvalAutomorphismKeyString(openfhe.BINARY, tag))
+    # every rotation of a program uses its own key: cycle through enough of them
+    steps = [params.lanes * (k + 1) for k in range(_pool_size(key_bytes, 2, 8))]
+    cc.EvalRotateKeyGen(keys.secretKey, steps[1:])
     rng = np.random.default_rng(0)
     values = rng.uniform(-1, 1, params.slots)
     m = cc.GetCyclotomicOrder()
@@ -72,20 +87,21 @@ def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = 
     levels = _levels(params.multiplicative_depth, max_levels)
     per_level: dict[str, list[float]] = {}
     # a program multiplies many rotated copies by many diagonals, each encoded from its own values
-    vectors = [rng.uniform(-1, 1, params.slots) for _ in range(4)]
+    pt_bytes = (params.multiplicative_depth + 1) * params.ring_dim * 8
+    vectors = [rng.uniform(-1, 1, params.slots) for _ in range(_pool_size(pt_bytes, 4, 48))]
     for level in levels:
         pts = [cc.MakeCKKSPackedPlaintext(v, 1, level) for v in vectors]
         ct = fresh if level == 0 else cc.LevelReduce(fresh, None, level)
         cts = [ct] + [cc.EvalAdd(ct, ct) for _ in vectors[1:]]
         product = cc.EvalMult(ct, pts[0])  # scale degree 2, as the partial sums of a linear transform are
         digits = cc.EvalFastRotationPrecompute(product)
-        ext = cc.EvalFastRotationExt(product, step, digits, True)
-        total, total_ext = cc.EvalMult(ct, pts[0]), cc.EvalFastRotationExt(product, step, digits, True)
+        ext = cc.EvalFastRotationExt(product, steps[0], digits, True)
+        total, total_ext = cc.EvalMult(ct, pts[0]), cc.EvalFastRotationExt(product, steps[0], digits, True)
         timings = {  # each as the engine calls it
-            "rotate": lambda i: cc.EvalRotate(product, step),
+            "rotate": lambda i: cc.EvalRotate(product, steps[i % len(steps)]),
             "precompute": lambda i: cc.EvalFastRotationPrecompute(product),
-            "fast_rotate": lambda i: cc.EvalFastRotation(product, step, m, digits),
-            "rotate_ext": lambda i: cc.EvalFastRotationExt(product, step, digits, True),
+            "fast_rotate": lambda i: cc.EvalFastRotation(product, steps[i % len(steps)], m, digits),
+            "rotate_ext": lambda i: cc.EvalFastRotationExt(product, steps[i % len(steps)], digits, True),
             "key_switch_down": lambda i: cc.KeySwitchDown(ext),
             "add_ext": lambda i: cc.EvalAddInPlace(total_ext, ext),
             "mult_plain": lambda i: cc.EvalMult(cts[i % len(cts)], pts[(i + 1) % len(pts)]),
@@ -119,11 +135,10 @@ def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = 
     for degree in sorted(set(chebyshev_degrees)):
         coeffs = to_openfhe_coeffs(np.full(degree + 1, 0.1))
         costs[f"chebyshev_{degree}"] = _time_ms(lambda: cc.EvalChebyshevSeries(fresh, coeffs, -1.0, 1.0), 1)
-    tag = keys.publicKey.GetKeyTag()
     sizes = {
         "public": len(openfhe.Serialize(keys.publicKey, openfhe.BINARY)),
         "mult": len(openfhe.SerializeEvalMultKeyString(openfhe.BINARY, tag)),
-        "rotation": len(openfhe.SerializeEvalAutomorphismKeyString(openfhe.BINARY, tag)),
+        "rotation": key_bytes,
         "ciphertext": len(openfhe.Serialize(fresh, openfhe.BINARY)),
     }
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in costs.items()}, sizes

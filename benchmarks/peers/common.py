@@ -171,21 +171,21 @@ def median(xs: list[float]) -> float:
 
 def measure_requests(one: Callable[[Any], tuple[float, float, float, Any]], single: Any, batches: list[Any],
                      repeat: int, ref: Any, labels: Any, lanes: int) -> dict[str, Any]:
-    """Time one warm-up request, ``repeat`` single-input requests and ``repeat`` passes over
-    ``batches`` (each ``one(x)`` returns encrypt/server/decrypt seconds and the logits), and
-    summarize them the same way for every framework."""
+    """Time one warm-up request, then ``repeat`` rounds of one single-input request and one pass
+    over ``batches`` (each ``one(x)`` returns encrypt/server/decrypt seconds and the logits), and
+    summarize them the same way for every framework.  Singles and passes alternate so that both
+    see the same machine: on a shared VM, speed drifts by 10-20% over a minute."""
     import numpy as np
 
     t_cold = time.perf_counter()
     one(single)
     cold_ms = (time.perf_counter() - t_cold) * 1000
     singles, servers1 = [], []
+    batch_tot, batch_srv, logits = [], [], None
     for _ in range(repeat):
         e, s, d, _ = one(single)
         singles.append(e + s + d)
         servers1.append(s)
-    batch_tot, batch_srv, logits = [], [], None
-    for _ in range(repeat):
         rows, tot, srv = [], 0.0, 0.0
         for x in batches:
             e, s, d, lg = one(x)

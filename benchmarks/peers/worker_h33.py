@@ -72,11 +72,16 @@ def main() -> None:
     phase(args.json, "inference")
     batches = [images[i:i + client.lanes] for i in range(0, len(images), client.lanes)]
     result.update(measure_requests(request, images[0], batches, args.repeat, ref, labels, client.lanes))
-    enc = client.encrypt(batches[0])
-    runs = []
-    for _ in range(max(args.repeat, 3)):  # the per-layer profile: median of a few more full runs
-        client.infer(enc)
+    runs, outside, e2e = [], [], []
+    for _ in range(max(args.repeat, 5)):  # the per-layer profile: median of a few more full requests
+        t_enc, enc = timed(lambda: client.encrypt(batches[0]))
+        t_run, out = timed(lambda: client.infer(enc))
         runs.append(dict(client._engine.last_timings))
+        t_dec, _ = timed(lambda: client.decrypt_logits(out))
+        outside.append(t_run - sum(runs[-1].values()))  # (de)serialization, checks, dispatch
+        e2e.append(t_enc + t_run + t_dec)
+    result["outside_steps_ms"] = float(np.median(outside))
+    result["profile_e2e_ms"] = float(np.median(e2e))
     result["layers"] = [{"step": s.name, "op": s.op, "level": s.level, "predicted_ms": compiled.predicted_ms(s),
                          "measured_ms": float(np.median([r[s.name] for r in runs]))} for s in compiled.steps]
     log(f"h33 {args.network}: single {result['single_ms']:.0f} ms, amortized {result['amortized_ms']:.0f} ms/img, "

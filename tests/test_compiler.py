@@ -83,6 +83,17 @@ def test_plan_report_and_summary(convnet_compiled):
     assert summary["predicted_latency_ms"] > 0
 
 
+def test_reprice_measures_the_costs_again_for_the_same_program(convnet_compiled):
+    from h33_bento.runtime.costs import reprice
+
+    priced = reprice(convnet_compiled)
+    assert priced.fingerprint == convnet_compiled.fingerprint and priced.steps is convnet_compiled.steps
+    assert set(priced.primitive_costs_ms) == set(convnet_compiled.primitive_costs_ms)
+    assert priced.primitive_costs_ms != convnet_compiled.primitive_costs_ms  # timings never repeat exactly
+    then, now = (m.plan_summary()["predicted_latency_ms"] for m in (convnet_compiled, priced))
+    assert 0.25 < now / then < 4
+
+
 def test_predicted_key_bundle_size_matches_the_real_bundle(convnet_compiled, convnet_client):
     real = len(convnet_client.keys.evaluation_keys().to_bytes())
     assert abs(convnet_compiled.predicted_key_bundle_bytes - real) < 0.02 * real

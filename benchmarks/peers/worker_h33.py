@@ -27,6 +27,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     from h33_bento import FHEInferenceClient, compile
+    from h33_bento.runtime.costs import reprice
 
     from nets import build
 
@@ -72,6 +73,7 @@ def main() -> None:
     phase(args.json, "inference")
     batches = [images[i:i + client.lanes] for i in range(0, len(images), client.lanes)]
     result.update(measure_requests(request, images[0], batches, args.repeat, ref, labels, client.lanes))
+    priced = reprice(compiled)  # the plan priced with costs measured just before these requests
     runs, outside, e2e = [], [], []
     for _ in range(max(args.repeat, 5)):  # the per-layer profile: median of a few more full requests
         t_enc, enc = timed(lambda: client.encrypt(batches[0]))
@@ -82,7 +84,11 @@ def main() -> None:
         e2e.append(t_enc + t_run + t_dec)
     result["outside_steps_ms"] = float(np.median(outside))
     result["profile_e2e_ms"] = float(np.median(e2e))
-    result["layers"] = [{"step": s.name, "op": s.op, "level": s.level, "predicted_ms": compiled.predicted_ms(s),
+    repriced = priced.plan_summary()
+    result["profile_predicted_ms"] = repriced["predicted_latency_ms"]
+    result["profile_predicted_client_ms"] = repriced["predicted_client_ms"]
+    result["layers"] = [{"step": s.name, "op": s.op, "level": s.level, "predicted_ms": priced.predicted_ms(s),
+                         "compile_predicted_ms": compiled.predicted_ms(s),
                          "measured_ms": float(np.median([r[s.name] for r in runs]))} for s in compiled.steps]
     log(f"h33 {args.network}: single {result['single_ms']:.0f} ms, amortized {result['amortized_ms']:.0f} ms/img, "
         f"err {result['max_abs_err']:.2e}")

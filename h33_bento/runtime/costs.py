@@ -7,8 +7,9 @@ because key-switching costs fall in steps as levels are consumed.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import openfhe
@@ -16,6 +17,9 @@ import openfhe
 from ..ckks.context import get_context
 from ..ckks.params import CKKSParams
 from ..compiler.activations import to_openfhe_coeffs
+
+if TYPE_CHECKING:
+    from ..compiler.program import CompiledModel
 
 # A run streams its rotation keys and plaintext diagonals from memory (hundreds of MiB); timing
 # one key and a few plaintexts would time them hot in the last-level cache (32 MiB here) and
@@ -142,3 +146,15 @@ def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = 
         "ciphertext": len(openfhe.Serialize(fresh, openfhe.BINARY)),
     }
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in costs.items()}, sizes
+
+
+def reprice(compiled: "CompiledModel") -> "CompiledModel":
+    """The same program (same fingerprint) with its primitive costs measured again, now: for
+    predictions, not for saving.
+
+    A shared machine's speed drifts by 10-20% within minutes, so a benchmark that compares a run
+    with the plan re-prices the plan just before the run rather than trusting compile-time costs.
+    """
+    degrees = tuple(int(k.split("_", 1)[1]) for k in compiled.primitive_costs_ms if k.startswith("chebyshev_"))
+    costs, _ = measure_primitives(compiled.params, degrees)
+    return dataclasses.replace(compiled, primitive_costs_ms=costs, _fingerprint=compiled.fingerprint)

@@ -67,6 +67,11 @@ class CKKSParams(BaseModel):
         """Values each lane holds: every lane sees its own cyclic vector of this length."""
         return self.slots // self.lanes
 
+    def plaintext_bytes(self, level: int = 0) -> int:
+        """Bytes of one encoded plaintext at ``level``: 8 per coefficient per tower left.  The
+        engine's plaintext cache counts its budget with this, and plans predict that cache with it."""
+        return self.ring_dim * 8 * (self.multiplicative_depth + 1 - min(level, self.multiplicative_depth))
+
     @property
     def modulus_bits(self) -> int:
         """Bits of the ciphertext modulus Q at the top level (special primes excluded)."""

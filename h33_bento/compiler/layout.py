@@ -189,9 +189,9 @@ class PlaneGrid:
 def polyphase_positions(shape: tuple[int, ...], stride: int, padded: bool = False) -> np.ndarray | None:
     """Space-to-depth layout of a (C, H, W) tensor: element (c, y, x) goes to phase plane
     (c, y mod s, x mod s) at (y // s, x // s); planes are packed tight, or with ``padded`` on a
-    power-of-two canvas.  None when the stride does not fit the image."""
+    power-of-two canvas (stride 1: row-major).  None when the stride does not fit the image."""
     c, h, w = shape
-    if stride >= min(h, w):
+    if stride > 1 and stride >= min(h, w):
         return None
     grid = _phase_grid(shape, stride, padded)
     phases = grid.positions((c * stride * stride, -(-h // stride), -(-w // stride)))
@@ -211,20 +211,16 @@ def input_candidates(shape: tuple[int, ...], n: int) -> list[tuple[np.ndarray, P
     """Where the client may pack a (C, H, W) input, each with its plane grid: row-major first,
     then padded and polyphase variants that need no more ciphertext blocks than row-major."""
     size = int(np.prod(shape))
-    identity = np.arange(size, dtype=np.int64)
     if len(shape) != 3:
-        return [(identity, None)]
-    c, h, w = shape
-    cands: list[tuple[np.ndarray, PlaneGrid | None]] = [(identity, PlaneGrid(plane=h * w, row=w))]
-    padded = PlaneGrid(plane=_next_pow2(h * _next_pow2(w)), row=_next_pow2(w))
-    cands.append((padded.positions(shape), padded))
-    for stride in (2, 3, 4):
+        return [(np.arange(size, dtype=np.int64), None)]
+    blocks = -(-size // n)
+    cands = []
+    for stride in (1, 2, 3, 4):  # stride 1: row-major (first), then on a padded canvas
         for pad in (False, True):
             pos = polyphase_positions(shape, stride, pad)
-            if pos is not None:
+            if pos is not None and int(pos.max()) // n + 1 <= blocks:
                 cands.append((pos, _phase_grid(shape, stride, pad)))
-    blocks = -(-size // n)
-    return [(p, g) for p, g in cands if p is not None and int(p.max()) // n + 1 <= blocks]
+    return cands
 
 
 def plane_grid_positions(matrix, in_pos: np.ndarray, in_grid: PlaneGrid, out_shape: tuple[int, ...]

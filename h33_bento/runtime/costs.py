@@ -91,8 +91,7 @@ def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = 
     levels = _levels(params.multiplicative_depth, max_levels)
     per_level: dict[str, list[float]] = {}
     # a program multiplies many rotated copies by many diagonals, each encoded from its own values
-    pt_bytes = (params.multiplicative_depth + 1) * params.ring_dim * 8
-    vectors = [rng.uniform(-1, 1, params.slots) for _ in range(_pool_size(pt_bytes, 4, 48))]
+    vectors = [rng.uniform(-1, 1, params.slots) for _ in range(_pool_size(params.plaintext_bytes(0), 4, 48))]
     for level in levels:
         pts = [cc.MakeCKKSPackedPlaintext(v, 1, level) for v in vectors]
         ct = fresh if level == 0 else cc.LevelReduce(fresh, None, level)

@@ -21,7 +21,6 @@ from ..compiler.program import CompiledModel, Step
 from ..errors import EnvelopeError, TamperedDataError
 
 
-
 class PlaintextCache:
     """Encoded plaintexts of one model keyed by (step, term, level, scale degree), bounded in bytes.
 
@@ -35,8 +34,7 @@ class PlaintextCache:
     def __init__(self, compiled: CompiledModel, budget_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.model_fingerprint = compiled.fingerprint
         self.budget = budget_bytes
-        self.per_tower = compiled.params.ring_dim * 8
-        self.towers = compiled.params.multiplicative_depth + 1
+        self.params = compiled.params
         self.used = 0
         self._items: dict[tuple, openfhe.Plaintext] = {}
         self._lock = threading.Lock()  # engines sharing the cache may run on different threads
@@ -49,7 +47,7 @@ class PlaintextCache:
             return pt
         self.misses += 1
         pt = make()
-        size = self.per_tower * (self.towers - level)
+        size = self.params.plaintext_bytes(level)
         with self._lock:
             if key not in self._items and self.used + size <= self.budget:
                 self._items[key] = pt

@@ -114,6 +114,20 @@ def test_engine_output_equals_simulate(convnet_compiled, convnet_client, mnist_t
     assert_logits_close(got, simulate(convnet_compiled, x), rel=1e-3)
 
 
+def test_plan_predicts_what_a_small_plaintext_cache_encodes_every_run(convnet_compiled, convnet_client, mnist_test):
+    budget = convnet_compiled.plan_summary()["plaintext_bytes"] // 2
+    predicted = sum(convnet_compiled.uncached_plaintexts(budget).values())
+    assert predicted > 0
+    cache = PlaintextCache(convnet_compiled, budget)
+    engine = Engine(convnet_compiled, convnet_client.keys.evaluation_keys(), cache=cache)
+    enc = convnet_client.encrypt(mnist_test[0][:8])
+    engine.run(enc)
+    assert 0 < cache.used <= budget
+    misses = cache.misses
+    engine.run(enc)
+    assert cache.misses - misses == predicted
+
+
 def test_engines_of_one_model_share_a_plaintext_cache_and_can_drop_serialized_keys(
         convnet_compiled, convnet_client, cnn_compiled, mnist_test):
     """What a server holding one engine per client key relies on (BentoML service, MLflow pyfunc)."""

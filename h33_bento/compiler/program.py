@@ -111,25 +111,36 @@ class CompiledModel:
             return {"mult_cipher": blocks, "rescale": blocks}
         return {"add": blocks}
 
-    def plaintext_bytes(self, step: Step) -> int:
-        """Bytes of one encoded diagonal of a linear step (lane-expanded, at the step's level)."""
-        depth = self.params.multiplicative_depth
-        return self.params.ring_dim * 8 * (depth + 1 - min(step.level, depth))
+    def plaintext_runs(self, step: Step) -> list[tuple[int, int]]:
+        """(bytes, count) runs of the plaintexts a linear step encodes, in the engine's order: for
+        every output block its diagonals (at the step's level), then its bias if it has one (one
+        level down, after the rescale)."""
+        plan = step.linear
+        diagonal, bias = self.params.plaintext_bytes(step.level), self.params.plaintext_bytes(step.level + 1)
+        per_block = np.bincount(plan.terms[:, 0], minlength=plan.out_blocks)
+        runs = []
+        for ob in range(plan.out_blocks):
+            runs.append((diagonal, int(per_block[ob])))
+            if np.any(plan.bias[ob]):
+                runs.append((bias, 1))
+        return runs
 
-    def uncached_diagonals(self, cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict[str, int]:
-        """Diagonals per linear step that an engine with this cache budget encodes on every run.
+    def uncached_plaintexts(self, cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict[str, int]:
+        """Plaintexts per linear step that an engine with this cache budget encodes on every run.
 
-        The engine's cache keeps the first plaintexts it encodes, in program order (see
-        ``runtime.engine``), so which ones spill is known at compile time.
+        The engine's cache keeps each plaintext it encodes while it fits the budget, in program
+        order (see ``runtime.engine``), so which ones spill is known at compile time.
         """
         used, out = 0, {}
         for s in self.steps:
             if s.linear is None:
                 continue
-            size, count = self.plaintext_bytes(s), len(s.linear.terms)
-            kept = max(0, min(count, (cache_bytes - used) // size))
-            used += kept * size
-            out[s.name] = count - kept
+            spilled = 0
+            for size, count in self.plaintext_runs(s):
+                kept = max(0, min(count, (cache_bytes - used) // size))
+                used += kept * size
+                spilled += count - kept
+            out[s.name] = spilled
         return out
 
     @property
@@ -153,7 +164,7 @@ class CompiledModel:
             key = f"chebyshev_{counts['chebyshev_degree']}"
             return costs.get(key, float("nan")) * (depth + 1 - level) / (depth + 1) * counts["ciphertexts"]
         if step.linear is not None:
-            counts = {**counts, "encode": self.uncached_diagonals(cache_bytes)[step.name]}
+            counts = {**counts, "encode": self.uncached_plaintexts(cache_bytes)[step.name]}
         return self.cost_model.total(counts, level)
 
     def bootstrap_estimate(self) -> tuple[int, int]:
@@ -206,8 +217,8 @@ class CompiledModel:
             "key_bundle_bytes": self.predicted_key_bundle_bytes,
             "predicted_latency_ms": round(predicted, 2) if predicted == predicted else None,
             "predicted_client_ms": round(client, 2) if client == client else None,
-            "plaintext_bytes": sum(self.plaintext_bytes(s) * len(s.linear.terms) for s in self.steps if s.linear),
-            "encodes_per_run": sum(self.uncached_diagonals().values()),
+            "plaintext_bytes": sum(size * count for s in self.steps if s.linear for size, count in self.plaintext_runs(s)),
+            "encodes_per_run": sum(self.uncached_plaintexts().values()),
         }
 
     @property
@@ -256,7 +267,7 @@ class CompiledModel:
             f"key bundle: {summ['key_bundle_bytes'] / 2**20:.1f} MiB, predicted latency "
             f"{summ['predicted_latency_ms']} ms per ciphertext ({p.lanes} inputs) on the server, "
             f"{summ['predicted_client_ms']} ms to encrypt and decrypt on the client",
-            f"plaintext diagonals: {summ['plaintext_bytes'] / 2**20:.0f} MiB encoded"
+            f"plaintext diagonals and biases: {summ['plaintext_bytes'] / 2**20:.0f} MiB encoded"
             + (f"; {summ['encodes_per_run']} re-encoded per run with the default "
                f"{DEFAULT_CACHE_BYTES / 2**30:.0f} GiB engine cache (included above)" if summ["encodes_per_run"] else
                f", all kept by the default {DEFAULT_CACHE_BYTES / 2**30:.0f} GiB engine cache"),

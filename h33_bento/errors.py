@@ -74,3 +74,10 @@ class TruncatedDataError(EnvelopeError):
 
 class TamperedDataError(EnvelopeError):
     """The bytes do not match their recorded digest."""
+
+
+class SandboxUnavailableError(H33Error):
+    """No process is available to validate untrusted bytes (they fail to start, or all are busy).
+
+    A server-side condition, not a fault of the request: retry later.
+    """

@@ -36,6 +36,7 @@ from typing import Any
 
 from .ckks.keys import EvaluationKeys
 from .ckks.params import CKKSParams
+from .ckks.sandbox import Sandbox
 from .ckks.serialization import KEYS_MAGIC, read_frame_header
 from .errors import EnvelopeError, EvaluationKeysNotFoundError, KeyMismatchError
 
@@ -182,17 +183,23 @@ class KeyStore:
         raise EvaluationKeysNotFoundError(key_id, f"the key store {self.root} has no bundle for it "
                                                   f"(expected {self.root / key_id / BUNDLE_FILE})")
 
-    def load(self, key_id: str, params: CKKSParams | None = None) -> EvaluationKeys:
+    def load(self, key_id: str, params: CKKSParams | None = None, sandbox: Sandbox | None = None) -> EvaluationKeys:
         """Read and validate ``key_id``'s bundle (against ``params`` when given).
 
-        Raises ``EvaluationKeysNotFoundError`` if it is not stored, ``KeyMismatchError`` if the
+        With a ``sandbox`` (a server: the file may come from anyone who could write the store, an
+        older release, or a provisioning script) the bundle is validated in its child processes
+        before OpenFHE reads it here, unless a child of that sandbox wrote or confirmed exactly
+        these bytes already.  Raises ``EvaluationKeysNotFoundError`` if it is not stored, ``KeyMismatchError`` if the
         file holds another key's bundle, and the bundle's own ``EnvelopeError`` (tampered,
         truncated, other params) with the key_id in its message.
         """
         self.require(key_id)
         path = self.bundle_path(key_id)
         try:
-            keys = EvaluationKeys.from_bytes(path.read_bytes(), params)
+            if sandbox is not None:
+                keys = sandbox.load_bundle(path)
+            else:
+                keys = EvaluationKeys.from_bytes(path.read_bytes(), params)
         except FileNotFoundError:  # deleted between the lookup and the read
             raise EvaluationKeysNotFoundError(key_id, f"its bundle was removed from {self.root}") from None
         except EnvelopeError as exc:

@@ -644,7 +644,10 @@ class _H33PyfuncModel:
     One Engine per key_id is built from the key store on first use and kept (up to
     ``MAX_CACHED_ENGINES``, least recently used first out).  The engines share one plaintext
     cache (the diagonals do not depend on the key) and drop their serialized keys once OpenFHE
-    holds them.
+    holds them.  A scoring server runs this for every caller, so untrusted bytes reach OpenFHE
+    here only through a :class:`~h33_bento.ckks.sandbox.Sandbox` (started on the first encrypted
+    request): bundles read from the key store and every envelope's ciphertexts are validated in
+    its child processes first.
     """
 
     def __init__(self, compiled: Any, key_store: str | os.PathLike | None) -> None:
@@ -655,6 +658,7 @@ class _H33PyfuncModel:
         self.key_store = KeyStore(key_store, create=False) if key_store else None
         self.cache = PlaintextCache(compiled)
         self._engines: OrderedDict[str, Any] = OrderedDict()
+        self._sandbox: Any = None
         self._lock = threading.Lock()
 
     def get_raw_model(self) -> Any:
@@ -663,6 +667,7 @@ class _H33PyfuncModel:
 
     def engine(self, key_id: str) -> Any:
         """The Engine for ``key_id``, built from the key store on first use."""
+        from h33_bento.ckks.sandbox import Sandbox
         from h33_bento.runtime.engine import Engine
 
         with self._lock:
@@ -672,9 +677,11 @@ class _H33PyfuncModel:
                     raise EvaluationKeysNotFoundError(
                         key_id, "no key store is configured; load the model with model_config={'key_store': DIR} "
                         f"(or set {KEY_STORE_ENV}) where DIR is a key store holding it")
-                keys = self.key_store.load(key_id, self.compiled.params)
+                if self._sandbox is None:
+                    self._sandbox = Sandbox(self.compiled.params)
+                keys = self.key_store.load(key_id, self.compiled.params, sandbox=self._sandbox)
                 engine = self._engines[key_id] = Engine(self.compiled, keys, cache=self.cache,
-                                                        keep_serialized_keys=False)
+                                                        keep_serialized_keys=False, sandbox=self._sandbox)
                 while len(self._engines) > MAX_CACHED_ENGINES:
                     self._engines.popitem(last=False)
             self._engines.move_to_end(key_id)

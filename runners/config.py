@@ -19,6 +19,8 @@ Environment variables::
     H33_MAX_ENGINES         engines (key bundles) kept installed per worker (default 8)
     H33_MAX_KEYS_PER_TENANT key bundles a tenant may register (default 8)
     H33_ENGINE_CACHE_BYTES  plaintext-diagonal cache shared by the engines (default 2 GiB)
+    H33_SANDBOX_PROCESSES   processes validating untrusted ciphertexts (default 2)
+    H33_SANDBOX_TIMEOUT_S   time limit for validating one request's ciphertexts (default 30 s)
 """
 from __future__ import annotations
 
@@ -86,6 +88,8 @@ class ServeConfig(BaseModel):
     max_engines: int = Field(default=8, ge=1)
     max_keys_per_tenant: int = Field(default=8, ge=1)
     engine_cache_bytes: int = Field(default=2 * GiB, ge=0)
+    sandbox_processes: int = Field(default=2, ge=1, description="child processes validating untrusted ciphertexts")
+    sandbox_timeout_s: float = Field(default=30.0, gt=0, description="limit for validating one request's ciphertexts")
 
     @field_validator("tenants", mode="before")
     @classmethod
@@ -124,6 +128,8 @@ class ServeConfig(BaseModel):
             "H33_MAX_ENGINES": "max_engines",
             "H33_MAX_KEYS_PER_TENANT": "max_keys_per_tenant",
             "H33_ENGINE_CACHE_BYTES": "engine_cache_bytes",
+            "H33_SANDBOX_PROCESSES": "sandbox_processes",
+            "H33_SANDBOX_TIMEOUT_S": "sandbox_timeout_s",
         }
         for var, field in simple.items():
             if env.get(var):

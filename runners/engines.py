@@ -31,11 +31,11 @@ from typing import Any, Callable, Sequence
 import openfhe
 from starlette.responses import Response
 
-from ..ckks.context import get_context
 from ..ckks.keys import EvaluationKeys
+from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import EncryptedTensor
 from ..compiler.program import CompiledModel
-from ..errors import EnvelopeError, EvaluationKeysNotFoundError, TamperedDataError
+from ..errors import EnvelopeError, EvaluationKeysNotFoundError, SandboxUnavailableError
 from ..keystore import KeyStore
 from ..runtime.engine import DEFAULT_CACHE_BYTES, Engine, PlaintextCache
 from .errors import HTTPError, from_envelope_error, unknown_key
@@ -102,21 +102,24 @@ class EngineRunner:
     """Owns the engines (one per key_id, LRU) and the single thread that executes them.
 
     Every OpenFHE operation that touches evaluation keys -- installing a bundle, running a
-    program -- happens on that one thread, so the process-wide key maps are never mutated
-    while a program reads them.  Plaintext diagonals do not depend on the key, so all engines
-    share one plaintext cache.
+    program -- happens on that one thread, so the process-wide key maps are never mutated while
+    a program reads them.  Plaintext diagonals do not depend on the key, so all engines share one
+    plaintext cache.
+
+    Bundles reach OpenFHE here only as the ``sandbox`` re-serialized them (``KeyStore.load`` with
+    the sandbox, or the upload path), which also refused any that carried keys for other tags.
     """
 
-    def __init__(self, compiled: CompiledModel, keystore: KeyStore, max_engines: int = 8,
+    def __init__(self, compiled: CompiledModel, keystore: KeyStore, sandbox: Sandbox, max_engines: int = 8,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, metrics: Metrics | None = None) -> None:
         self.compiled = compiled
         self.params = compiled.params
         self.keystore = keystore
+        self.sandbox = sandbox
         self.max_engines = max_engines
         self.cache = PlaintextCache(compiled, cache_bytes)
         self.metrics = metrics or NullMetrics(compiled.fingerprint)
         self._engines: OrderedDict[str, Engine] = OrderedDict()
-        self._tag_owner: dict[str, str] = {}
         self._installed: dict[str, EvaluationKeys] = {}  # key_id -> bundle without its serialized keys
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h33-engine")
         self.runs = 0
@@ -152,61 +155,25 @@ class EngineRunner:
         if slim is not None:  # evicted from the LRU, but its keys are still in OpenFHE's maps
             return self.install(slim)
         try:
-            keys = self.keystore.load(key_id, self.params)
+            keys = self.keystore.load(key_id, self.params, sandbox=self.sandbox)
         except EvaluationKeysNotFoundError:  # deleted since the lookup
             raise unknown_key(key_id) from None
         return self.install(keys)
 
     def install(self, keys: EvaluationKeys) -> Engine:
-        """Validate a bundle against OpenFHE and install it; returns its engine."""
+        """Install a bundle the sandbox validated; returns its engine."""
         engine = self._engines.get(keys.key_id)
         if engine is not None:
             return engine
-        cc = get_context(self.params)
-        try:
-            public = openfhe.DeserializePublicKeyString(keys.public_key, openfhe.BINARY)
-        except Exception as exc:  # RuntimeError, or ValueError/MemoryError from malformed bytes
-            raise TamperedDataError(f"the bundle's public key could not be deserialized: {exc}") from exc
-        if public is None or public.GetKeyTag() != keys.key_tag:
-            raise TamperedDataError("the bundle's key tag does not match its public key")
-        owner = self._tag_owner.get(keys.key_tag)
-        if owner is not None and owner != keys.key_id:
-            raise TamperedDataError("the bundle's key tag already belongs to another key")
-        before = self._installed_tags(cc)
-        try:
-            # once OpenFHE's maps hold the keys the engine drops its serialized copy (hundreds of MB
-            # per bundle); plaintext diagonals do not depend on the key, so all engines share a cache
-            engine = Engine(self.compiled, keys, cache=self.cache, keep_serialized_keys=False)
-        except EnvelopeError:
-            raise
-        except Exception as exc:  # OpenFHE: ValueError/MemoryError on malformed key blobs
-            raise TamperedDataError(f"evaluation keys could not be deserialized: {exc}") from exc
-        finally:
-            foreign = self._installed_tags(cc) - before - {keys.key_tag}
-            if foreign:
-                # the bundle smuggled keys for other key tags into OpenFHE's process-wide maps; they
-                # could shadow another tenant's keys, so flush everything (engines reload lazily)
-                self._reset_openfhe(cc)
-        if foreign:
-            raise TamperedDataError("the bundle carries evaluation keys for other key tags")
+        # once OpenFHE's maps hold the keys the engine drops its serialized copy (hundreds of MB
+        # per bundle); plaintext diagonals do not depend on the key, so all engines share a cache
+        engine = Engine(self.compiled, keys, cache=self.cache, keep_serialized_keys=False)
         self._installed[keys.key_id] = engine.keys
         self._engines[keys.key_id] = engine
-        self._tag_owner[keys.key_tag] = keys.key_id
         while len(self._engines) > self.max_engines:
             self._engines.popitem(last=False)
         self.metrics.key_installs.labels(self.metrics.model).inc()
         return engine
-
-    @staticmethod
-    def _installed_tags(cc: Any) -> set[str]:
-        return set(cc.GetAllEvalMultKeys().keys()) | set(cc.GetAllEvalAutomorphismKeys().keys())
-
-    def _reset_openfhe(self, cc: Any) -> None:
-        openfhe.ClearEvalMultKeys()
-        openfhe.CryptoContext.ClearEvalAutomorphismKeys()
-        self._engines.clear()
-        self._tag_owner.clear()
-        self._installed.clear()
 
     def forget(self, key_id: str) -> None:
         """Drop the engine of a deleted key (its OpenFHE keys stay until the process restarts)."""
@@ -221,19 +188,23 @@ class EngineRunner:
             engine = self.engine_for(key_id)
         except HTTPError as exc:
             return [InferResult(error=exc) for _ in assignments]
+        except SandboxUnavailableError as exc:
+            err = HTTPError(503, "validator_unavailable", str(exc))
+            return [InferResult(error=err) for _ in assignments]
         except EnvelopeError as exc:
             err = HTTPError(500, "key_store_error", f"the stored bundle for {key_id} is unusable: {exc}")
             return [InferResult(error=err) for _ in assignments]
         ready = []
         for i, (item, lane) in enumerate(assignments):
-            try:
+            try:  # the sandbox validated these blobs (Runtime.prepare_infer)
                 cts = [engine.deserialize(blob) for blob in item.envelope.ciphertexts]
             except EnvelopeError as exc:
                 results[i] = InferResult(error=from_envelope_error(exc))
                 continue
-            except Exception as exc:  # OpenFHE raises ValueError/MemoryError on some malformed blobs
-                results[i] = InferResult(error=from_envelope_error(
-                    TamperedDataError(f"ciphertext could not be deserialized: {exc}")))
+            except Exception as exc:  # an OpenFHE failure (MemoryError, ...) fails this request alone
+                logger.exception("deserializing a validated ciphertext failed")
+                err = HTTPError(500, "engine_error", f"the ciphertext could not be loaded: {exc}")
+                results[i] = InferResult(error=err)
                 continue
             ready.append((i, item, lane, cts))
         if not ready:

@@ -7,16 +7,19 @@ reach it.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 
+from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import WIRE_VERSION, EncryptedTensor
 from ..compiler.program import CompiledModel
-from ..errors import EnvelopeError
-from ..keystore import KeyRecord, StagedBundle
+from ..errors import EnvelopeError, SandboxUnavailableError
+from ..keystore import INCOMING, KeyRecord, StagedBundle
 from .config import Authenticator, ServeConfig
 from .engines import EngineRunner, InferItem, LanePacker
 from .errors import HTTPError, foreign_key, from_envelope_error
@@ -48,14 +51,27 @@ class Runtime:
             logger.warning("no tenants are configured: every authenticated endpoint will answer 401")
         self.keystore = TenantKeyStore(config.key_store, config.max_keys_per_tenant)
         self.metrics = metrics or create_metrics(compiled.fingerprint)
-        self.runner = EngineRunner(compiled, self.keystore, config.max_engines, config.engine_cache_bytes,
-                                   self.metrics)
+        # every untrusted OpenFHE byte (request ciphertexts, uploaded and stored bundles) is validated
+        # in these child processes first: a malformed one can crash OpenFHE, and this process serves
+        # every tenant
+        self.sandbox = Sandbox(compiled.params, processes=config.sandbox_processes,
+                               timeout_s=config.sandbox_timeout_s, scratch_dir=self.keystore.root / INCOMING)
+        self.runner = EngineRunner(compiled, self.keystore, self.sandbox, config.max_engines,
+                                   config.engine_cache_bytes, self.metrics)
+        threading.Thread(target=self._learn_key_shapes, name="h33-key-shapes", daemon=True).start()
         self.packer = LanePacker(self.runner, config.lane_wait_ms / 1000.0, config.lane_max_wait_ms / 1000.0,
                                  self.metrics)
         self.started = time.time()
         self._model_info: dict[str, Any] | None = None
         logger.info("serving h33 model %s (%s) from %s; key store %s with %d bundles", compiled.fingerprint,
                     compiled.params.summary(), self.source, self.keystore.root, len(self.keystore))
+
+    def _learn_key_shapes(self) -> None:
+        """Ready the sandbox for bundles now, not on the first upload (seconds of key generation)."""
+        try:
+            self.sandbox.learn_key_shapes()
+        except SandboxUnavailableError as exc:  # the first bundle validation tries again
+            logger.error("%s", exc)
 
     # ----------------------------------------------------------------- registration
     def activate(self) -> "Runtime":
@@ -67,6 +83,7 @@ class Runtime:
         global _current
         await self.packer.close()
         self.runner.close()
+        self.sandbox.close()
         if _current is self:
             _current = None
 
@@ -122,6 +139,8 @@ class Runtime:
             "engines_loaded": self.runner.engines_loaded,
             "engine_runs": self.runner.runs,
             "pending_requests": self.packer.pending,
+            "worker_pid": os.getpid(),
+            "sandbox_crashes": self.sandbox.crashes,
         }
 
     # ----------------------------------------------------------------- /infer
@@ -135,7 +154,7 @@ class Runtime:
             raise from_envelope_error(exc) from None
         if key_id_header and key_id_header != env.key_id:
             raise HTTPError(422, "invalid_envelope", "the X-H33-Key-Id header does not match the envelope's key_id")
-        self.keystore.resolve(env.key_id, tenant)  # 404 unknown / 403 another tenant's
+        record = self.keystore.resolve(env.key_id, tenant)  # 404 unknown / 403 another tenant's
         shape = tuple(m.input_shape)
         problems = []
         if not 1 <= env.lanes_used <= m.lanes:
@@ -150,27 +169,43 @@ class Runtime:
             problems.append("input ciphertexts must be fresh (level 0)")
         if problems:
             raise HTTPError(422, "invalid_envelope", "; ".join(problems))
+        try:  # OpenFHE sees the ciphertexts in this process only once a sandbox child has vetted them
+            env.ciphertexts = self.sandbox.canonical_ciphertexts(env.ciphertexts, record.key_tag)
+        except EnvelopeError as exc:
+            raise from_envelope_error(exc) from None
+        except SandboxUnavailableError as exc:
+            raise HTTPError(503, "validator_unavailable", str(exc)) from None
         return InferItem(tenant=tenant, key_id=env.key_id, envelope=env, model_fingerprint=m.fingerprint)
 
     # ----------------------------------------------------------------- /keys
     async def register_keys(self, tenant: str, upload: Path) -> tuple[KeyRecord, bool]:
-        """Validate an uploaded bundle, install it, and persist it bound to ``tenant``."""
+        """Validate an uploaded bundle, install it, and persist it bound to ``tenant``.
+
+        A sandbox child validates the upload and writes its re-serialized form; only that form is
+        installed here and stored (so the store holds bundles this process may load directly).
+        """
+        canonical = self.keystore.incoming_path()
         try:
-            staged: StagedBundle = await anyio.to_thread.run_sync(self.keystore.stage, upload, self.compiled.params)
-        except EnvelopeError as exc:
-            raise from_envelope_error(exc, bundle=True) from None
-        keys = staged.keys
-        existing = self.keystore.get(keys.key_id)
-        if existing is not None:
-            if existing.tenant != tenant:
-                raise foreign_key(keys.key_id)
-            return existing, False
-        self.keystore.check_quota(tenant)
-        try:
+            try:
+                await anyio.to_thread.run_sync(self.sandbox.canonical_bundle, upload, canonical)
+                upload.unlink(missing_ok=True)  # the disk holds one copy at a time (bundles reach GB)
+                staged: StagedBundle = await anyio.to_thread.run_sync(self.keystore.stage, canonical,
+                                                                      self.compiled.params)
+            except EnvelopeError as exc:
+                raise from_envelope_error(exc, bundle=True) from None
+            except SandboxUnavailableError as exc:
+                raise HTTPError(503, "validator_unavailable", str(exc)) from None
+            keys = staged.keys
+            existing = self.keystore.get(keys.key_id)
+            if existing is not None:
+                if existing.tenant != tenant:
+                    raise foreign_key(keys.key_id)
+                return existing, False
+            self.keystore.check_quota(tenant)
             await self.runner.call(self.runner.install, keys)
-        except EnvelopeError as exc:
-            raise from_envelope_error(exc, bundle=True) from None
-        return await anyio.to_thread.run_sync(self.keystore.register, staged, tenant)
+            return await anyio.to_thread.run_sync(self.keystore.register, staged, tenant)
+        finally:
+            canonical.unlink(missing_ok=True)  # stored bundles were moved away: this only cleans failures
 
     async def delete_keys(self, tenant: str, key_id: str) -> KeyRecord:
         rec = await anyio.to_thread.run_sync(self.keystore.unregister, key_id, tenant)

@@ -2,9 +2,12 @@
 
 OpenFHE deduplicates contexts with equal parameters internally, and its evaluation keys live in
 static maps keyed by the secret key's tag, so one context serves every tenant with these params.
+Those maps cannot drop one tag's keys: :func:`release_evaluation_keys` empties them all.
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
 
 import openfhe
@@ -43,3 +46,26 @@ def get_context(params: CKKSParams) -> openfhe.CryptoContext:
         if cc is None:
             cc = _contexts[key] = build_context(params)
         return cc
+
+
+def release_evaluation_keys() -> None:
+    """Drop every evaluation key this process holds and give the memory back to the OS.
+
+    OpenFHE's Python binding can only clear its key maps whole.  Clearing them frees the keys, but
+    glibc keeps the freed pages in its heap; ``malloc_trim`` returns them (measured: RSS falls back
+    to where it was before the keys were loaded).  Nothing may use the keys meanwhile.
+    """
+    openfhe.ClearEvalMultKeys()
+    openfhe.CryptoContext.ClearEvalAutomorphismKeys()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; absent elsewhere
+    if trim is not None:
+        trim(0)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux; 0 where /proc is not available)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

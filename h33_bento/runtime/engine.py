@@ -14,6 +14,7 @@ import numpy as np
 import openfhe
 
 from ..ckks.keys import EvaluationKeys, load_ciphertext
+from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import EncryptedTensor
 from ..compiler.activations import to_openfhe_coeffs
 from ..compiler.cost_model import DEFAULT_CACHE_BYTES
@@ -60,7 +61,7 @@ class Engine:
 
     def __init__(self, compiled: CompiledModel, evaluation_keys: EvaluationKeys | bytes,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, *, cache: PlaintextCache | None = None,
-                 keep_serialized_keys: bool = True) -> None:
+                 keep_serialized_keys: bool = True, sandbox: Sandbox | None = None) -> None:
         """Install ``evaluation_keys`` into OpenFHE and prepare to run ``compiled``.
 
         ``cache``: a :class:`PlaintextCache` of this model to share with other engines; without
@@ -68,18 +69,27 @@ class Engine:
         drops the serialized relinearization and rotation keys once OpenFHE holds them (about the
         bundle's size, hundreds of MB); ``self.keys`` then keeps the public key and key tag, which
         is all the engine reads later, and can build another engine while the keys stay installed.
+
+        ``sandbox``: for a process that serves other requests.  :meth:`run` then has every
+        envelope's ciphertexts validated in the sandbox's child processes before OpenFHE
+        deserializes them here, so a malicious ciphertext cannot crash this process.  The keys
+        must be validated already (``KeyStore.load(..., sandbox=...)``, ``Sandbox.load_bundle``).
+        Without one (a client's own local engine), ciphertexts are deserialized directly.
         """
         if not compiled.runnable:
             raise ValueError("this compiled model is a plan only (its depth needs bootstrapping); it cannot run")
         if cache is not None and cache.model_fingerprint != compiled.fingerprint:
             raise ValueError(f"the plaintext cache belongs to model {cache.model_fingerprint}, "
                              f"not {compiled.fingerprint}")
+        if sandbox is not None and sandbox.params.fingerprint != compiled.params.fingerprint:
+            raise ValueError("the sandbox validates for other CKKS parameters than this model's")
         if isinstance(evaluation_keys, (bytes, bytearray, memoryview)):
             evaluation_keys = EvaluationKeys.from_bytes(bytes(evaluation_keys), compiled.params)
         self.model = compiled
         self.params = compiled.params
         self.keys = evaluation_keys
         self.key_id = evaluation_keys.key_id
+        self.sandbox = sandbox
         self.cc = evaluation_keys.install(compiled.params)
         if not keep_serialized_keys:
             self.keys = dataclasses.replace(evaluation_keys, mult_key=b"", rotation_keys=b"")
@@ -101,8 +111,10 @@ class Engine:
         if len(enc.ciphertexts) != self.model.input_blocks:
             raise EnvelopeError(f"envelope holds {len(enc.ciphertexts)} ciphertexts, the model takes "
                                 f"{self.model.input_blocks}")
-        cts = [self.deserialize(blob) for blob in enc.ciphertexts]
-        out = self.run_ciphertexts(cts)
+        blobs = enc.ciphertexts
+        if self.sandbox is not None:
+            blobs = self.sandbox.canonical_ciphertexts(blobs, self.keys.key_tag)
+        out = self.run_ciphertexts([self.deserialize(blob) for blob in blobs])
         return EncryptedTensor(
             model_fingerprint=self.model.fingerprint,
             params_fingerprint=self.params.fingerprint,
@@ -116,7 +128,11 @@ class Engine:
         )
 
     def deserialize(self, blob: bytes) -> openfhe.Ciphertext:
-        """An untrusted ciphertext blob -> Ciphertext, checked against this key and ring."""
+        """A ciphertext blob -> Ciphertext, checked against this key and ring.
+
+        OpenFHE deserializes the blob in this process: in a server, pass only blobs a
+        :class:`Sandbox` has validated (``canonical_ciphertexts``), since a malformed one can crash it.
+        """
         ct = load_ciphertext(blob, self.keys.key_tag)
         if ct.GetCryptoContext().GetRingDimension() != self.params.ring_dim or ct.GetLevel() != 0:
             raise TamperedDataError("ciphertext does not match the model's ring dimension or starting level")

@@ -1,0 +1,629 @@
+"""Untrusted OpenFHE bytes are deserialized first in child processes, never in a serving process.
+
+Why: OpenFHE's deserializer trusts its input.  One flipped bit in a ciphertext, framed again with a
+recomputed SHA-256 (anyone can compute it), made it raise SIGFPE and took down the worker with
+every tenant's requests in it; a sweep of single-bit flips over a ciphertext's header killed the
+process in 6% of the cases (SIGFPE, SIGABRT, SIGSEGV), and flipped public keys did the same.
+
+So a :class:`Sandbox` child deserializes the bytes, checks them against the served parameters and
+decides whether they are *canonical*: exactly what OpenFHE serializes for a well-formed object of
+those parameters.  The serving process then only ever deserializes bytes that OpenFHE serialized
+from a validated object.  A crash (the signal is logged), a timeout or any error in the child
+refuses that one request with :class:`~h33_bento.errors.TamperedDataError`; the child is replaced
+and the other requests never notice.
+
+* Ciphertexts (:meth:`Sandbox.canonical_ciphertexts`) go to a pool of persistent children, each
+  holding the served context.  A blob passes when its key tag, ring dimension, level, scale degree
+  and slot count are those of a fresh input and ``Serialize(EvalAdd(zero, Deserialize(blob)))``
+  equals the blob byte for byte, where ``zero`` is the trivial encryption of 0 made by the served
+  context: the sum takes every parameter and field from ``zero`` and only the coefficients from
+  the blob (which EvalAdd refuses if it belongs to another context), so equality means the blob
+  carries this context, reduced coefficients, and no trailing or re-encoded bytes.  An honest
+  client's ciphertext passes unchanged, so the child does not send it back.
+* Key bundles (:meth:`Sandbox.canonical_bundle`) are checked by a fresh child per bundle (OpenFHE's
+  key maps cannot drop one key, so no child accumulates keys): the public key, relinearization key
+  and rotation keys must carry the bundle's tag and no other; the rotation keys must be exactly
+  those the served program needs (lane shifts included); re-serialized, each must have the
+  *shape* of honest keys for the served parameters; and the re-serialized keys, loaded again as
+  the serving process will load them, must serialize back to themselves and encrypt, multiply
+  (relinearize) and rotate by every needed index.  The child writes the re-serialized bundle to a
+  file the caller names (bundles reach gigabytes: they go through files, not pipes).  The shape is
+  learnt once per sandbox (:meth:`Sandbox.learn_key_shapes`): a child generates two key sets for
+  the served parameters and keeps the 8-byte words on which they agree (their tags blanked), less
+  one word at each end of every run, since random coefficients next to a field can agree by
+  chance; that is every length, count, ring dimension, modulus and index in the encoding.  A
+  bundle's re-serialized keys must have the same length and those same words.
+
+Running this module (``python -m h33_bento.ckks.sandbox MODE MEMORY_BYTES``) is a child.  The
+protocol on its stdin/stdout: a frame is an 8-byte big-endian length, a JSON header listing the
+lengths of the blobs that follow, then the blobs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any, Sequence
+
+from ..errors import (
+    EnvelopeError,
+    H33Error,
+    KeyMismatchError,
+    ParamsMismatchError,
+    SandboxUnavailableError,
+    TamperedDataError,
+    TruncatedDataError,
+    UnsupportedVersionError,
+)
+from .params import CKKSParams
+
+logger = logging.getLogger("h33_bento.sandbox")
+
+_LEN = struct.Struct(">Q")
+_DIGEST_LEN = hashlib.sha256().digest_size
+#: errors a child may report (anything else it raises is reported as TamperedDataError)
+_ERRORS: dict[str, type[EnvelopeError]] = {cls.__name__: cls for cls in (
+    EnvelopeError, TamperedDataError, TruncatedDataError, KeyMismatchError, ParamsMismatchError,
+    UnsupportedVersionError)}
+#: reference-key bytes within this distance of a byte where two reference keys differ are not
+#: compared: random coefficients next to a field can agree by chance (their high bytes often do)
+_STRUCTURE_MARGIN = 8
+GiB = 1 << 30
+
+
+# --------------------------------------------------------------------------------------- protocol
+def _send(fh: IO[bytes], header: dict[str, Any], blobs: Sequence[bytes] = ()) -> None:
+    head = json.dumps({**header, "lengths": [len(b) for b in blobs]}).encode()
+    fh.write(_LEN.pack(len(head)))
+    fh.write(head)
+    for blob in blobs:
+        fh.write(blob)
+    fh.flush()
+
+
+def _read_exact(fh: IO[bytes], n: int) -> bytes:
+    data = fh.read(n)
+    if data is None or len(data) != n:
+        raise EOFError("the other end closed the pipe")
+    return data
+
+
+def _recv(fh: IO[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+    (n,) = _LEN.unpack(_read_exact(fh, _LEN.size))
+    header = json.loads(_read_exact(fh, n))
+    return header, [_read_exact(fh, k) for k in header.pop("lengths")]
+
+
+def _frame_digest(path: Path) -> bytes:
+    """The SHA-256 a framed file ends with (which unpacking it checks against its contents)."""
+    with open(path, "rb") as fh:
+        fh.seek(-_DIGEST_LEN, os.SEEK_END)
+        return fh.read(_DIGEST_LEN)
+
+
+# --------------------------------------------------------------------------------------- parent side
+class _ChildFailed(Exception):
+    """The child died, timed out or broke the protocol; ``reason`` says which (signal name)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Child:
+    """One child process; ``call`` sends a request and waits for its answer within a deadline.
+
+    ``memory_bytes`` is the child's address-space limit (0: none, for children that read no
+    untrusted bytes).
+    """
+
+    def __init__(self, mode: str, params: CKKSParams, memory_bytes: int, timeout_s: float) -> None:
+        root = str(Path(__file__).resolve().parents[2])  # the same h33_bento as this process
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen([sys.executable, "-m", __name__, mode, str(memory_bytes)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.pid = self.proc.pid
+        self._timed_out = False
+        try:
+            self.call({"params": params.model_dump(mode="json")}, (), timeout_s)  # answers once the context is built
+        except _ChildFailed:
+            self.close()
+            raise
+
+    def call(self, header: dict[str, Any], blobs: Sequence[bytes], timeout_s: float
+             ) -> tuple[dict[str, Any], list[bytes]]:
+        timer = threading.Timer(timeout_s, self._expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            _send(self.proc.stdin, header, blobs)  # type: ignore[arg-type]
+            return _recv(self.proc.stdout)  # type: ignore[arg-type]
+        except (OSError, EOFError, ValueError, struct.error):
+            raise _ChildFailed(self._death()) from None
+        finally:
+            timer.cancel()
+
+    def _expire(self) -> None:
+        self._timed_out = True
+        self.proc.kill()
+
+    def _death(self) -> str:
+        try:
+            rc = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return "stopped answering"
+        if self._timed_out:
+            return "timed out"
+        if rc < 0:
+            try:
+                return signal.Signals(-rc).name
+            except ValueError:
+                return f"signal {-rc}"
+        return f"exit status {rc}"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for fh in (self.proc.stdin, self.proc.stdout):
+            try:
+                fh.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+
+
+def _raise_reply(reply: dict[str, Any]) -> None:
+    if not reply.get("ok"):
+        raise _ERRORS.get(reply.get("error", ""), TamperedDataError)(reply.get("message", "refused"))
+
+
+class Sandbox:
+    """Validates untrusted ciphertexts and key bundles for ``params`` in child processes.
+
+    ``processes`` persistent children serve :meth:`canonical_ciphertexts` (two by default: when one
+    crashes on a malicious blob the other serves while a replacement starts, which takes about a
+    second).  Thread-safe: each call checks out one child.  ``timeout_s`` bounds one ciphertext
+    check and ``bundle_timeout_s`` one bundle; ``memory_bytes`` is each ciphertext child's
+    address-space limit (a bundle child gets that plus eight times the bundle's size), so a blob
+    announcing a huge allocation fails in the child instead of swapping the machine.  Bundles that
+    need a scratch copy (:meth:`load_bundle`) are written under ``scratch_dir``.
+    """
+
+    def __init__(self, params: CKKSParams, processes: int = 2, timeout_s: float = 30.0,
+                 bundle_timeout_s: float = 900.0, memory_bytes: int = 4 * GiB,
+                 scratch_dir: str | os.PathLike | None = None) -> None:
+        if processes < 1:
+            raise ValueError("a sandbox needs at least one process")
+        self.params = params
+        self.processes = processes
+        self.timeout_s = timeout_s
+        self.bundle_timeout_s = bundle_timeout_s
+        self.memory_bytes = memory_bytes
+        self.scratch_dir = Path(scratch_dir) if scratch_dir is not None else Path(tempfile.gettempdir())
+        #: children that died on a request (crash, timeout, memory) since start
+        self.crashes = 0
+        self._count = threading.Lock()
+        self._idle: queue.Queue[_Child] = queue.Queue()
+        self._closed = False
+        self._bundles = threading.Lock()  # one bundle child at a time: each may need gigabytes
+        self._shapes: tuple[dict[str, Any], list[bytes]] | None = None
+        self._canonical: set[bytes] = set()  # frame digests of bundles a child wrote or confirmed
+        for _ in range(processes):
+            self._replace()
+
+    # ------------------------------------------------------------------ ciphertexts
+    def canonical_ciphertexts(self, blobs: Sequence[bytes], key_tag: str) -> list[bytes]:
+        """The blobs, once a child has found each one a canonical fresh ciphertext under ``key_tag``.
+
+        Raises ``KeyMismatchError`` (another key) or ``TamperedDataError`` (anything else, the
+        child's crash included); ``SandboxUnavailableError`` if no child could be started.
+        """
+        child = self._checkout()
+        try:
+            reply, _ = child.call({"key_tag": key_tag}, blobs, self.timeout_s)
+        except _ChildFailed as exc:
+            self._lost(child, exc.reason, "a ciphertext")
+            raise TamperedDataError(f"the ciphertext made its validator fail ({exc.reason}); it was refused") from None
+        if reply.get("retire") or self._closed:  # the child grew too large: replace it after this answer
+            self._lost(child, "", "")
+        else:
+            self._idle.put(child)
+        _raise_reply(reply)
+        return list(blobs)
+
+    def _checkout(self) -> _Child:
+        try:
+            return self._idle.get(timeout=max(60.0, 2 * self.timeout_s))
+        except queue.Empty:
+            raise SandboxUnavailableError("no validator process is available (they keep failing to start, "
+                                          "or all are busy); try again") from None
+
+    def _crashed(self, pid: int, reason: str, what: str) -> None:
+        with self._count:
+            self.crashes += 1
+        logger.warning("sandbox: validator process %d died (%s) on %s from an untrusted request; the request was "
+                       "refused", pid, reason, what)
+
+    def _lost(self, child: _Child, reason: str, what: str) -> None:
+        child.close()
+        if reason:
+            self._crashed(child.pid, reason, what)
+        self._replace()
+
+    def _replace(self) -> None:
+        if not self._closed:
+            threading.Thread(target=self._spawn, name="h33-sandbox-spawn", daemon=True).start()
+
+    def _spawn(self) -> None:
+        delay = 0.5
+        while not self._closed:
+            try:
+                child = _Child("ciphertexts", self.params, self.memory_bytes, max(120.0, self.timeout_s))
+            except (_ChildFailed, OSError) as exc:
+                logger.error("sandbox: a validator process failed to start (%s); retrying in %.1f s", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            if self._closed:
+                child.close()
+            else:
+                self._idle.put(child)
+            return
+
+    # ------------------------------------------------------------------ key bundles
+    def learn_key_shapes(self) -> None:
+        """Learn, once, what honest keys for these params look like (a child generates two key sets).
+
+        The first bundle validation does it otherwise and waits for it (seconds: about as long as
+        generating the keys twice).  A server calls it at start, in the background.
+        """
+        with self._bundles:
+            if self._shapes is not None:
+                return
+            t0 = time.perf_counter()
+            try:
+                child = _Child("shapes", self.params, 0, self.bundle_timeout_s)
+                try:
+                    self._shapes = child.call({}, (), self.bundle_timeout_s)
+                finally:
+                    child.close()
+            except (_ChildFailed, OSError) as exc:
+                raise SandboxUnavailableError(f"the key-shape reference could not be computed ({exc})") from None
+            logger.info("sandbox: learnt the shape of honest keys in %.1f s", time.perf_counter() - t0)
+
+    def canonical_bundle(self, src: str | os.PathLike, dst: str | os.PathLike) -> None:
+        """Validate the bundle file ``src`` in a fresh child, which writes its re-serialized form to ``dst``.
+
+        Raises the bundle's ``EnvelopeError`` (``ParamsMismatchError``, ``TruncatedDataError``,
+        ``TamperedDataError`` for everything OpenFHE-related, the child's crash included), or
+        ``SandboxUnavailableError``; ``dst`` exists only on success.
+        """
+        src, dst = Path(src), Path(dst)
+        self.learn_key_shapes()
+        assert self._shapes is not None
+        shapes, shape_blobs = self._shapes
+        memory = self.memory_bytes + 8 * src.stat().st_size
+        t0 = time.perf_counter()
+        with self._bundles:
+            try:
+                child = _Child("bundle", self.params, memory, max(120.0, self.timeout_s))
+            except (_ChildFailed, OSError) as exc:
+                raise SandboxUnavailableError(f"the key-bundle validator failed to start ({exc})") from None
+            try:
+                reply, _ = child.call({"src": str(src), "dst": str(dst), "shapes": shapes}, shape_blobs,
+                                      self.bundle_timeout_s)
+            except _ChildFailed as exc:
+                self._crashed(child.pid, exc.reason, "a key bundle")
+                dst.unlink(missing_ok=True)
+                raise TamperedDataError(f"the key bundle made its validator fail ({exc.reason}); it was refused") \
+                    from None
+            finally:
+                child.close()
+        if not reply.get("ok"):
+            dst.unlink(missing_ok=True)
+        _raise_reply(reply)
+        self._canonical.add(_frame_digest(dst))  # src too, if it was canonical already (the same bytes)
+        logger.info("sandbox: key bundle %s validated in %.2f s", src.name, time.perf_counter() - t0)
+
+    def load_bundle(self, path: str | os.PathLike) -> "EvaluationKeys":
+        """A stored bundle, safe to install here: read directly if a child wrote or confirmed exactly
+        these bytes, else validated first (into a scratch file under ``scratch_dir``)."""
+        from .keys import EvaluationKeys
+
+        path = Path(path)
+        if _frame_digest(path) in self._canonical:
+            return EvaluationKeys.from_bytes(path.read_bytes(), self.params)
+        fd, name = tempfile.mkstemp(prefix="sandbox-", suffix=".h33k", dir=self.scratch_dir)
+        os.close(fd)
+        scratch = Path(name)
+        try:
+            self.canonical_bundle(path, scratch)
+            return EvaluationKeys.from_bytes(scratch.read_bytes(), self.params)
+        finally:
+            scratch.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Stop every child (idle ones now; a busy one when its call returns)."""
+        self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------- child side
+class _CiphertextChecker:
+    """What a ciphertext child holds: the served context and its trivial encryption of zero."""
+
+    def __init__(self, params: CKKSParams) -> None:
+        import numpy as np
+        import openfhe
+
+        from .context import get_context
+
+        self.openfhe = openfhe
+        self.params = params
+        self.cc = get_context(params)
+        throwaway = self.cc.KeyGen()  # only to let the context make a ciphertext; never used otherwise
+        x = self.cc.Encrypt(throwaway.publicKey, self.cc.MakeCKKSPackedPlaintext(np.zeros(params.slots)))
+        self.zero = self.cc.EvalSub(x, x)  # both elements 0: adding it changes no coefficient
+
+    def check(self, blob: bytes, key_tag: str) -> None:
+        openfhe, p = self.openfhe, self.params
+        try:
+            ct = openfhe.DeserializeCiphertextString(blob, openfhe.BINARY)  # the step that may crash
+        except Exception as exc:
+            raise TamperedDataError(f"ciphertext could not be deserialized: {exc}") from None
+        if ct is None:
+            raise TamperedDataError("ciphertext could not be deserialized")
+        if ct.GetKeyTag() != key_tag:
+            raise KeyMismatchError("ciphertext was encrypted under another key")
+        if (ct.GetCryptoContext().GetRingDimension() != p.ring_dim or ct.GetLevel() != 0
+                or ct.GetNoiseScaleDeg() != 1 or ct.GetSlots() != p.slots):
+            raise TamperedDataError("ciphertext does not have the ring dimension, level, scale degree and slot "
+                                    "count of a fresh input for this model")
+        zero = self.zero.Clone()
+        zero.SetKeyTag(key_tag)
+        try:
+            canonical = openfhe.Serialize(self.cc.EvalAdd(zero, ct), openfhe.BINARY)
+        except Exception as exc:  # e.g. the ciphertext belongs to another context
+            raise TamperedDataError(f"ciphertext does not belong to the model's parameters: {exc}") from None
+        if canonical != blob:
+            raise TamperedDataError("ciphertext is not the canonical encoding of a fresh encryption under the model's "
+                                    "parameters (trailing bytes, or fields that differ from one)")
+
+
+_KINDS = ("public key", "relinearization key", "rotation keys")
+
+
+@dataclasses.dataclass
+class _Shape:
+    """The encoding of one kind of honest key: its length and the words every such key shares."""
+
+    length: int
+    starts: Any  # numpy int64: byte offsets of the shared runs (multiples of 8)
+    ends: Any
+    words: bytes  # the reference's bytes over those runs, concatenated
+
+    @classmethod
+    def between(cls, a: bytes, b: bytes) -> "_Shape":
+        """What two independently generated keys of one kind agree on, one word trimmed off each run."""
+        import numpy as np
+
+        if len(a) != len(b):
+            raise RuntimeError("two reference keys of one kind differ in length")  # our own keys: a bug
+        n = len(a) // 8
+        same = np.frombuffer(a, np.uint64, n) == np.frombuffer(b, np.uint64, n)
+        edges = np.diff(same.view(np.int8), prepend=0, append=0)
+        starts, ends = np.flatnonzero(edges == 1) + 1, np.flatnonzero(edges == -1) - 1
+        keep = ends > starts
+        starts, ends = starts[keep] * 8, ends[keep] * 8
+        view = memoryview(a)
+        return cls(len(a), starts, ends, b"".join(view[s:e] for s, e in zip(starts.tolist(), ends.tolist())))
+
+    def blobs(self) -> list[bytes]:
+        return [self.starts.astype(">i8").tobytes(), self.ends.astype(">i8").tobytes(), self.words]
+
+    @classmethod
+    def from_blobs(cls, length: int, starts: bytes, ends: bytes, words: bytes) -> "_Shape":
+        import numpy as np
+
+        return cls(length, np.frombuffer(starts, ">i8").astype(np.int64), np.frombuffer(ends, ">i8").astype(np.int64),
+                   words)
+
+    def check(self, got: bytes, what: str) -> None:
+        """``got`` (its key tag blanked) must have this length and these words."""
+        if len(got) != self.length:
+            raise TamperedDataError(f"the bundle's {what} do not have the size of keys for the model's parameters "
+                                    f"({len(got)} bytes, expected {self.length}): other ring dimension or moduli")
+        view, words, at = memoryview(got), memoryview(self.words), 0
+        for s, e in zip(self.starts.tolist(), self.ends.tolist()):
+            if view[s:e] != words[at:at + e - s]:
+                raise TamperedDataError(f"the bundle's {what} differ from keys for the model's parameters at byte {s} "
+                                        "(ring dimension, moduli, digits or layout)")
+            at += e - s
+
+
+def _blank(blob: bytes, tag: str) -> bytes:
+    """``blob`` with its key tag (OpenFHE writes it as text) zeroed, so keys of different tags compare."""
+    return blob.replace(tag.encode(), bytes(len(tag)))
+
+
+def _key_shapes(params: CKKSParams) -> dict[str, _Shape]:
+    """The shapes of honest keys for ``params``, from two key sets generated here."""
+    import openfhe
+
+    from .context import get_context, release_evaluation_keys
+
+    cc, needed, BIN = get_context(params), list(params.rotation_indices), openfhe.BINARY
+
+    def generate() -> dict[str, bytes]:  # one key set, re-serialized as a bundle's keys are
+        kp = cc.KeyGen()
+        tag = kp.publicKey.GetKeyTag()
+        cc.EvalMultKeyGen(kp.secretKey)
+        if needed:
+            cc.EvalRotateKeyGen(kp.secretKey, needed)
+        mult = openfhe.SerializeEvalMultKeyString(BIN, tag)
+        rot = openfhe.SerializeEvalAutomorphismKeyString(BIN, tag) if needed else b""
+        release_evaluation_keys()
+        openfhe.DeserializeEvalMultKeyString(mult, BIN)
+        if needed:
+            openfhe.DeserializeEvalAutomorphismKeyString(rot, BIN)
+        out = {"public key": openfhe.Serialize(openfhe.DeserializePublicKeyString(
+                   openfhe.Serialize(kp.publicKey, BIN), BIN), BIN),
+               "relinearization key": openfhe.SerializeEvalMultKeyString(BIN, tag),
+               "rotation keys": openfhe.SerializeEvalAutomorphismKeyString(BIN, tag) if needed else b""}
+        release_evaluation_keys()
+        return {k: _blank(v, tag) for k, v in out.items()}
+
+    a, b = generate(), generate()
+    return {k: _Shape.between(a[k], b[k]) for k in _KINDS}
+
+
+def _validate_bundle(params: CKKSParams, src: Path, dst: Path, shapes: dict[str, _Shape]) -> None:
+    """The child's whole job for one bundle (see the module docstring); raises an EnvelopeError."""
+    import numpy as np
+    import openfhe
+
+    from .context import get_context, release_evaluation_keys
+    from .keys import EvaluationKeys
+
+    keys = EvaluationKeys.from_bytes(src.read_bytes(), params)  # frame, digest, params, key_id <-> tag
+    tag = keys.key_tag
+    needed = list(params.rotation_indices)
+    if set(keys.rotation_indices) != set(needed):
+        raise ParamsMismatchError("the bundle's rotation keys are not exactly those the model needs")
+    cc, BIN = get_context(params), openfhe.BINARY
+
+    def load(what: str, fn: Any, blob: bytes) -> Any:
+        try:
+            return fn(blob, BIN)
+        except Exception as exc:  # OpenFHE's RuntimeError/ValueError/MemoryError on malformed bytes
+            raise TamperedDataError(f"the bundle's {what} could not be deserialized: {exc}") from None
+
+    release_evaluation_keys()
+    public = load("public key", openfhe.DeserializePublicKeyString, keys.public_key)
+    if public is None or public.GetKeyTag() != tag:
+        raise TamperedDataError("the bundle's public key does not carry its key tag")
+    public_c = openfhe.Serialize(public, BIN)
+    shapes["public key"].check(_blank(public_c, tag), "public key")
+
+    load("relinearization key", openfhe.DeserializeEvalMultKeyString, keys.mult_key)
+    if set(cc.GetAllEvalMultKeys()) != {tag}:
+        raise TamperedDataError("the bundle carries relinearization keys for other key tags")
+    mult_c = openfhe.SerializeEvalMultKeyString(BIN, tag)
+    shapes["relinearization key"].check(_blank(mult_c, tag), "relinearization key")
+
+    rot_c = b""
+    if needed:
+        if not keys.rotation_keys:
+            raise TamperedDataError("the bundle has no rotation keys; the model needs them")
+        load("rotation keys", openfhe.DeserializeEvalAutomorphismKeyString, keys.rotation_keys)
+        if set(cc.GetAllEvalAutomorphismKeys()) != {tag}:
+            raise TamperedDataError("the bundle carries rotation keys for other key tags")
+        have = set(cc.GetExistingEvalAutomorphismKeyIndices(tag))
+        if have != set(cc.FindAutomorphismIndices(needed)):
+            missing = [r for r in needed if cc.FindAutomorphismIndex(r) not in have]
+            raise TamperedDataError(f"the bundle's rotation keys are not those its header lists and the model "
+                                    f"needs (missing rotations {missing[:8]})")
+        rot_c = openfhe.SerializeEvalAutomorphismKeyString(BIN, tag)
+        shapes["rotation keys"].check(_blank(rot_c, tag), "rotation keys")
+    elif keys.rotation_keys:
+        raise TamperedDataError("the bundle has rotation keys; the model needs none")
+
+    # rehearse exactly what the serving process will do with the re-serialized bytes
+    canonical = dataclasses.replace(keys, rotation_indices=tuple(needed), public_key=public_c, mult_key=mult_c,
+                                    rotation_keys=rot_c)
+    del keys, public
+    release_evaluation_keys()
+    try:
+        canonical.install(params)
+        if (openfhe.SerializeEvalMultKeyString(BIN, tag) != mult_c
+                or (needed and openfhe.SerializeEvalAutomorphismKeyString(BIN, tag) != rot_c)):
+            raise TamperedDataError("the bundle's keys do not serialize back to themselves")
+        public = openfhe.DeserializePublicKeyString(public_c, BIN)
+        x = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(np.random.default_rng().uniform(-1, 1, params.slots)))
+        cc.EvalMult(x, x)  # relinearizes with the bundle's key
+        for r in needed:
+            cc.EvalRotate(x, r)
+    except EnvelopeError:
+        raise
+    except Exception as exc:
+        raise TamperedDataError(f"the bundle's keys do not work with the model's parameters: {exc}") from None
+    dst.write_bytes(canonical.to_bytes())
+
+
+def _child(mode: str, memory_bytes: int) -> None:
+    try:
+        _serve(mode, memory_bytes)
+    except (EOFError, BrokenPipeError):  # the parent went away (closed the sandbox, or exited)
+        pass
+
+
+def _serve(mode: str, memory_bytes: int) -> None:
+    import resource
+
+    from .context import rss_bytes
+
+    if memory_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    out = os.fdopen(os.dup(1), "wb")  # the protocol's channel; anything printed goes to stderr
+    os.dup2(2, 1)
+    inp = sys.stdin.buffer
+    header, _ = _recv(inp)
+    params = CKKSParams.model_validate(header["params"])
+    checker = _CiphertextChecker(params) if mode == "ciphertexts" else None
+    _send(out, {"ok": True})
+    if mode == "shapes":
+        _recv(inp)
+        shapes = _key_shapes(params)
+        _send(out, {kind: shapes[kind].length for kind in _KINDS}, [b for k in _KINDS for b in shapes[k].blobs()])
+        return
+    while True:
+        try:
+            header, blobs = _recv(inp)
+        except EOFError:  # the parent closed the pipe (or died): done
+            return
+        retire = False
+        try:
+            if checker is not None:
+                for blob in blobs:
+                    checker.check(blob, header["key_tag"])
+            else:
+                shapes = {kind: _Shape.from_blobs(header["shapes"][kind], *blobs[3 * i:3 * i + 3])
+                          for i, kind in enumerate(_KINDS)}
+                _validate_bundle(params, Path(header["src"]), Path(header["dst"]), shapes)
+            reply: dict[str, Any] = {"ok": True}
+        except H33Error as exc:
+            reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+        except MemoryError:
+            reply, retire = {"ok": False, "error": "TamperedDataError", "message": "the input needs too much memory"}, True
+        except Exception as exc:
+            reply = {"ok": False, "error": "TamperedDataError", "message": f"{type(exc).__name__}: {exc}"}
+        retire = retire or (memory_bytes > 0 and rss_bytes() > memory_bytes // 2)
+        _send(out, {**reply, "retire": retire})
+        if retire or checker is None:
+            return
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], int(sys.argv[2]))

@@ -47,6 +47,11 @@ def _load_model_source(model: str, weights: Optional[Path]):
     return module.eval()
 
 
+def _min_security() -> typer.models.OptionInfo:
+    return typer.Option("HEStd_128_classic", "--min-security-level",
+                        help="refuse a model whose CKKS parameters are weaker (HEStd_NotSet: accept any)")
+
+
 def _load_array(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
@@ -95,6 +100,7 @@ def inspect(model_dir: Path = typer.Argument(..., help="compiled model directory
 def keygen(
     model_dir: Path = typer.Argument(..., help="compiled model directory"),
     keys: Path = typer.Option(..., "--keys", help="directory for this client's keys (holds the secret key)"),
+    min_security_level: str = _min_security(),
 ) -> None:
     """Generate a key pair and the evaluation-key bundle the model needs."""
     from .ckks.keys import EVAL_KEYS_FILE, KeyChain
@@ -103,7 +109,7 @@ def keygen(
     try:
         compiled = CompiledModel.load(model_dir)
         with tqdm(total=1, desc="keygen", leave=False):
-            chain = KeyChain.generate(compiled.params)
+            chain = KeyChain.generate(compiled.params, min_security_level)
         chain.save(keys)
     except H33Error as exc:
         _fail(exc)
@@ -118,12 +124,13 @@ def encrypt(
     keys: Path = typer.Option(..., "--keys"),
     input: Path = typer.Option(..., "--input", help=".npy with one input or up to `lanes` inputs"),
     out: Path = typer.Option(..., "--out", "-o"),
+    min_security_level: str = _min_security(),
 ) -> None:
     """Encrypt inputs into one envelope (up to `lanes` inputs share a ciphertext)."""
     from .client import FHEInferenceClient
 
     try:
-        client = FHEInferenceClient(str(model_dir), keys=keys)
+        client = FHEInferenceClient(str(model_dir), keys=keys, min_security_level=min_security_level)
         out.write_bytes(client.encrypt(_load_array(input)).to_bytes())
     except (H33Error, ValueError) as exc:
         _fail(exc)
@@ -156,12 +163,13 @@ def decrypt(
     keys: Path = typer.Option(..., "--keys"),
     input: Path = typer.Option(..., "--input", help="encrypted result envelope"),
     top_k: int = typer.Option(3, help="how many classes to show"),
+    min_security_level: str = _min_security(),
 ) -> None:
     """Decrypt a result envelope and print predictions."""
     from .client import FHEInferenceClient
 
     try:
-        client = FHEInferenceClient(str(model_dir), keys=keys)
+        client = FHEInferenceClient(str(model_dir), keys=keys, min_security_level=min_security_level)
         preds = client.decrypt(input.read_bytes())
     except H33Error as exc:
         _fail(exc)
@@ -174,12 +182,13 @@ def run(
     model_dir: Path = typer.Argument(...),
     input: Path = typer.Option(..., "--input", help=".npy batch of inputs"),
     labels: Optional[Path] = typer.Option(None, help=".npy of true labels, to report accuracy"),
+    min_security_level: str = _min_security(),
 ) -> None:
     """Local end to end: keygen, encrypt, infer, decrypt; prints predictions and timings."""
     from .client import FHEInferenceClient
 
     try:
-        client = FHEInferenceClient(str(model_dir))
+        client = FHEInferenceClient(str(model_dir), min_security_level=min_security_level)
     except H33Error as exc:
         _fail(exc)
     x = _load_array(input).reshape(-1, *client.model.input_shape)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .ckks.keys import KeyChain
-from .ckks.params import CKKSParams
+from .ckks.params import CKKSParams, SecurityLevel, check_security
 from .ckks.serialization import EncryptedTensor
 from .compiler.program import CompiledModel
 from .errors import (
@@ -104,6 +104,11 @@ class FHEInferenceClient:
     envelopes to ``POST /infer``.  ``model`` is then optional: without it the client uses the
     public layout the server publishes (where inputs go, where logits are read); with it, the
     client checks that the server serves exactly that model.  Secret keys never leave the client.
+
+    ``min_security_level`` (default ``HEStd_128_classic``): parameters below it, the served ones
+    or a local model's, are refused with ``InsecureParametersError`` before any key is made or
+    anything is sent; a level the parameters only claim is checked with OpenFHE.  Opting out is
+    explicit: ``min_security_level="HEStd_NotSet"``.
     """
 
     #: seconds to wait for one HTTP answer (an upload of a ~0.5 GB key bundle, or a queued run)
@@ -111,7 +116,8 @@ class FHEInferenceClient:
 
     def __init__(self, model: CompiledModel | str | os.PathLike | None = None, url: str | None = None,
                  api_key: str | None = None, weight_mode: str = "plaintext",
-                 keys: KeyChain | str | os.PathLike | None = None) -> None:
+                 keys: KeyChain | str | os.PathLike | None = None,
+                 min_security_level: SecurityLevel = "HEStd_128_classic") -> None:
         if weight_mode != "plaintext":
             raise ValueError(f"weight_mode {weight_mode!r} is not supported; only 'plaintext' weights are")
         self.url, self.api_key, self.weight_mode = url, api_key, weight_mode
@@ -128,9 +134,10 @@ class FHEInferenceClient:
             raise ValueError("a model (CompiledModel or its directory) is required without a server url")
         else:
             self.model = model if isinstance(model, CompiledModel) else CompiledModel.load(model)
+        check_security(self.model.params, min_security_level)  # before a key is made or a byte is sent
         if isinstance(keys, (str, os.PathLike)):
             keys = KeyChain.load(keys)
-        self.keys = keys if keys is not None else KeyChain.generate(self.model.params)
+        self.keys = keys if keys is not None else KeyChain.generate(self.model.params, min_security_level)
         if self.keys.params.fingerprint != self.model.params.fingerprint:
             raise EnvelopeError("the key chain was generated for other CKKS parameters than this model's")
         self._engine = None

@@ -81,3 +81,10 @@ class SandboxUnavailableError(H33Error):
 
     A server-side condition, not a fault of the request: retry later.
     """
+
+
+class InsecureParametersError(H33Error):
+    """CKKS parameters below the security level the caller requires (128-bit unless opted out).
+
+    Raised before any key or ciphertext is made or sent under them.
+    """

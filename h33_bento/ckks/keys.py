@@ -17,7 +17,7 @@ import openfhe
 
 from ..errors import EnvelopeError, KeyMismatchError, ParamsMismatchError, TamperedDataError
 from .context import get_context
-from .params import CKKSParams
+from .params import CKKSParams, SecurityLevel, check_security
 from .serialization import KEYS_MAGIC, pack_frame, unpack_frame
 
 SECRET_KEY_FILE = "secret.key"
@@ -139,8 +139,13 @@ class KeyChain:
         self._eval_keys: EvaluationKeys | None = None
 
     @classmethod
-    def generate(cls, params: CKKSParams) -> "KeyChain":
-        """New key pair plus the relinearization and rotation keys ``params`` asks for."""
+    def generate(cls, params: CKKSParams, min_security_level: SecurityLevel = "HEStd_128_classic") -> "KeyChain":
+        """New key pair plus the relinearization and rotation keys ``params`` asks for.
+
+        Parameters below ``min_security_level`` are refused (``InsecureParametersError``); keys are
+        made to be used, and under weak parameters anything encrypted with them is exposed.
+        """
+        check_security(params, min_security_level)
         cc = get_context(params)
         keypair = cc.KeyGen()
         cc.EvalMultKeyGen(keypair.secretKey)

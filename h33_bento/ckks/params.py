@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import lru_cache
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SecurityLevel = Literal["HEStd_128_classic", "HEStd_192_classic", "HEStd_256_classic", "HEStd_NotSet"]
+#: weakest first; HEStd_NotSet promises nothing
+SECURITY_ORDER: tuple[str, ...] = ("HEStd_NotSet", "HEStd_128_classic", "HEStd_192_classic", "HEStd_256_classic")
 ScalingTechnique = Literal["FLEXIBLEAUTO", "FLEXIBLEAUTOEXT", "FIXEDAUTO", "FIXEDMANUAL"]
 
 #: Largest ring dimension we plan for; 2^17 works in OpenFHE but is too slow to be useful here.
@@ -123,6 +126,35 @@ def _accepted(ring_dim: int, depth: int, scale_bits: int, first_mod_bits: int, s
     except RuntimeError:
         return False
     return True
+
+
+def check_security(params: CKKSParams, min_level: SecurityLevel = "HEStd_128_classic") -> None:
+    """Refuse ``params`` below ``min_level``: by their label, and by OpenFHE's own check of the label.
+
+    A label is only a claim (a server publishes its parameters), so a level other than
+    HEStd_NotSet must also be one OpenFHE accepts for this ring dimension and modulus chain: it
+    refuses to build the context otherwise.  ``min_level="HEStd_NotSet"`` is the explicit opt-out.
+    Raises InsecureParametersError.
+    """
+    from ..errors import InsecureParametersError
+    from .context import get_context
+
+    if min_level not in SECURITY_ORDER:
+        raise ValueError(f"min_level must be one of {SECURITY_ORDER}, got {min_level!r}")
+    what = f"N={params.ring_dim}, log2 Q={params.modulus_bits}, security level {params.security_level}"
+    if SECURITY_ORDER.index(params.security_level) < SECURITY_ORDER.index(min_level):
+        raise InsecureParametersError(f"CKKS parameters ({what}) are below the required {min_level}; refusing to "
+                                      "make or send keys or ciphertexts under them (pass "
+                                      "min_security_level='HEStd_NotSet' to opt out explicitly)")
+    if params.security_level != "HEStd_NotSet":
+        try:
+            get_context(params)
+        except RuntimeError as exc:
+            needed = re.search(r"recommendation \((\d+)\)", str(exc))
+            raise InsecureParametersError(
+                f"CKKS parameters ({what}) claim {params.security_level}, but OpenFHE refuses ring dimension "
+                f"{params.ring_dim} at that level for this modulus chain"
+                + (f" (it requires at least {needed.group(1)})" if needed else "")) from None
 
 
 def max_depth(ring_dim: int, scale_bits: int = 40, first_mod_bits: int = 60,

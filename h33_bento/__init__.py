@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._omp import apply_defaults as _apply_omp_defaults
+
+_apply_omp_defaults()  # OpenMP reads its settings when openfhe loads: set safe defaults before that
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

@@ -19,6 +19,7 @@ Environment variables::
     H33_MAX_ENGINES         engines (key bundles) kept installed per worker (default 8)
     H33_MAX_KEYS_PER_TENANT key bundles a tenant may register (default 8)
     H33_ENGINE_CACHE_BYTES  plaintext-diagonal cache shared by the engines (default 2 GiB)
+    H33_MAX_INSTALLED_KEYS  distinct keys installed per worker before its OpenFHE key state is flushed (default 16)
     H33_SANDBOX_PROCESSES   processes validating untrusted ciphertexts (default 2)
     H33_SANDBOX_TIMEOUT_S   time limit for validating one request's ciphertexts (default 30 s)
 """
@@ -88,6 +89,8 @@ class ServeConfig(BaseModel):
     max_engines: int = Field(default=8, ge=1)
     max_keys_per_tenant: int = Field(default=8, ge=1)
     engine_cache_bytes: int = Field(default=2 * GiB, ge=0)
+    max_installed_keys: int = Field(default=16, ge=1, description="distinct keys installed per worker before its "
+                                    "OpenFHE key state is flushed and reloaded lazily (bounds worker memory)")
     sandbox_processes: int = Field(default=2, ge=1, description="child processes validating untrusted ciphertexts")
     sandbox_timeout_s: float = Field(default=30.0, gt=0, description="limit for validating one request's ciphertexts")
 
@@ -108,6 +111,8 @@ class ServeConfig(BaseModel):
     def _check(self) -> "ServeConfig":
         if self.lane_max_wait_ms < self.lane_wait_ms:
             raise ValueError("lane_max_wait_ms must be at least lane_wait_ms")
+        if self.max_installed_keys < self.max_engines:
+            raise ValueError("max_installed_keys must be at least max_engines (every cached engine's keys are installed)")
         return self
 
     # ------------------------------------------------------------------ loading
@@ -128,6 +133,7 @@ class ServeConfig(BaseModel):
             "H33_MAX_ENGINES": "max_engines",
             "H33_MAX_KEYS_PER_TENANT": "max_keys_per_tenant",
             "H33_ENGINE_CACHE_BYTES": "engine_cache_bytes",
+            "H33_MAX_INSTALLED_KEYS": "max_installed_keys",
             "H33_SANDBOX_PROCESSES": "sandbox_processes",
             "H33_SANDBOX_TIMEOUT_S": "sandbox_timeout_s",
         }

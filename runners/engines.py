@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import openfhe
 from starlette.responses import Response
 
+from ..ckks.context import release_evaluation_keys, rss_bytes
 from ..ckks.keys import EvaluationKeys
 from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import EncryptedTensor
@@ -102,27 +103,37 @@ class EngineRunner:
     """Owns the engines (one per key_id, LRU) and the single thread that executes them.
 
     Every OpenFHE operation that touches evaluation keys -- installing a bundle, running a
-    program -- happens on that one thread, so the process-wide key maps are never mutated while
-    a program reads them.  Plaintext diagonals do not depend on the key, so all engines share one
-    plaintext cache.
+    program, recycling the key state -- happens on that one thread, so the process-wide key maps
+    are never mutated while a program reads them.  Plaintext diagonals do not depend on the key,
+    so all engines share one plaintext cache.
 
     Bundles reach OpenFHE here only as the ``sandbox`` re-serialized them (``KeyStore.load`` with
-    the sandbox, or the upload path), which also refused any that carried keys for other tags.
+    the sandbox).  OpenFHE's key maps cannot drop one key, so a worker would grow by a bundle's
+    size per distinct key it ever installed; instead, once ``max_installed_keys`` distinct keys
+    were installed since the last flush, installing another first *recycles* the key state
+    (:meth:`recycle`: every key and engine dropped, memory returned to the OS), and the keys still
+    in use are installed again from the key store on their next request.
     """
 
     def __init__(self, compiled: CompiledModel, keystore: KeyStore, sandbox: Sandbox, max_engines: int = 8,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, metrics: Metrics | None = None) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, metrics: Metrics | None = None,
+                 max_installed_keys: int = 16) -> None:
+        if max_installed_keys < max_engines:
+            raise ValueError("max_installed_keys must be at least max_engines")
         self.compiled = compiled
         self.params = compiled.params
         self.keystore = keystore
         self.sandbox = sandbox
         self.max_engines = max_engines
+        self.max_installed_keys = max_installed_keys
         self.cache = PlaintextCache(compiled, cache_bytes)
         self.metrics = metrics or NullMetrics(compiled.fingerprint)
         self._engines: OrderedDict[str, Engine] = OrderedDict()
         self._installed: dict[str, EvaluationKeys] = {}  # key_id -> bundle without its serialized keys
+        self._loaded_tags: set[str] = set()  # key tags in OpenFHE's maps since the last recycle
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h33-engine")
         self.runs = 0
+        self.recycles = 0
         lanes = self.params.lanes
         shifts = {self.params.slots - j for j in range(1, lanes)}
         missing = sorted(shifts - set(self.params.rotation_indices))
@@ -143,6 +154,11 @@ class EngineRunner:
     def engines_loaded(self) -> int:
         return len(self._engines)
 
+    @property
+    def installed_keys(self) -> int:
+        """Distinct keys in OpenFHE's maps (and in this process's memory) since the last recycle."""
+        return len(self._loaded_tags)
+
     # ----------------------------------------------------------------- engines (engine thread)
     def engine_for(self, key_id: str) -> Engine:
         engine = self._engines.get(key_id)
@@ -161,22 +177,44 @@ class EngineRunner:
         return self.install(keys)
 
     def install(self, keys: EvaluationKeys) -> Engine:
-        """Install a bundle the sandbox validated; returns its engine."""
+        """Install a bundle the sandbox validated (recycling first at the cap); returns its engine."""
         engine = self._engines.get(keys.key_id)
         if engine is not None:
             return engine
+        if keys.key_tag not in self._loaded_tags and len(self._loaded_tags) >= self.max_installed_keys:
+            self.recycle()
         # once OpenFHE's maps hold the keys the engine drops its serialized copy (hundreds of MB
         # per bundle); plaintext diagonals do not depend on the key, so all engines share a cache
         engine = Engine(self.compiled, keys, cache=self.cache, keep_serialized_keys=False)
+        self._loaded_tags.add(keys.key_tag)
         self._installed[keys.key_id] = engine.keys
         self._engines[keys.key_id] = engine
         while len(self._engines) > self.max_engines:
             self._engines.popitem(last=False)
         self.metrics.key_installs.labels(self.metrics.model).inc()
+        self._observe_memory()
         return engine
 
+    def recycle(self) -> None:
+        """Flush OpenFHE's key state: every key and engine goes, engines reload lazily from the store."""
+        before = rss_bytes()
+        self._engines.clear()
+        self._installed.clear()
+        dropped = len(self._loaded_tags)
+        self._loaded_tags.clear()
+        release_evaluation_keys()
+        self.recycles += 1
+        self.metrics.key_recycles.labels(self.metrics.model).inc()
+        self._observe_memory()
+        logger.info("recycled OpenFHE key state: %d keys dropped, RSS %.0f -> %.0f MiB", dropped,
+                    before / 2**20, rss_bytes() / 2**20)
+
+    def _observe_memory(self) -> None:
+        self.metrics.installed_keys.labels(self.metrics.model).set(len(self._loaded_tags))
+        self.metrics.rss_bytes.labels(self.metrics.model).set(rss_bytes())
+
     def forget(self, key_id: str) -> None:
-        """Drop the engine of a deleted key (its OpenFHE keys stay until the process restarts)."""
+        """Drop the engine of a deleted key (its OpenFHE keys stay, and count, until the next recycle)."""
         self._engines.pop(key_id, None)
         self._installed.pop(key_id, None)
 

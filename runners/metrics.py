@@ -35,6 +35,12 @@ class Metrics:
         self.requests = pc.Counter("h33_requests_total", "Requests by endpoint and status", ["endpoint", "status"])
         self.key_installs = pc.Counter("h33_key_installs_total", "Evaluation-key bundles installed into an engine",
                                        ["model"])
+        self.key_recycles = pc.Counter("h33_key_recycles_total", "Flushes of the worker's OpenFHE key state at the "
+                                       "installed-keys cap", ["model"])
+        self.installed_keys = pc.Gauge("h33_installed_keys", "Distinct keys in OpenFHE's maps since the last flush",
+                                       ["model"], multiprocess_mode="livesum")
+        self.rss_bytes = pc.Gauge("h33_worker_rss_bytes", "Worker resident memory, after the last key install or "
+                                  "flush", ["model"], multiprocess_mode="livesum")
 
     def observe_run(self, requests: int, lanes_used: int, lanes: int, seconds: float) -> None:
         m = self.model

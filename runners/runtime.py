@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 
+from ..ckks.context import rss_bytes
 from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import WIRE_VERSION, EncryptedTensor
 from ..compiler.program import CompiledModel
@@ -57,7 +58,7 @@ class Runtime:
         self.sandbox = Sandbox(compiled.params, processes=config.sandbox_processes,
                                timeout_s=config.sandbox_timeout_s, scratch_dir=self.keystore.root / INCOMING)
         self.runner = EngineRunner(compiled, self.keystore, self.sandbox, config.max_engines,
-                                   config.engine_cache_bytes, self.metrics)
+                                   config.engine_cache_bytes, self.metrics, config.max_installed_keys)
         threading.Thread(target=self._learn_key_shapes, name="h33-key-shapes", daemon=True).start()
         self.packer = LanePacker(self.runner, config.lane_wait_ms / 1000.0, config.lane_max_wait_ms / 1000.0,
                                  self.metrics)
@@ -140,6 +141,10 @@ class Runtime:
             "engine_runs": self.runner.runs,
             "pending_requests": self.packer.pending,
             "worker_pid": os.getpid(),
+            "rss_bytes": rss_bytes(),
+            "installed_keys": self.runner.installed_keys,
+            "max_installed_keys": self.runner.max_installed_keys,
+            "key_recycles": self.runner.recycles,
             "sandbox_crashes": self.sandbox.crashes,
         }
 

@@ -156,6 +156,8 @@ def worker_args() -> "argparse.Namespace":
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", required=True)
+    ap.add_argument("--profile-runs", type=int, default=5,
+                    help="h33: more 8-image requests for the per-layer profile (0: no profile)")
     return ap.parse_args()
 
 

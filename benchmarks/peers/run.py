@@ -68,15 +68,16 @@ def _proc_kib(path: str, field: str) -> int | None:
     return None
 
 
-def run_worker(cmd: list[str], log_path: str, mem_limit_kib: int, min_free_kib: int, timeout_s: float
-               ) -> dict:
-    """Run ``cmd``; kill it above the memory limit / below the free-memory floor / at timeout.
+def run_worker(cmd: list[str], log_path: str, mem_limit_kib: int, min_free_kib: int, timeout_s: float,
+               env: dict | None = None) -> dict:
+    """Run ``cmd`` (in ``env``, default this process's environment); kill it above the memory limit /
+    below the free-memory floor / at timeout.
 
     Returns {"rc", "status": ok|oom|timeout|failed, "peak_rss_kib", "wall_s", "why"}."""
     with open(log_path, "w") as logf:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"})
         killed: dict = {}
         done = threading.Event()
 

@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx")
 yaml = pytest.importorskip("yaml")
 
 from h33_bento import simulate  # noqa: E402
-from h33_bento.ckks.keys import EvaluationKeys, KeyChain  # noqa: E402
+from h33_bento.ckks.keys import KeyChain  # noqa: E402
 from h33_bento.ckks.params import CKKSParams  # noqa: E402
 from h33_bento.client import FHEInferenceClient  # noqa: E402
 from h33_bento.runners.config import hash_api_key, new_api_key  # noqa: E402

@@ -66,6 +66,11 @@ from ..errors import (
     TruncatedDataError,
     UnsupportedVersionError,
 )
+import numpy as np
+import openfhe
+
+from .context import get_context, release_evaluation_keys, rss_bytes
+from .keys import EvaluationKeys
 from .params import CKKSParams
 
 logger = logging.getLogger("h33_bento.sandbox")
@@ -76,9 +81,6 @@ _DIGEST_LEN = hashlib.sha256().digest_size
 _ERRORS: dict[str, type[EnvelopeError]] = {cls.__name__: cls for cls in (
     EnvelopeError, TamperedDataError, TruncatedDataError, KeyMismatchError, ParamsMismatchError,
     UnsupportedVersionError)}
-#: reference-key bytes within this distance of a byte where two reference keys differ are not
-#: compared: random coefficients next to a field can agree by chance (their high bytes often do)
-_STRUCTURE_MARGIN = 8
 GiB = 1 << 30
 
 
@@ -337,11 +339,9 @@ class Sandbox:
         self._canonical.add(_frame_digest(dst))  # src too, if it was canonical already (the same bytes)
         logger.info("sandbox: key bundle %s validated in %.2f s", src.name, time.perf_counter() - t0)
 
-    def load_bundle(self, path: str | os.PathLike) -> "EvaluationKeys":
+    def load_bundle(self, path: str | os.PathLike) -> EvaluationKeys:
         """A stored bundle, safe to install here: read directly if a child wrote or confirmed exactly
         these bytes, else validated first (into a scratch file under ``scratch_dir``)."""
-        from .keys import EvaluationKeys
-
         path = Path(path)
         if _frame_digest(path) in self._canonical:
             return EvaluationKeys.from_bytes(path.read_bytes(), self.params)
@@ -375,12 +375,6 @@ class _CiphertextChecker:
     """What a ciphertext child holds: the served context and its trivial encryption of zero."""
 
     def __init__(self, params: CKKSParams) -> None:
-        import numpy as np
-        import openfhe
-
-        from .context import get_context
-
-        self.openfhe = openfhe
         self.params = params
         self.cc = get_context(params)
         throwaway = self.cc.KeyGen()  # only to let the context make a ciphertext; never used otherwise
@@ -388,7 +382,7 @@ class _CiphertextChecker:
         self.zero = self.cc.EvalSub(x, x)  # both elements 0: adding it changes no coefficient
 
     def check(self, blob: bytes, key_tag: str) -> None:
-        openfhe, p = self.openfhe, self.params
+        p = self.params
         try:
             ct = openfhe.DeserializeCiphertextString(blob, openfhe.BINARY)  # the step that may crash
         except Exception as exc:
@@ -420,15 +414,13 @@ class _Shape:
     """The encoding of one kind of honest key: its length and the words every such key shares."""
 
     length: int
-    starts: Any  # numpy int64: byte offsets of the shared runs (multiples of 8)
-    ends: Any
+    starts: np.ndarray  # byte offsets of the shared runs (multiples of 8)
+    ends: np.ndarray
     words: bytes  # the reference's bytes over those runs, concatenated
 
     @classmethod
     def between(cls, a: bytes, b: bytes) -> "_Shape":
         """What two independently generated keys of one kind agree on, one word trimmed off each run."""
-        import numpy as np
-
         if len(a) != len(b):
             raise RuntimeError("two reference keys of one kind differ in length")  # our own keys: a bug
         n = len(a) // 8
@@ -445,21 +437,19 @@ class _Shape:
 
     @classmethod
     def from_blobs(cls, length: int, starts: bytes, ends: bytes, words: bytes) -> "_Shape":
-        import numpy as np
-
         return cls(length, np.frombuffer(starts, ">i8").astype(np.int64), np.frombuffer(ends, ">i8").astype(np.int64),
                    words)
 
     def check(self, got: bytes, what: str) -> None:
         """``got`` (its key tag blanked) must have this length and these words."""
         if len(got) != self.length:
-            raise TamperedDataError(f"the bundle's {what} do not have the size of keys for the model's parameters "
-                                    f"({len(got)} bytes, expected {self.length}): other ring dimension or moduli")
+            raise TamperedDataError(f"{what} of the bundle: {len(got)} bytes where the model's parameters give "
+                                    f"{self.length} (another ring dimension or moduli)")
         view, words, at = memoryview(got), memoryview(self.words), 0
         for s, e in zip(self.starts.tolist(), self.ends.tolist()):
             if view[s:e] != words[at:at + e - s]:
-                raise TamperedDataError(f"the bundle's {what} differ from keys for the model's parameters at byte {s} "
-                                        "(ring dimension, moduli, digits or layout)")
+                raise TamperedDataError(f"{what} of the bundle: not the encoding of keys for the model's parameters "
+                                        f"at byte {s} (ring dimension, moduli, digits or layout)")
             at += e - s
 
 
@@ -470,10 +460,6 @@ def _blank(blob: bytes, tag: str) -> bytes:
 
 def _key_shapes(params: CKKSParams) -> dict[str, _Shape]:
     """The shapes of honest keys for ``params``, from two key sets generated here."""
-    import openfhe
-
-    from .context import get_context, release_evaluation_keys
-
     cc, needed, BIN = get_context(params), list(params.rotation_indices), openfhe.BINARY
 
     def generate() -> dict[str, bytes]:  # one key set, re-serialized as a bundle's keys are
@@ -501,12 +487,6 @@ def _key_shapes(params: CKKSParams) -> dict[str, _Shape]:
 
 def _validate_bundle(params: CKKSParams, src: Path, dst: Path, shapes: dict[str, _Shape]) -> None:
     """The child's whole job for one bundle (see the module docstring); raises an EnvelopeError."""
-    import numpy as np
-    import openfhe
-
-    from .context import get_context, release_evaluation_keys
-    from .keys import EvaluationKeys
-
     keys = EvaluationKeys.from_bytes(src.read_bytes(), params)  # frame, digest, params, key_id <-> tag
     tag = keys.key_tag
     needed = list(params.rotation_indices)
@@ -581,8 +561,6 @@ def _child(mode: str, memory_bytes: int) -> None:
 
 def _serve(mode: str, memory_bytes: int) -> None:
     import resource
-
-    from .context import rss_bytes
 
     if memory_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))

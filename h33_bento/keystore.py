@@ -5,7 +5,6 @@ Layout::
     <root>/<key_id>/bundle.h33k   EvaluationKeys.to_bytes(), exactly as received (public material only)
     <root>/<key_id>/meta.json     {"key_id", "tenant", "params_fingerprint", "key_tag", "size_bytes", "created_at"}
     <root>/.incoming/             uploads and key directories being written
-    <root>/<key_id>.h33k          legacy flat layout (the MLflow flavor before this store): read, never written
 
 One directory per key, so that several processes (service replicas on a shared volume, an
 ``mlflow models serve`` next to them) can read and write the same store.  A key directory
@@ -18,7 +17,7 @@ Every bundle is validated on the way in (``EvaluationKeys.from_bytes``) and on t
 (``load`` also checks that the bundle is the one its key_id names).  A bundle belongs to a
 tenant, recorded in ``meta.json``: the BentoML service records the uploading tenant and serves
 a key only to it; writers without tenants (``mlflow.h33.save_evaluation_keys``) record
-``DEFAULT_TENANT`` unless told otherwise, and legacy flat files count as ``DEFAULT_TENANT``'s.
+``DEFAULT_TENANT`` unless told otherwise.
 The first writer of a key_id owns it: storing it again returns the existing record unchanged.
 """
 from __future__ import annotations
@@ -36,17 +35,15 @@ from typing import Any
 
 from .ckks.keys import EvaluationKeys
 from .ckks.params import CKKSParams
-from .ckks.serialization import KEYS_MAGIC, read_frame_header
 from .errors import EnvelopeError, EvaluationKeysNotFoundError, KeyMismatchError
 
 KEY_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-#: The tenant recorded for bundles stored without one (and for legacy flat files).
+#: The tenant recorded for bundles stored without one.
 DEFAULT_TENANT = "default"
 BUNDLE_FILE = "bundle.h33k"
 META_FILE = "meta.json"
 INCOMING = ".incoming"
-LEGACY_SUFFIX = ".h33k"
 _STALE_S = 3600.0
 
 
@@ -95,9 +92,8 @@ class KeyStore:
             self._clean_incoming()
         if self.root.is_dir():
             for entry in self.root.iterdir():
-                key_id = entry.name.removesuffix(LEGACY_SUFFIX)
-                if KEY_ID_RE.match(key_id):
-                    self.get(key_id)
+                if KEY_ID_RE.match(entry.name):
+                    self.get(entry.name)
 
     def _clean_incoming(self) -> None:
         """Remove uploads and staged directories left behind by a crash (older than an hour)."""
@@ -112,24 +108,17 @@ class KeyStore:
                 pass
 
     # ----------------------------------------------------------------- lookups
-    def _legacy_path(self, key_id: str) -> Path:
-        return self.root / f"{key_id}{LEGACY_SUFFIX}"
-
     def bundle_path(self, key_id: str) -> Path:
-        """Where ``key_id``'s bundle is: its key directory, or else a legacy flat file."""
-        path = self.root / key_id / BUNDLE_FILE
-        legacy = self._legacy_path(key_id)
-        return legacy if not path.is_file() and legacy.is_file() else path
+        """Where ``key_id``'s bundle is."""
+        return self.root / key_id / BUNDLE_FILE
 
     def _stamp(self, key_id: str) -> tuple[int, ...] | None:
-        """Identity of what is stored for ``key_id`` now: the stat of its meta.json (or legacy file)."""
-        for path in (self.root / key_id / META_FILE, self._legacy_path(key_id)):
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
-        return None
+        """Identity of what is stored for ``key_id`` now: the stat of its meta.json."""
+        try:
+            st = (self.root / key_id / META_FILE).stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
     def _read(self, key_id: str) -> KeyRecord | None:
         d = self.root / key_id
@@ -139,15 +128,7 @@ class KeyStore:
                 return KeyRecord(**{k: meta[k] for k in KeyRecord.__dataclass_fields__})
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        legacy = self._legacy_path(key_id)
-        try:
-            header = read_frame_header(legacy, KEYS_MAGIC, "evaluation-key bundle")
-            stat = legacy.stat()
-            return KeyRecord(key_id=key_id, tenant=DEFAULT_TENANT,
-                             params_fingerprint=str(header["params_fingerprint"]), key_tag=str(header["key_tag"]),
-                             size_bytes=stat.st_size, created_at=stat.st_mtime)
-        except (OSError, EnvelopeError, KeyError):
-            return None
+        return None
 
     def get(self, key_id: str) -> KeyRecord | None:
         """The record of ``key_id``, or None.
@@ -231,7 +212,7 @@ class KeyStore:
     def commit(self, staged: StagedBundle, tenant: str = DEFAULT_TENANT) -> tuple[KeyRecord, bool]:
         """Move a staged bundle into place as ``tenant``'s; returns (record, created).
 
-        If the key_id is already stored (by anyone, in either layout), nothing is written and the
+        If the key_id is already stored (by anyone), nothing is written and the
         existing record comes back with ``created`` False: callers that bind keys to tenants
         compare its ``tenant`` with theirs.
         """
@@ -280,14 +261,13 @@ class KeyStore:
             upload.unlink(missing_ok=True)
 
     def delete(self, key_id: str) -> KeyRecord:
-        """Remove ``key_id``'s bundle (either layout); returns its record."""
+        """Remove ``key_id``'s bundle; returns its record."""
         rec = self.require(key_id)
         key_dir = self.root / key_id
         if key_dir.is_dir():
             trash = self._incoming_dir() / f"deleted.{key_id}.{uuid.uuid4().hex}"
             os.rename(key_dir, trash)
             shutil.rmtree(trash, ignore_errors=True)
-        self._legacy_path(key_id).unlink(missing_ok=True)
         with self._lock:
             self._records.pop(key_id, None)
         return rec

@@ -34,7 +34,7 @@ from starlette.responses import Response
 from ..ckks.context import get_context
 from ..ckks.keys import EvaluationKeys
 from ..ckks.serialization import EncryptedTensor
-from ..compiler.program import CompiledModel
+from ..program.model import CompiledModel
 from ..errors import EnvelopeError, EvaluationKeysNotFoundError, TamperedDataError
 from ..keystore import KeyStore
 from ..runtime.engine import DEFAULT_CACHE_BYTES, Engine, PlaintextCache
@@ -42,8 +42,6 @@ from .errors import HTTPError, from_envelope_error, unknown_key
 from .metrics import Metrics, NullMetrics
 
 logger = logging.getLogger("h33_bento.runners")
-
-ENVELOPE_MEDIA_TYPE = "application/vnd.h33.envelope"
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 
 from ..ckks.serialization import WIRE_VERSION, EncryptedTensor
-from ..compiler.program import CompiledModel
+from ..program.model import CompiledModel
 from ..errors import EnvelopeError
 from ..keystore import KeyRecord, StagedBundle
 from .config import Authenticator, ServeConfig
@@ -86,7 +86,7 @@ class Runtime:
                     "lane_length": m.lane_length,
                     "input_blocks": m.input_blocks,
                     "depth": m.depth,
-                    "plan": m.plan_summary(),
+                    "summary": m.summary(),
                     "source": self.source,
                 },
                 "params": {**p.model_dump(mode="json"), "fingerprint": p.fingerprint},

@@ -145,20 +145,3 @@ def test_leftovers_of_a_crash_are_never_keys_and_are_cleaned_up(tmp_path, params
     store = KeyStore(tmp_path)
     assert store.get(keys.key_id) is None and len(store) == 0
     assert sorted(p.name for p in (tmp_path / INCOMING).iterdir()) == ["fresh.part"]  # the stale one is gone
-
-
-def test_legacy_flat_files_are_still_read(tmp_path, params, chains):
-    """Stores written by the MLflow flavor before this layout: ``<root>/<key_id>.h33k``."""
-    keys = chains[0].evaluation_keys()
-    legacy = tmp_path / f"{keys.key_id}.h33k"
-    legacy.write_bytes(keys.to_bytes())
-    store = KeyStore(tmp_path, create=False)
-    rec = store.get(keys.key_id)
-    assert rec.tenant == DEFAULT_TENANT and rec.key_tag == keys.key_tag and rec.size_bytes == legacy.stat().st_size
-    assert len(store) == 1 and store.load(keys.key_id, params) == keys
-    assert _files(tmp_path) == [legacy.name]  # reading wrote nothing
-    # storing it again leaves the legacy file in charge; deleting removes it
-    writer = KeyStore(tmp_path)
-    assert writer.put(keys, "acme") == (rec, False)
-    writer.delete(keys.key_id)
-    assert not legacy.exists() and writer.get(keys.key_id) is None

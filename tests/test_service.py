@@ -539,7 +539,7 @@ def test_load_64_requests_from_4_concurrent_clients(deployment, acme, globex, se
 LOG_TO_MLFLOW = """
 import sys, mlflow
 from h33_bento import mlflow_flavor
-from h33_bento.compiler.program import CompiledModel
+from h33_bento.program.model import CompiledModel
 info = mlflow_flavor.log_model(CompiledModel.load(sys.argv[1]), name="model", registered_model_name="h33-served")
 mlflow.MlflowClient().set_registered_model_alias("h33-served", "prod", info.registered_model_version)
 """

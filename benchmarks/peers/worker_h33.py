@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import LAYERS, load_canonical_into, log, measure_requests, phase, timed, worker_args, write_result  # noqa: E402
+from common import load_canonical_into, log, measure_requests, phase, timed, worker_args, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -27,7 +27,6 @@ def main() -> None:
     torch.set_num_threads(2)
 
     from h33_bento import FHEInferenceClient, compile
-    from h33_bento.runtime.costs import reprice
 
     from nets import build
 
@@ -59,7 +58,7 @@ def main() -> None:
         "key_bundle_bytes": len(bundle), "lanes": client.lanes,
     }
     del bundle
-    summary = compiled.plan_summary()
+    summary = compiled.summary()
     result["predicted_ms"] = summary["predicted_latency_ms"]
     result["predicted_client_ms"] = summary["predicted_client_ms"]
     log(f"h33 {args.network}: setup {result['setup_s']:.1f} s, N={pp.ring_dim}, depth {pp.multiplicative_depth}")
@@ -73,7 +72,7 @@ def main() -> None:
     phase(args.json, "inference")
     batches = [images[i:i + client.lanes] for i in range(0, len(images), client.lanes)]
     result.update(measure_requests(request, images[0], batches, args.repeat, ref, labels, client.lanes))
-    priced = reprice(compiled)  # the plan priced with costs measured just before these requests
+    priced = compiled.repriced()  # the program priced with costs measured just before these requests
     runs, outside, e2e = [], [], []
     for _ in range(max(args.repeat, 5)):  # the per-layer profile: median of a few more full requests
         t_enc, enc = timed(lambda: client.encrypt(batches[0]))
@@ -84,10 +83,10 @@ def main() -> None:
         e2e.append(t_enc + t_run + t_dec)
     result["outside_steps_ms"] = float(np.median(outside))
     result["profile_e2e_ms"] = float(np.median(e2e))
-    repriced = priced.plan_summary()
+    repriced = priced.summary()
     result["profile_predicted_ms"] = repriced["predicted_latency_ms"]
     result["profile_predicted_client_ms"] = repriced["predicted_client_ms"]
-    result["layers"] = [{"step": s.name, "op": s.op, "level": s.level, "predicted_ms": priced.predicted_ms(s),
+    result["layers"] = [{"step": s.name, "op": s.op.value, "level": s.level, "predicted_ms": priced.predicted_ms(s),
                          "compile_predicted_ms": compiled.predicted_ms(s),
                          "measured_ms": float(np.median([r[s.name] for r in runs]))} for s in compiled.steps]
     log(f"h33 {args.network}: single {result['single_ms']:.0f} ms, amortized {result['amortized_ms']:.0f} ms/img, "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,20 +63,6 @@ def _parse_header(head: bytes, what: str) -> tuple[dict[str, Any], list[int]]:
     except (ValueError, KeyError, TypeError) as exc:
         raise TamperedDataError(f"{what} header is not valid: {exc}") from exc
     return header, lengths
-
-
-def read_frame_header(path: str | os.PathLike, magic: bytes, what: str) -> dict[str, Any]:
-    """The JSON header of a framed file, read without its blobs (which stay unverified).
-
-    For listing large files (key bundles are hundreds of MB) by what their header says; anything
-    that uses the blobs must go through :func:`unpack_frame`, which checks the digest.
-    """
-    with open(path, "rb") as fh:
-        head_end = _header_end(fh.read(_PREFIX.size), magic, what)
-        head = fh.read(head_end - _PREFIX.size)
-    if len(head) < head_end - _PREFIX.size:
-        raise TruncatedDataError(f"{what} is truncated inside its header")
-    return _parse_header(head, what)[0]
 
 
 def unpack_frame(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], list[bytes]]:

@@ -222,43 +222,41 @@ async def upload_keys(request: Request) -> Response:
     """POST /keys: the body is an evaluation-key bundle (octet-stream, or multipart part 'bundle')."""
     rt = _runtime()
     tenant = _tenant(request)
-    upload = rt.keystore.incoming_path()
     try:
-        try:
-            if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                form = await request.form(max_files=1, max_fields=4)
-                try:
-                    part = form.get(BUNDLE_FIELD)
-                    if not isinstance(part, UploadFile):
-                        raise HTTPError(422, "invalid_bundle", f"multipart body has no file part {BUNDLE_FIELD!r}")
-                    with open(upload, "wb") as fh:
+        with rt.keystore.incoming() as upload:
+            write = upload.file.write
+            try:
+                if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                    form = await request.form(max_files=1, max_fields=4)
+                    try:
+                        part = form.get(BUNDLE_FIELD)
+                        if not isinstance(part, UploadFile):
+                            raise HTTPError(422, "invalid_bundle", f"multipart body has no file part {BUNDLE_FIELD!r}")
                         while chunk := await part.read(8 << 20):
-                            await anyio.to_thread.run_sync(fh.write, chunk)
-                finally:
-                    await form.close()
-            else:
-                with open(upload, "wb") as fh:
+                            await anyio.to_thread.run_sync(write, chunk)
+                    finally:
+                        await form.close()
+                else:
                     buf: list[bytes] = []
                     size = 0
                     async for chunk in request.stream():
                         buf.append(chunk)
                         size += len(chunk)
                         if size >= 8 << 20:
-                            await anyio.to_thread.run_sync(fh.write, b"".join(buf))
+                            await anyio.to_thread.run_sync(write, b"".join(buf))
                             buf, size = [], 0
                     if buf:
-                        await anyio.to_thread.run_sync(fh.write, b"".join(buf))
-        except BodyTooLarge as exc:
-            await _drain(request.receive)
-            raise too_large(exc.limit, "the key bundle") from None
-        record, created = await rt.register_keys(tenant, upload)
+                        await anyio.to_thread.run_sync(write, b"".join(buf))
+            except BodyTooLarge as exc:
+                await _drain(request.receive)
+                raise too_large(exc.limit, "the key bundle") from None
+            await anyio.to_thread.run_sync(upload.file.flush)
+            record, created = await rt.register_keys(tenant, upload.path)
         rt.metrics.request("keys", 201 if created else 200)
         return JSONResponse({**record.public(), "created": created}, status_code=201 if created else 200)
     except HTTPError as err:
         rt.metrics.request("keys", err.status)
         raise
-    finally:
-        upload.unlink(missing_ok=True)
 
 
 @_handle

@@ -9,7 +9,10 @@ Layout::
 One directory per key, so that several processes (service replicas on a shared volume, an
 ``mlflow models serve`` next to them) can read and write the same store.  A key directory
 appears atomically: it is written under ``.incoming``, fsynced and renamed into place, so a
-crash never leaves a half-written bundle behind a valid name.  Every lookup checks with one
+crash never leaves a half-written bundle behind a valid name.  Whoever writes an entry of
+``.incoming`` holds an exclusive ``flock`` on it until it is done; opening a store removes every
+entry there that it can lock -- what crashed writers left behind -- and never one that a live
+process (another replica on the same volume included) is still writing.  Every lookup checks with one
 ``stat`` that its indexed record is still what the disk holds and re-reads it otherwise, which
 is how one process sees another's writes and deletions.
 
@@ -22,6 +25,7 @@ The first writer of a key_id owns it: storing it again returns the existing reco
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -29,9 +33,10 @@ import shutil
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable, Iterator
 
 from .ckks.keys import EvaluationKeys
 from .ckks.params import CKKSParams
@@ -44,7 +49,6 @@ DEFAULT_TENANT = "default"
 BUNDLE_FILE = "bundle.h33k"
 META_FILE = "meta.json"
 INCOMING = ".incoming"
-_STALE_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,33 @@ class StagedBundle:
     keys: EvaluationKeys
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A file being written under ``.incoming`` by :meth:`KeyStore.incoming` (locked while open)."""
+
+    path: Path
+    file: BinaryIO
+
+
+def _create_locked(name: Callable[[], Path], directory: bool = False) -> tuple[Path, int]:
+    """Create a fresh entry (file or directory) at ``name()`` and flock it; returns (path, fd).
+
+    An entry that a cleaner removed between its creation and the lock (it has no links left)
+    is given up for a new name, so a writer never writes into a removed file.
+    """
+    while True:
+        path = name()
+        if directory:
+            path.mkdir()
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            return path, fd
+        os.close(fd)
+
+
 class KeyStore:
     """Evaluation-key bundles under ``root`` (see the module docstring for the layout).
 
@@ -96,16 +127,24 @@ class KeyStore:
                     self.get(entry.name)
 
     def _clean_incoming(self) -> None:
-        """Remove uploads and staged directories left behind by a crash (older than an hour)."""
-        for stale in (self.root / INCOMING).iterdir():
+        """Remove what crashed writers left in ``.incoming``: every entry no live process holds locked."""
+        for entry in (self.root / INCOMING).iterdir():
             try:
-                if time.time() - stale.stat().st_mtime > _STALE_S:
-                    if stale.is_dir():
-                        shutil.rmtree(stale, ignore_errors=True)
-                    else:
-                        stale.unlink(missing_ok=True)
-            except OSError:  # another process cleaned it up first
-                pass
+                fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:  # removed meanwhile, or not a plain file or directory
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a live writer (possibly another replica) holds it
+                os.close(fd)
+                continue
+            try:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
 
     # ----------------------------------------------------------------- lookups
     def bundle_path(self, key_id: str) -> Path:
@@ -198,15 +237,30 @@ class KeyStore:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def incoming_path(self) -> Path:
-        """A fresh file name under ``.incoming`` for an upload (same file system as the keys)."""
-        return self._incoming_dir() / f"{uuid.uuid4().hex}.part"
+    @contextmanager
+    def incoming(self) -> Iterator[Upload]:
+        """A fresh, locked upload file under ``.incoming`` (same file system as the keys).
+
+        Write the bundle to ``upload.file``, flush it, then :meth:`stage` and :meth:`commit`
+        ``upload.path`` inside the block: the lock keeps other processes' cleaning away until
+        the block ends, and then whatever was not committed is removed.
+        """
+        incoming = self._incoming_dir()
+        path, fd = _create_locked(lambda: incoming / f"{uuid.uuid4().hex}.part")
+        file = os.fdopen(fd, "wb")
+        try:
+            yield Upload(path, file)
+        finally:
+            try:
+                path.unlink(missing_ok=True)  # while still locked; a committed upload was moved away
+            finally:
+                file.close()
 
     def stage(self, upload: Path, params: CKKSParams | None = None) -> StagedBundle:
-        """Validate an uploaded file (from :meth:`incoming_path`) as a bundle, for ``params`` if given."""
+        """Validate an uploaded file (from :meth:`incoming`) as a bundle, for ``params`` if given."""
         upload = Path(upload)
         if upload.resolve().parent != self.root / INCOMING:
-            raise ValueError(f"{upload} is not an upload of this store; write it to incoming_path()")
+            raise ValueError(f"{upload} is not an upload of this store; write it in incoming()")
         return StagedBundle(upload, EvaluationKeys.from_bytes(upload.read_bytes(), params))
 
     def commit(self, staged: StagedBundle, tenant: str = DEFAULT_TENANT) -> tuple[KeyRecord, bool]:
@@ -224,8 +278,8 @@ class KeyStore:
             return existing, False
         rec = KeyRecord(key_id=keys.key_id, tenant=tenant, params_fingerprint=keys.params_fingerprint,
                         key_tag=keys.key_tag, size_bytes=staged.path.stat().st_size, created_at=time.time())
-        staging = self._incoming_dir() / f"{keys.key_id}.{uuid.uuid4().hex}"
-        staging.mkdir()
+        incoming = self._incoming_dir()
+        staging, lock = _create_locked(lambda: incoming / f"{keys.key_id}.{uuid.uuid4().hex}", directory=True)
         try:
             os.replace(staged.path, staging / BUNDLE_FILE)
             (staging / META_FILE).write_text(json.dumps(asdict(rec), indent=1))
@@ -242,6 +296,7 @@ class KeyStore:
             _fsync_dir(self.root)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            os.close(lock)
         self.get(rec.key_id)  # index it
         return rec, True
 
@@ -253,12 +308,10 @@ class KeyStore:
         existing = self.get(keys.key_id)
         if existing is not None:
             return existing, False
-        upload = self.incoming_path()
-        try:
-            upload.write_bytes(data)
-            return self.commit(StagedBundle(upload, keys), tenant)
-        finally:
-            upload.unlink(missing_ok=True)
+        with self.incoming() as upload:
+            upload.file.write(data)
+            upload.file.flush()
+            return self.commit(StagedBundle(upload.path, keys), tenant)
 
     def delete(self, key_id: str) -> KeyRecord:
         """Remove ``key_id``'s bundle; returns its record."""

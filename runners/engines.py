@@ -163,9 +163,10 @@ class EngineRunner:
         cc = get_context(self.params)
         try:
             public = openfhe.DeserializePublicKeyString(keys.public_key, openfhe.BINARY)
+            tag = None if public is None else public.GetKeyTag()  # UnicodeDecodeError: a tag that is not UTF-8
         except Exception as exc:  # RuntimeError, or ValueError/MemoryError from malformed bytes
             raise TamperedDataError(f"the bundle's public key could not be deserialized: {exc}") from exc
-        if public is None or public.GetKeyTag() != keys.key_tag:
+        if tag != keys.key_tag:
             raise TamperedDataError("the bundle's key tag does not match its public key")
         owner = self._tag_owner.get(keys.key_tag)
         if owner is not None and owner != keys.key_id:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import anyio
 
@@ -17,9 +18,9 @@ from ..ckks.serialization import WIRE_VERSION, EncryptedTensor
 from ..program.model import CompiledModel
 from ..errors import EnvelopeError
 from ..keystore import KeyRecord, StagedBundle
-from .config import Authenticator, ServeConfig
+from .config import Authenticator, ServeConfig, TenantConfig
 from .engines import EngineRunner, InferItem, LanePacker
-from .errors import HTTPError, foreign_key, from_envelope_error
+from .errors import HTTPError, busy, foreign_key, from_envelope_error
 from .keystore import TenantKeyStore
 from .metrics import Metrics, create as create_metrics
 from .source import load_compiled
@@ -31,6 +32,46 @@ _current: "Runtime | None" = None
 
 def current() -> "Runtime | None":
     return _current
+
+
+class Admission:
+    """In-flight caps on authenticated requests, per tenant and per worker (429 beyond them).
+
+    The gate takes a slot after authentication and holds it until the answer is sent, so one
+    tenant cannot take every slot, and unauthenticated requests (answered before they get this
+    far) never take one.  A worker with every slot taken reports itself saturated (not ready).
+    Only the event loop changes the counters, so they need no lock.
+    """
+
+    def __init__(self, max_total: int, max_per_tenant: int) -> None:
+        self.max_total = max_total
+        self.max_per_tenant = max_per_tenant
+        self.in_flight = 0
+        self._tenants: dict[str, int] = {}
+
+    @property
+    def saturated(self) -> bool:
+        return self.in_flight >= self.max_total
+
+    @contextmanager
+    def slot(self, tenant: str) -> Iterator[None]:
+        """Hold one of ``tenant``'s slots for the duration of a request; 429 if none is free."""
+        mine = self._tenants.get(tenant, 0)
+        if mine >= self.max_per_tenant:
+            raise busy(f"this tenant (at most {self.max_per_tenant})")
+        if self.saturated:
+            raise busy(f"this server (at most {self.max_total})")
+        self.in_flight += 1
+        self._tenants[tenant] = mine + 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            left = self._tenants[tenant] - 1
+            if left:
+                self._tenants[tenant] = left
+            else:
+                del self._tenants[tenant]
 
 
 class Runtime:
@@ -46,6 +87,11 @@ class Runtime:
         self.auth = Authenticator(config.tenants)
         if not config.tenants:
             logger.warning("no tenants are configured: every authenticated endpoint will answer 401")
+        self.scrapers = Authenticator({"metrics": TenantConfig(api_key_sha256=config.metrics_token_sha256)}
+                                      if config.metrics_token_sha256 else {})
+        if not config.metrics_public and not config.metrics_token_sha256:
+            logger.warning("/metrics is not public and no scrape token is configured: it will answer 401")
+        self.admission = Admission(config.max_concurrency, config.max_tenant_concurrency)
         self.keystore = TenantKeyStore(config.key_store, config.max_keys_per_tenant)
         self.metrics = metrics or create_metrics(compiled.fingerprint)
         self.runner = EngineRunner(compiled, self.keystore, config.max_engines, config.engine_cache_bytes,
@@ -115,13 +161,15 @@ class Runtime:
 
     def health(self) -> dict[str, Any]:
         return {
-            "status": "ok",
+            "status": "saturated" if self.admission.saturated else "ok",
             "model_fingerprint": self.compiled.fingerprint,
             "uptime_s": round(time.time() - self.started, 1),
             "key_bundles": len(self.keystore),
             "engines_loaded": self.runner.engines_loaded,
             "engine_runs": self.runner.runs,
             "pending_requests": self.packer.pending,
+            "requests_in_flight": self.admission.in_flight,
+            "max_concurrency": self.admission.max_total,
         }
 
     # ----------------------------------------------------------------- /infer

@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from h33_bento import compile, simulate, zoo  # noqa: E402
 from h33_bento import nn as hnn  # noqa: E402
 from h33_bento.client import FHEInferenceClient  # noqa: E402
-from h33_bento.compiler.activations import chebyshev_depth  # noqa: E402
 from h33_bento.compiler.calibration import RangeWarning  # noqa: E402
+from h33_bento.program.polynomials import chebyshev_depth  # noqa: E402
 
 
 @dataclass

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from h33_bento import FHEInferenceClient, compile, datasets, zoo
-from h33_bento.runtime.costs import reprice
 
 
 def _median_ms(fn, repeat: int) -> float:
@@ -59,7 +58,7 @@ def main() -> None:
     enc1 = client.encrypt(images[0])
     encrypt_ms = _median_ms(lambda: client.encrypt(images), args.repeat)
     client.infer(enc8)  # warm-up: encodes and caches the plaintext diagonals
-    priced = reprice(compiled)  # the plan priced with primitive costs measured just before the runs
+    priced = compiled.repriced()  # the program priced with primitive costs measured just before the runs
     engine = client._engine
     runs: list[dict[str, float]] = []
 
@@ -77,8 +76,8 @@ def main() -> None:
     total8 = encrypt_ms + server8_ms + decrypt_ms
 
     p = compiled.params
-    plan = priced.plan_summary()
-    plan_e2e = plan["predicted_latency_ms"] + plan["predicted_client_ms"]
+    predicted = priced.summary()
+    predicted_e2e = predicted["predicted_latency_ms"] + predicted["predicted_client_ms"]
     result = {
         "network": "ConvNet conv1->4 k7 s3, x^2, fc256->64, x^2, fc64->10",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -96,14 +95,14 @@ def main() -> None:
         "amortized_end_to_end_ms_per_image": round(total8 / 8, 1),
         "max_abs_logit_error": float(np.abs(logits - ref).max()),
         "correct": int((logits.argmax(1) == labels).sum()),
-        "predicted_server_ms": plan["predicted_latency_ms"],
-        "predicted_server_ms_at_compile": compiled.plan_summary()["predicted_latency_ms"],
-        "predicted_end_to_end_ms": round(plan_e2e, 1),
-        "end_to_end_over_plan": round(total8 / plan_e2e, 3),
+        "predicted_server_ms": predicted["predicted_latency_ms"],
+        "predicted_server_ms_at_compile": compiled.summary()["predicted_latency_ms"],
+        "predicted_end_to_end_ms": round(predicted_e2e, 1),
+        "end_to_end_over_prediction": round(total8 / predicted_e2e, 3),
         "layers": {s.name: {"predicted_ms": round(priced.predicted_ms(s), 1),
                             "measured_ms": round(layer_ms[s.name], 1)} for s in compiled.steps},
     }
-    print(compiled.plan)
+    print(compiled.report)
     print()
     for k, v in result.items():
         if k != "layers":

@@ -4,7 +4,7 @@ EfficientNet-B0, all polynomial + average pooling) and write them to docs/models
     python benchmarks/plan_models.py                 # print the summary table and plans
     python benchmarks/plan_models.py --write docs/models.md
 
-Each model is compiled with ``compile(model, (3, 32, 32), plan_only=True, measure_costs=False)``
+Each model is compiled with ``compile(model, (3, 32, 32), estimate_only=True, measure_costs=False)``
 in its own process (so its peak memory is its own).  The primitive costs behind the predicted
 latency and key sizes are measured once, here, at the parameters every plan lands on (N=2^16,
 depth 30: the largest ring at 128-bit security), and attached to each plan.  Bootstraps are the
@@ -71,26 +71,25 @@ def _child(name: str, costs_path: str) -> None:
     import torch
 
     torch.set_num_threads(2)
-    from h33_bento import compile, zoo
+    from h33_bento import PrimitiveCosts, compile, zoo
 
     model = zoo.CIFAR_ARCHITECTURES[name]()
     params = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
-    compiled = compile(model, (3, 32, 32), plan_only=True, measure_costs=False)
+    compiled = compile(model, (3, 32, 32), estimate_only=True, measure_costs=False)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     with open(costs_path) as fh:
         measured = json.load(fh)
-    compiled.primitive_costs_ms = measured["costs"]
-    compiled.key_sizes = measured["sizes"]
-    summary = compiled.plan_summary()
+    compiled = compiled.with_costs(PrimitiveCosts.from_json(measured["costs"]))
+    summary = compiled.summary()
     ops: dict[str, int] = {}
     for s in compiled.steps:
-        ops[s.op] = ops.get(s.op, 0) + 1
+        ops[s.op.value] = ops.get(s.op.value, 0) + 1
     print(json.dumps({
         "name": name, "parameters": params, "compile_s": seconds, "peak_rss_gib": peak, "summary": summary,
         "ops": ops, "ring_dim": compiled.params.ring_dim, "depth_available": compiled.params.multiplicative_depth,
-        "runnable": compiled.runnable, "plan": compiled.plan,
+        "runnable": compiled.runnable, "report": compiled.report,
     }))
 
 
@@ -107,7 +106,7 @@ def _small_models() -> list[dict]:
         model = ctor().eval()
         replaced = hnn.polyfy(model)
         acts = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (hnn.PolyActivation, hnn.Square))})
-        compiled = compile(model, shape, plan_only=True, measure_costs=False)
+        compiled = compile(model, shape, estimate_only=True, measure_costs=False)
         rows.append({"name": name, "class": ctor.__name__, "dataset": dataset, "shape": list(shape),
                      "activations": ", ".join(acts) + (" (polyfied from ReLU)" if replaced else ""),
                      "levels": compiled.depth, "ring_dim": compiled.params.ring_dim, "runnable": compiled.runnable,
@@ -119,13 +118,13 @@ def _small_models() -> list[dict]:
 def _measure_costs(degrees: tuple[int, ...]) -> dict:
     """Primitive costs and key sizes at N=2^16, depth 30 (what every CIFAR plan uses)."""
     from h33_bento.ckks.params import MAX_RING_DIM, CKKSParams, max_depth
-    from h33_bento.runtime.costs import measure_primitives
+    from h33_bento.ckks.timing import measure_primitives
 
     params = CKKSParams(ring_dim=MAX_RING_DIM, multiplicative_depth=max_depth(MAX_RING_DIM), scale_bits=40,
                         first_mod_bits=60, lanes=8)
     t0 = time.perf_counter()
-    costs, sizes = measure_primitives(params, degrees, repeat=2)
-    return {"costs": costs, "sizes": sizes, "seconds": time.perf_counter() - t0,
+    costs = measure_primitives(params, degrees, repeat=2)
+    return {"costs": costs.to_json(), "seconds": time.perf_counter() - t0,
             "ring_dim": params.ring_dim, "depth": params.multiplicative_depth}
 
 
@@ -145,7 +144,7 @@ def render(records: list[dict], measured: dict, command: str, total_s: float, sm
         "architecture only).",
         "",
         "Every model passes the compiler's ONNX import, fusion, calibration, level planning, layout and",
-        "diagonal planning through `compile(model, (3, 32, 32), plan_only=True, measure_costs=False)`. None",
+        "diagonal planning through `compile(model, (3, 32, 32), estimate_only=True, measure_costs=False)`. None",
         "fits the 30 levels that the largest 128-bit ring (N=2^16, 40-bit scale) holds, so none is",
         "runnable yet: running them encrypted needs bootstrapping, which is the next wave.",
         "",
@@ -173,14 +172,14 @@ def render(records: list[dict], measured: dict, command: str, total_s: float, sm
             f"{s['ciphertext_bootstraps']} | {s['rotations_per_run']} | {s['rotation_keys']} | "
             f"{_gib(s['key_bundle_bytes'])} | n/a | {r['compile_s']:.0f} s | {r['peak_rss_gib']:.1f} GiB |"
         )
-    c = measured["costs"]
+    c = measured["costs"]["ms"]
     lines += [
         "",
         "How to read the columns:",
         "",
         "* **levels needed**: multiplicative depth of the longest path (each fused linear block 1, x^2 and",
         "  ciphertext products 1, a degree-4 Chebyshev series 4, degree 7 5).",
-        "* **bootstraps (estimate)**: `CompiledModel.bootstrap_estimate()`: a fresh ciphertext has the ring's",
+        "* **bootstraps (estimate)**: `h33_bento.program.report.bootstrap_estimate`: a fresh ciphertext has the ring's",
         "  30 levels, each bootstrap restores 10 (`BootstrapConfig.levels_after`, the project's default",
         "  assumption, not yet measured), and a tensor is bootstrapped right before the first step that",
         "  would run out. *Ciphertext bootstraps* multiplies each by the tensor's ciphertext count (a 64x32x32",
@@ -188,7 +187,7 @@ def render(records: list[dict], measured: dict, command: str, total_s: float, sm
         "* **rotations per run / rotation keys**: from the BSGS diagonal plans of the chosen slot layouts.",
         "* **key bundle**: public + relinearization key + one rotation key per index, each at its measured",
         "  serialized size at N=2^16, depth 30"
-        f" ({_gib(measured['sizes'].get('rotation', 0))} per rotation key).",
+        f" ({_gib(measured['costs']['key_bytes'].get('rotation', 0))} per rotation key).",
         "* **predicted latency**: sum over steps of the primitive operations each needs, priced with the",
         "  costs measured at that step's level (below; after the first 30 levels, as if right after a",
         "  bootstrap), including re-encoding on every run the plaintext diagonals that do not fit the",
@@ -206,7 +205,7 @@ def render(records: list[dict], measured: dict, command: str, total_s: float, sm
                   if k.startswith("chebyshev_"))
         + ".",
         "",
-        "Compiler changes these plans needed: plan-only compiles import matrices in float32; fusion scales",
+        "Compiler changes these plans needed: estimate-only compiles import matrices in float32; fusion scales",
         "rows/columns for diagonal factors (BatchNorm) instead of a sparse product; diagonal planning finds",
         "distinct diagonals with a bitmap, in chunks; layout candidates and costs are memoized; the",
         "grid-layout search has a work budget (per layer and per graph) beyond which layers keep the compact",
@@ -242,7 +241,7 @@ def render(records: list[dict], measured: dict, command: str, total_s: float, sm
             "<details><summary>plan report</summary>",
             "",
             "```",
-            r["plan"],
+            r["report"],
             "```",
             "",
             "</details>",

@@ -30,7 +30,7 @@ def main() -> None:
     compiled = compile(model, (1, 28, 28), calibration_data=x_train[:512], labels=[str(i) for i in range(10)],
                        progress=True)
     compile_s = time.perf_counter() - t0
-    print(compiled.plan)
+    print(compiled.report)
     sim_acc = (simulate(compiled, x_test).argmax(1) == y_test).mean()
     print(f"compiled in {compile_s:.1f} s; compiled program (simulate) accuracy on 10k: {sim_acc:.4f}")
 

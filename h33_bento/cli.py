@@ -81,17 +81,17 @@ def compile_cmd(
         compiled.save(out)
     except H33Error as exc:
         _fail(exc)
-    typer.echo(compiled.plan)
+    typer.echo(compiled.report)
     typer.echo(f"\ncompiled in {time.perf_counter() - t0:.1f} s -> {out}")
 
 
 @app.command()
 def inspect(model_dir: Path = typer.Argument(..., help="compiled model directory")) -> None:
     """Print the plan: levels, diagonals, rotations and predicted time per layer."""
-    from .compiler.program import CompiledModel
+    from .program.model import CompiledModel
 
     try:
-        typer.echo(CompiledModel.load(model_dir).plan)
+        typer.echo(CompiledModel.load(model_dir).report)
     except H33Error as exc:
         _fail(exc)
 
@@ -104,7 +104,7 @@ def keygen(
 ) -> None:
     """Generate a key pair and the evaluation-key bundle the model needs."""
     from .ckks.keys import EVAL_KEYS_FILE, KeyChain
-    from .compiler.program import CompiledModel
+    from .program.model import CompiledModel
 
     try:
         compiled = CompiledModel.load(model_dir)
@@ -145,7 +145,7 @@ def infer(
     out: Path = typer.Option(..., "--out", "-o"),
 ) -> None:
     """Server side: run the program on an encrypted envelope with evaluation keys only."""
-    from .compiler.program import CompiledModel
+    from .program.model import CompiledModel
     from .runtime.engine import Engine
 
     try:

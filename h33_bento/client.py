@@ -17,7 +17,8 @@ import numpy as np
 from .ckks.keys import KeyChain
 from .ckks.params import CKKSParams, SecurityLevel, check_security
 from .ckks.serialization import EncryptedTensor
-from .compiler.program import CompiledModel
+from .program.model import CompiledModel
+from .program.packing import pack
 from .errors import (
     EnvelopeError,
     H33Error,
@@ -28,7 +29,6 @@ from .errors import (
     TruncatedDataError,
     UnsupportedVersionError,
 )
-from .runtime.simulate import pack
 
 
 @dataclass
@@ -95,8 +95,8 @@ class FHEInferenceClient:
     """Encrypt locally, infer on a server (or a local engine), decrypt locally.
 
     ``model`` is a CompiledModel or the directory it was saved to.  Without ``url`` inference runs
-    in a local Engine that gets only the evaluation keys.  ``weight_mode`` is "plaintext": the
-    server holds the weights in the clear and only the data is encrypted.
+    in a local Engine that gets only the evaluation keys.  The server holds the weights in the
+    clear; only the data is encrypted.
 
     With ``url`` (an h33 BentoML service) and ``api_key`` the client fetches ``GET /model``,
     generates keys for the served parameters if ``keys`` is not given, uploads the evaluation keys
@@ -115,12 +115,9 @@ class FHEInferenceClient:
     http_timeout: float = 900.0
 
     def __init__(self, model: CompiledModel | str | os.PathLike | None = None, url: str | None = None,
-                 api_key: str | None = None, weight_mode: str = "plaintext",
-                 keys: KeyChain | str | os.PathLike | None = None,
+                 api_key: str | None = None, keys: KeyChain | str | os.PathLike | None = None,
                  min_security_level: SecurityLevel = "HEStd_128_classic") -> None:
-        if weight_mode != "plaintext":
-            raise ValueError(f"weight_mode {weight_mode!r} is not supported; only 'plaintext' weights are")
-        self.url, self.api_key, self.weight_mode = url, api_key, weight_mode
+        self.url, self.api_key = url, api_key
         self._http: Any = None
         self._uploaded_key_id: str | None = None
         self._upload_lock = threading.Lock()

@@ -30,7 +30,7 @@ class DepthExceededError(CompileError):
             f"the network needs {levels_needed} multiplicative levels, but 128-bit CKKS "
             f"parameters allow at most {levels_available} at ring dimension {ring_dim} "
             "without bootstrapping; use fewer or lower-degree activations, or compile with "
-            "plan_only=True to inspect the plan"
+            "estimate_only=True for an estimate of its cost"
         )
         self.levels_needed = levels_needed
         self.levels_available = levels_available

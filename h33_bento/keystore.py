@@ -5,12 +5,14 @@ Layout::
     <root>/<key_id>/bundle.h33k   EvaluationKeys.to_bytes(), exactly as received (public material only)
     <root>/<key_id>/meta.json     {"key_id", "tenant", "params_fingerprint", "key_tag", "size_bytes", "created_at"}
     <root>/.incoming/             uploads and key directories being written
-    <root>/<key_id>.h33k          legacy flat layout (the MLflow flavor before this store): read, never written
 
 One directory per key, so that several processes (service replicas on a shared volume, an
 ``mlflow models serve`` next to them) can read and write the same store.  A key directory
 appears atomically: it is written under ``.incoming``, fsynced and renamed into place, so a
-crash never leaves a half-written bundle behind a valid name.  Every lookup checks with one
+crash never leaves a half-written bundle behind a valid name.  Whoever writes an entry of
+``.incoming`` holds an exclusive ``flock`` on it until it is done; opening a store removes every
+entry there that it can lock -- what crashed writers left behind -- and never one that a live
+process (another replica on the same volume included) is still writing.  Every lookup checks with one
 ``stat`` that its indexed record is still what the disk holds and re-reads it otherwise, which
 is how one process sees another's writes and deletions.
 
@@ -18,11 +20,12 @@ Every bundle is validated on the way in (``EvaluationKeys.from_bytes``) and on t
 (``load`` also checks that the bundle is the one its key_id names).  A bundle belongs to a
 tenant, recorded in ``meta.json``: the BentoML service records the uploading tenant and serves
 a key only to it; writers without tenants (``mlflow.h33.save_evaluation_keys``) record
-``DEFAULT_TENANT`` unless told otherwise, and legacy flat files count as ``DEFAULT_TENANT``'s.
+``DEFAULT_TENANT`` unless told otherwise.
 The first writer of a key_id owns it: storing it again returns the existing record unchanged.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -30,25 +33,23 @@ import shutil
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable, Iterator
 
 from .ckks.keys import EvaluationKeys
 from .ckks.params import CKKSParams
 from .ckks.sandbox import Sandbox
-from .ckks.serialization import KEYS_MAGIC, read_frame_header
 from .errors import EnvelopeError, EvaluationKeysNotFoundError, KeyMismatchError
 
 KEY_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-#: The tenant recorded for bundles stored without one (and for legacy flat files).
+#: The tenant recorded for bundles stored without one.
 DEFAULT_TENANT = "default"
 BUNDLE_FILE = "bundle.h33k"
 META_FILE = "meta.json"
 INCOMING = ".incoming"
-LEGACY_SUFFIX = ".h33k"
-_STALE_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,33 @@ class StagedBundle:
     keys: EvaluationKeys
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A file being written under ``.incoming`` by :meth:`KeyStore.incoming` (locked while open)."""
+
+    path: Path
+    file: BinaryIO
+
+
+def _create_locked(name: Callable[[], Path], directory: bool = False) -> tuple[Path, int]:
+    """Create a fresh entry (file or directory) at ``name()`` and flock it; returns (path, fd).
+
+    An entry that a cleaner removed between its creation and the lock (it has no links left)
+    is given up for a new name, so a writer never writes into a removed file.
+    """
+    while True:
+        path = name()
+        if directory:
+            path.mkdir()
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            return path, fd
+        os.close(fd)
+
+
 class KeyStore:
     """Evaluation-key bundles under ``root`` (see the module docstring for the layout).
 
@@ -91,46 +119,47 @@ class KeyStore:
         self.root = Path(root).resolve()
         self._lock = threading.Lock()
         self._records: dict[str, tuple[KeyRecord, tuple[int, ...]]] = {}  # key_id -> (record, stamp)
+        self._writable = create
         if create:
             self._incoming_dir()
             self._clean_incoming()
         if self.root.is_dir():
             for entry in self.root.iterdir():
-                key_id = entry.name.removesuffix(LEGACY_SUFFIX)
-                if KEY_ID_RE.match(key_id):
-                    self.get(key_id)
+                if KEY_ID_RE.match(entry.name):
+                    self.get(entry.name)
 
     def _clean_incoming(self) -> None:
-        """Remove uploads and staged directories left behind by a crash (older than an hour)."""
-        for stale in (self.root / INCOMING).iterdir():
+        """Remove what crashed writers left in ``.incoming``: every entry no live process holds locked."""
+        for entry in (self.root / INCOMING).iterdir():
             try:
-                if time.time() - stale.stat().st_mtime > _STALE_S:
-                    if stale.is_dir():
-                        shutil.rmtree(stale, ignore_errors=True)
-                    else:
-                        stale.unlink(missing_ok=True)
-            except OSError:  # another process cleaned it up first
-                pass
+                fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:  # removed meanwhile, or not a plain file or directory
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a live writer (possibly another replica) holds it
+                os.close(fd)
+                continue
+            try:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
 
     # ----------------------------------------------------------------- lookups
-    def _legacy_path(self, key_id: str) -> Path:
-        return self.root / f"{key_id}{LEGACY_SUFFIX}"
-
     def bundle_path(self, key_id: str) -> Path:
-        """Where ``key_id``'s bundle is: its key directory, or else a legacy flat file."""
-        path = self.root / key_id / BUNDLE_FILE
-        legacy = self._legacy_path(key_id)
-        return legacy if not path.is_file() and legacy.is_file() else path
+        """Where ``key_id``'s bundle is."""
+        return self.root / key_id / BUNDLE_FILE
 
     def _stamp(self, key_id: str) -> tuple[int, ...] | None:
-        """Identity of what is stored for ``key_id`` now: the stat of its meta.json (or legacy file)."""
-        for path in (self.root / key_id / META_FILE, self._legacy_path(key_id)):
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
-        return None
+        """Identity of what is stored for ``key_id`` now: the stat of its meta.json."""
+        try:
+            st = (self.root / key_id / META_FILE).stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
     def _read(self, key_id: str) -> KeyRecord | None:
         d = self.root / key_id
@@ -140,15 +169,7 @@ class KeyStore:
                 return KeyRecord(**{k: meta[k] for k in KeyRecord.__dataclass_fields__})
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        legacy = self._legacy_path(key_id)
-        try:
-            header = read_frame_header(legacy, KEYS_MAGIC, "evaluation-key bundle")
-            stat = legacy.stat()
-            return KeyRecord(key_id=key_id, tenant=DEFAULT_TENANT,
-                             params_fingerprint=str(header["params_fingerprint"]), key_tag=str(header["key_tag"]),
-                             size_bytes=stat.st_size, created_at=stat.st_mtime)
-        except (OSError, EnvelopeError, KeyError):
-            return None
+        return None
 
     def get(self, key_id: str) -> KeyRecord | None:
         """The record of ``key_id``, or None.
@@ -196,10 +217,13 @@ class KeyStore:
         self.require(key_id)
         path = self.bundle_path(key_id)
         try:
-            if sandbox is not None:
-                keys = sandbox.load_bundle(path)
-            else:
+            if sandbox is None:
                 keys = EvaluationKeys.from_bytes(path.read_bytes(), params)
+            elif self._writable:  # the child's copy stays on this file system, locked against cleaning
+                with self.incoming() as scratch:
+                    keys = sandbox.load_bundle(path, scratch.path)
+            else:
+                keys = sandbox.load_bundle(path)
         except FileNotFoundError:  # deleted between the lookup and the read
             raise EvaluationKeysNotFoundError(key_id, f"its bundle was removed from {self.root}") from None
         except EnvelopeError as exc:
@@ -224,21 +248,36 @@ class KeyStore:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def incoming_path(self) -> Path:
-        """A fresh file name under ``.incoming`` for an upload (same file system as the keys)."""
-        return self._incoming_dir() / f"{uuid.uuid4().hex}.part"
+    @contextmanager
+    def incoming(self) -> Iterator[Upload]:
+        """A fresh, locked upload file under ``.incoming`` (same file system as the keys).
+
+        Write the bundle to ``upload.file``, flush it, then :meth:`stage` and :meth:`commit`
+        ``upload.path`` inside the block: the lock keeps other processes' cleaning away until
+        the block ends, and then whatever was not committed is removed.
+        """
+        incoming = self._incoming_dir()
+        path, fd = _create_locked(lambda: incoming / f"{uuid.uuid4().hex}.part")
+        file = os.fdopen(fd, "wb")
+        try:
+            yield Upload(path, file)
+        finally:
+            try:
+                path.unlink(missing_ok=True)  # while still locked; a committed upload was moved away
+            finally:
+                file.close()
 
     def stage(self, upload: Path, params: CKKSParams | None = None) -> StagedBundle:
-        """Validate an uploaded file (from :meth:`incoming_path`) as a bundle, for ``params`` if given."""
+        """Validate an uploaded file (from :meth:`incoming`) as a bundle, for ``params`` if given."""
         upload = Path(upload)
         if upload.resolve().parent != self.root / INCOMING:
-            raise ValueError(f"{upload} is not an upload of this store; write it to incoming_path()")
+            raise ValueError(f"{upload} is not an upload of this store; write it in incoming()")
         return StagedBundle(upload, EvaluationKeys.from_bytes(upload.read_bytes(), params))
 
     def commit(self, staged: StagedBundle, tenant: str = DEFAULT_TENANT) -> tuple[KeyRecord, bool]:
         """Move a staged bundle into place as ``tenant``'s; returns (record, created).
 
-        If the key_id is already stored (by anyone, in either layout), nothing is written and the
+        If the key_id is already stored (by anyone), nothing is written and the
         existing record comes back with ``created`` False: callers that bind keys to tenants
         compare its ``tenant`` with theirs.
         """
@@ -250,8 +289,8 @@ class KeyStore:
             return existing, False
         rec = KeyRecord(key_id=keys.key_id, tenant=tenant, params_fingerprint=keys.params_fingerprint,
                         key_tag=keys.key_tag, size_bytes=staged.path.stat().st_size, created_at=time.time())
-        staging = self._incoming_dir() / f"{keys.key_id}.{uuid.uuid4().hex}"
-        staging.mkdir()
+        incoming = self._incoming_dir()
+        staging, lock = _create_locked(lambda: incoming / f"{keys.key_id}.{uuid.uuid4().hex}", directory=True)
         try:
             os.replace(staged.path, staging / BUNDLE_FILE)
             (staging / META_FILE).write_text(json.dumps(asdict(rec), indent=1))
@@ -268,6 +307,7 @@ class KeyStore:
             _fsync_dir(self.root)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            os.close(lock)
         self.get(rec.key_id)  # index it
         return rec, True
 
@@ -279,22 +319,19 @@ class KeyStore:
         existing = self.get(keys.key_id)
         if existing is not None:
             return existing, False
-        upload = self.incoming_path()
-        try:
-            upload.write_bytes(data)
-            return self.commit(StagedBundle(upload, keys), tenant)
-        finally:
-            upload.unlink(missing_ok=True)
+        with self.incoming() as upload:
+            upload.file.write(data)
+            upload.file.flush()
+            return self.commit(StagedBundle(upload.path, keys), tenant)
 
     def delete(self, key_id: str) -> KeyRecord:
-        """Remove ``key_id``'s bundle (either layout); returns its record."""
+        """Remove ``key_id``'s bundle; returns its record."""
         rec = self.require(key_id)
         key_dir = self.root / key_id
         if key_dir.is_dir():
             trash = self._incoming_dir() / f"deleted.{key_id}.{uuid.uuid4().hex}"
             os.rename(key_dir, trash)
             shutil.rmtree(trash, ignore_errors=True)
-        self._legacy_path(key_id).unlink(missing_ok=True)
         with self._lock:
             self._records.pop(key_id, None)
         return rec

@@ -41,9 +41,10 @@ import torch.nn.functional as F
 from numpy.polynomial import chebyshev as C
 from torch import nn
 
-from .compiler.activations import chebyshev_depth, exact_activation
+from .compiler.activations import exact_activation
 from .compiler.calibration import RangeWarning
 from .errors import CompileError
+from .program.polynomials import chebyshev_depth
 
 __all__ = [
     "RangeWarning",

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .nn import PolyReLU, PolySigmoid, PolySiLU, Square, _BestEpoch, _lr_scheduler, polyfy
+from .nn import Square, _BestEpoch, _lr_scheduler, polyfy
 
 __all__ = [
     "Square", "ConvNet", "MnistCNN", "LolaMnist", "LeNet5", "MnistNet", "PneumoniaCNN", "CifarCNN", "TabularMLP",

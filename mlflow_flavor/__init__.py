@@ -1,9 +1,9 @@
 """MLflow flavor ``h33``: log, register, load and serve FHE-compiled models.
 
-``import h33_bento`` makes this module available as ``mlflow.h33`` (without importing mlflow
-itself), so a compiled model is logged like any other::
+With h33-bento installed, ``import mlflow`` makes this module available as ``mlflow.h33``
+(``attach.py``, through MLflow's plugin entry points), so a compiled model is logged like any other::
 
-    import h33_bento, mlflow
+    import mlflow
 
     with mlflow.start_run():
         info = mlflow.h33.log_model(compiled, name="mnist-fhe", registered_model_name="mnist-fhe",
@@ -11,7 +11,7 @@ itself), so a compiled model is logged like any other::
 
 An MLflow model written by this flavor holds
 
-* ``model/``: the :class:`~h33_bento.compiler.program.CompiledModel` in its native format
+* ``model/``: the :class:`~h33_bento.program.model.CompiledModel` in its native format
   (``manifest.json`` + ``arrays.npz``, never pickle);
 * ``MLmodel``: an ``h33`` flavor section recording the format version, the CKKS parameters, the
   lanes, the params and model fingerprints, the evaluation-key requirements, the input and
@@ -68,7 +68,8 @@ __all__ = [
 
 FLAVOR_NAME = "h33"
 #: Version of the ``h33`` section of the MLmodel file (not of the compiled-model format).
-FLAVOR_FORMAT_VERSION = 1
+#: 2: the compile estimates are recorded under ``summary`` (``CompiledModel.summary()``).
+FLAVOR_FORMAT_VERSION = 2
 #: Where the compiled model lives inside the MLflow model directory.
 MODEL_DATA_SUBPATH = "model"
 #: Fallback for the key store when the pyfunc model_config names none.
@@ -149,7 +150,7 @@ def _key_requirements(compiled: Any) -> dict[str, Any]:
 
 def flavor_metadata(compiled: Any) -> dict[str, Any]:
     """The ``h33`` section of the MLmodel file for ``compiled``: descriptive, never key material."""
-    from h33_bento.compiler.program import FORMAT_VERSION
+    from h33_bento.program.model import FORMAT_VERSION
 
     return _plain({
         "format_version": FLAVOR_FORMAT_VERSION,
@@ -165,7 +166,7 @@ def flavor_metadata(compiled: Any) -> dict[str, Any]:
         "output": {"shape": list(compiled.output_shape)},
         "labels": compiled.class_labels(),
         "runnable": compiled.runnable,
-        "plan": compiled.plan_summary(),
+        "summary": compiled.summary(),
     })
 
 
@@ -221,7 +222,7 @@ def _accuracy_metrics(accuracy: dict[str, float] | None) -> dict[str, float]:
 
 
 def _as_compiled(h33_model: Any) -> Any:
-    from h33_bento.compiler.program import CompiledModel
+    from h33_bento.program.model import CompiledModel
 
     if isinstance(h33_model, CompiledModel):
         return h33_model
@@ -464,7 +465,7 @@ def log_model(
 # ----------------------------------------------------------------------------- load
 def _load_verified(model_dir: str | os.PathLike, conf: dict[str, Any]) -> Any:
     """Load the compiled model under ``model_dir`` and check it against its flavor section."""
-    from h33_bento.compiler.program import CompiledModel
+    from h33_bento.program.model import CompiledModel
 
     where = os.fspath(model_dir)
     version = conf.get("format_version")

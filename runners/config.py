@@ -19,6 +19,13 @@ Environment variables::
     H33_MAX_ENGINES         engines (key bundles) kept installed per worker (default 8)
     H33_MAX_KEYS_PER_TENANT key bundles a tenant may register (default 8)
     H33_ENGINE_CACHE_BYTES  plaintext-diagonal cache shared by the engines (default 2 GiB)
+    H33_BODY_TIMEOUT_S      time a request body may take to arrive, on top of its size at the minimum
+                            rate (default 30 s)
+    H33_BODY_MIN_RATE       minimum upload rate a large body is allowed for, bytes/s (default 1 MiB/s)
+    H33_MAX_CONCURRENCY     authenticated requests in flight per worker (default 128)
+    H33_MAX_TENANT_CONCURRENCY  authenticated requests in flight per tenant and worker (default 32)
+    H33_METRICS_PUBLIC      "true" (default): /metrics needs no credentials; "false": a scrape token
+    H33_METRICS_TOKEN_SHA256    sha256 of the scrape token(s) /metrics accepts when not public (comma-separated)
     H33_MAX_INSTALLED_KEYS  distinct keys installed per worker before its OpenFHE key state is flushed (default 16)
     H33_SANDBOX_PROCESSES   processes validating untrusted ciphertexts (default 2)
     H33_SANDBOX_TIMEOUT_S   time limit for validating one request's ciphertexts (default 30 s)
@@ -89,10 +96,24 @@ class ServeConfig(BaseModel):
     max_engines: int = Field(default=8, ge=1)
     max_keys_per_tenant: int = Field(default=8, ge=1)
     engine_cache_bytes: int = Field(default=2 * GiB, ge=0)
+    body_timeout_s: float = Field(default=30.0, gt=0, description="time a body may take, plus size / body_min_rate")
+    body_min_rate: int = Field(default=1 * MiB, ge=1, description="bytes/s a large body is given time for")
+    max_concurrency: int = Field(default=128, ge=1, description="authenticated requests in flight per worker")
+    max_tenant_concurrency: int = Field(default=32, ge=1, description="the same, per tenant")
+    metrics_public: bool = True
+    metrics_token_sha256: tuple[str, ...] = ()
     max_installed_keys: int = Field(default=16, ge=1, description="distinct keys installed per worker before its "
                                     "OpenFHE key state is flushed and reloaded lazily (bounds worker memory)")
     sandbox_processes: int = Field(default=2, ge=1, description="child processes validating untrusted ciphertexts")
     sandbox_timeout_s: float = Field(default=30.0, gt=0, description="limit for validating one request's ciphertexts")
+
+    @field_validator("metrics_token_sha256", mode="before")
+    @classmethod
+    def _tokens(cls, value: Any) -> Any:
+        """Comma-separated in the environment; checked and normalized like the tenants' key hashes."""
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        return tuple(TenantConfig(api_key_sha256=tuple(value)).api_key_sha256) if value else ()
 
     @field_validator("tenants", mode="before")
     @classmethod
@@ -133,6 +154,12 @@ class ServeConfig(BaseModel):
             "H33_MAX_ENGINES": "max_engines",
             "H33_MAX_KEYS_PER_TENANT": "max_keys_per_tenant",
             "H33_ENGINE_CACHE_BYTES": "engine_cache_bytes",
+            "H33_BODY_TIMEOUT_S": "body_timeout_s",
+            "H33_BODY_MIN_RATE": "body_min_rate",
+            "H33_MAX_CONCURRENCY": "max_concurrency",
+            "H33_MAX_TENANT_CONCURRENCY": "max_tenant_concurrency",
+            "H33_METRICS_PUBLIC": "metrics_public",
+            "H33_METRICS_TOKEN_SHA256": "metrics_token_sha256",
             "H33_MAX_INSTALLED_KEYS": "max_installed_keys",
             "H33_SANDBOX_PROCESSES": "sandbox_processes",
             "H33_SANDBOX_TIMEOUT_S": "sandbox_timeout_s",
@@ -163,8 +190,14 @@ class ServeConfig(BaseModel):
         data["tenants"] = tenants
         return cls.model_validate(data)
 
-    def public_limits(self) -> dict[str, int]:
-        return {"max_infer_bytes": self.max_infer_bytes, "max_key_bundle_bytes": self.max_key_bundle_bytes}
+    def public_limits(self) -> dict[str, float]:
+        return {"max_infer_bytes": self.max_infer_bytes, "max_key_bundle_bytes": self.max_key_bundle_bytes,
+                "body_timeout_s": self.body_timeout_s, "body_min_rate": self.body_min_rate,
+                "max_tenant_concurrency": self.max_tenant_concurrency}
+
+    def body_seconds(self, size: int) -> float:
+        """How long a body of ``size`` bytes may take to arrive."""
+        return self.body_timeout_s + size / self.body_min_rate
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:

@@ -35,16 +35,14 @@ from ..ckks.context import release_evaluation_keys, rss_bytes
 from ..ckks.keys import EvaluationKeys
 from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import EncryptedTensor
-from ..compiler.program import CompiledModel
+from ..program.model import CompiledModel
 from ..errors import EnvelopeError, EvaluationKeysNotFoundError, SandboxUnavailableError
 from ..keystore import KeyStore
 from ..runtime.engine import DEFAULT_CACHE_BYTES, Engine, PlaintextCache
-from .errors import HTTPError, from_envelope_error, unknown_key
+from .errors import HTTPError, from_envelope_error, unknown_key, validator_unavailable
 from .metrics import Metrics, NullMetrics
 
 logger = logging.getLogger("h33_bento.runners")
-
-ENVELOPE_MEDIA_TYPE = "application/vnd.h33.envelope"
 
 
 @dataclass
@@ -227,7 +225,7 @@ class EngineRunner:
         except HTTPError as exc:
             return [InferResult(error=exc) for _ in assignments]
         except SandboxUnavailableError as exc:
-            err = HTTPError(503, "validator_unavailable", str(exc))
+            err = validator_unavailable(str(exc))
             return [InferResult(error=err) for _ in assignments]
         except EnvelopeError as exc:
             err = HTTPError(500, "key_store_error", f"the stored bundle for {key_id} is unusable: {exc}")

@@ -1,9 +1,18 @@
-"""HTTP errors of the service: one JSON shape, ``{"error": {"code": ..., "message": ...}}``.
+"""HTTP errors of the service: one JSON shape, ``{"error": {"code", "message", "request_id"}}``.
 
 ``code`` is stable and machine-readable; the remote client maps it back to the library's
-exception classes (``tampered`` -> TamperedDataError, ...).
+exception classes (``tampered`` -> TamperedDataError, ...).  ``request_id`` is the id the gate
+gave the request (also in the ``X-Request-Id`` header and in the server's log lines about it).
+
+Messages sent to clients never carry server file paths or C++ source locations: an
+``HTTPError`` built from an exception (OpenFHE's messages start with its build path and source
+line) keeps the full text as ``detail`` for the server log and sends the scrubbed ``message``.
 """
 from __future__ import annotations
+
+import contextvars
+import logging
+import re
 
 from starlette.responses import JSONResponse
 
@@ -17,31 +26,82 @@ from ..errors import (
     UnsupportedVersionError,
 )
 
+logger = logging.getLogger("h33_bento.runners")
+
+#: The id of the request being handled (set by the gate for the whole request task).
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("h33_request_id", default="")
+
+# OpenFHE: "/root/.../base-leveledshe.cpp:l.392:EvalAutomorphism(): EvalKey ... [called from: ...cpp:EvalAtIndex():l.492]"
+_CALLED_FROM = re.compile(r"\s*\[called from:[^\]]*\]")
+_SOURCE_LOCATION = re.compile(r"(?:[\w.+-]*/)*[\w.+-]+\.(?:cpp|cc|cxx|hpp|hh|h|c|py)\b(?::[\w.~()<>]*)*:?\s*")
+_SERVER_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+-]+/)+[\w.@+-]+")
+
+
+def scrub(message: str) -> str:
+    """``message`` without source locations and absolute server paths (they stay in the server log)."""
+    text = _SOURCE_LOCATION.sub("", _CALLED_FROM.sub("", message))
+    return " ".join(_SERVER_PATH.sub("<path>", text).split())
+
 
 class HTTPError(Exception):
-    """An error with an HTTP status and a stable code."""
+    """An error with an HTTP status and a stable code.
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    ``close`` asks the server to close the connection after the answer: set on answers given
+    before the request body was read, so the unread body is never parsed as a next request.
+    """
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 *, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
-        self.message = message
-        self.headers = headers or {}
+        self.detail = message
+        self.message = scrub(message)
+        self.headers = dict(headers or {})
+        if close:
+            self.headers["Connection"] = "close"
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.code, self.message, self.headers)
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    """The JSON error answer, tagged with the current request's id."""
+    return JSONResponse({"error": {"code": code, "message": message, "request_id": request_id.get()}},
+                        status_code=status, headers=headers)
+
+
+def log_error(err: HTTPError) -> None:
+    """One log line per error answer, with the request id and the unscrubbed detail."""
+    level = logging.ERROR if err.status >= 500 else logging.INFO
+    logger.log(level, "request %s: %d %s: %s", request_id.get(), err.status, err.code, err.detail)
+
+
+def internal_error() -> HTTPError:
+    return HTTPError(500, "internal_error", "the server failed to handle the request (its log has the details "
+                                            "under the request id)", close=True)
 
 
 def unauthorized(message: str = "missing or invalid API key (send 'Authorization: Bearer h33_pk_...')") -> HTTPError:
-    return HTTPError(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="h33"'})
+    return HTTPError(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="h33"'}, close=True)
 
 
 def too_large(limit: int, what: str) -> HTTPError:
-    return HTTPError(413, "too_large", f"{what} exceeds the server limit of {limit} bytes")
+    return HTTPError(413, "too_large", f"{what} exceeds the server limit of {limit} bytes", close=True)
+
+
+def body_timeout(seconds: float) -> HTTPError:
+    return HTTPError(408, "body_timeout", f"the request body did not arrive within {seconds:.0f} s", close=True)
+
+
+def validator_unavailable(message: str) -> HTTPError:
+    """503: no sandbox process could vet the request's bytes in time (a server condition; retry)."""
+    return HTTPError(503, "validator_unavailable", message, {"Retry-After": "1"})
+
+
+def busy(scope: str) -> HTTPError:
+    return HTTPError(429, "too_many_requests", f"too many requests in flight for {scope}; retry shortly",
+                     {"Retry-After": "1"}, close=True)
 
 
 def unknown_key(key_id: str) -> HTTPError:

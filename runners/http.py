@@ -1,102 +1,127 @@
 """HTTP plumbing around the BentoML service: the gate middleware and the non-batched routes.
 
-``H33Gate`` (an ASGI middleware added to the service) runs before every request:
+``H33Gate`` (an ASGI middleware added to the service) sees every HTTP request.  In BentoML 1.4
+it runs inside BentoML's request-timeout middleware; ``service.py`` switches off BentoML's
+concurrency limiter and its per-path HTTP metrics, and the gate does both jobs itself:
 
-* ``/infer``, ``/keys...``, ``/model...`` need ``Authorization: Bearer h33_pk_...`` (401 otherwise);
-  the tenant is attached to the ASGI scope as ``scope["h33"]["tenant"]``;
-* request bodies are limited (``max_infer_bytes`` for /infer, ``max_key_bundle_bytes`` for
-  POST /keys, 64 KiB elsewhere) and an oversized body gets 413, from ``Content-Length`` before
-  reading or while streaming;
+* every request gets a request id (``X-Request-Id`` on the answer, ``request_id`` in error
+  bodies, in every log line about it) and is counted in ``h33_requests_total`` /
+  ``h33_request_seconds`` under its route template; any exception becomes a JSON answer;
+* ``/infer``, ``/keys...``, ``/model`` need ``Authorization: Bearer h33_pk_...``, checked before a
+  byte of the body is read; so is the declared ``Content-Length`` against the route's limit
+  (``max_infer_bytes`` for /infer, ``max_key_bundle_bytes`` for POST /keys, 64 KiB elsewhere).
+  401, 413, 429 and 503 are answered at once with ``Connection: close``, the body unread;
+* an authenticated request then takes an in-flight slot of its tenant and of the worker
+  (:class:`~h33_bento.runners.runtime.Admission`, 429 when none is free), held until it is answered;
+* its body must arrive within ``body_timeout_s`` plus its size at ``body_min_rate`` (408), and may
+  not outgrow the limit while it streams (413);
 * an /infer body is read and checked here (envelope framing, model and parameter fingerprints,
   key_id ownership), so the batchable endpoint only ever sees valid requests of known tenants;
   the checked ``InferItem`` travels in ``scope["h33"]["item"]``.
 
 The routes BentoML's ``@bentoml.api`` cannot express (GET, streamed uploads) live in a Starlette
-app mounted at ``/``: ``GET /model``, ``GET /health``, ``POST /keys``, ``GET /keys``,
-``GET|DELETE /keys/{key_id}``.
+app mounted at ``/``: ``GET /model``, ``GET /health``, ``GET /metrics``, ``POST /keys``,
+``GET /keys``, ``GET|DELETE /keys/{key_id}``.
 """
 from __future__ import annotations
 
 import logging
+import re
+import time
+import uuid
 from typing import Any
 
 import anyio
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.datastructures import FormData, Headers, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .errors import HTTPError, error_response, too_large, unauthorized
+from .config import ServeConfig
+from .errors import HTTPError, body_timeout, internal_error, log_error, request_id, too_large, unauthorized
+from .metrics import exposition
 from .runtime import current
 
 logger = logging.getLogger("h33_bento.runners")
 
 SMALL_BODY = 64 * 1024
-DRAIN_CAP = 256 * 1024 * 1024
 ENVELOPE_FIELD = "envelope"
 BUNDLE_FIELD = "bundle"
+_ROUTES = frozenset({"/infer", "/keys", "/model", "/health", "/metrics", "/livez", "/readyz", "/healthz"})
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-class BodyTooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"body exceeds {limit} bytes")
-        self.limit = limit
-
-
-def _classify(method: str, path: str) -> str | None:
-    """Which protected route a request is for (None: public)."""
+def route_template(path: str) -> str:
+    """The route a request path belongs to: one of a fixed set, never a key id or an unknown path."""
     path = path.rstrip("/") or "/"
-    if path == "/infer":
+    if path in _ROUTES:
+        return path
+    if path.startswith("/keys/") and path.count("/") == 2:
+        return "/keys/{key_id}"
+    return "other"
+
+
+def _kind(method: str, route: str, metrics_public: bool) -> str | None:
+    """What the gate does with a request: None (public), "metrics", "infer", "upload" or "protected"."""
+    if route == "/infer":
         return "infer" if method == "POST" else "protected"
-    if path == "/keys":
-        return "keys_upload" if method == "POST" else "protected"
-    if path.startswith("/keys/") or path == "/model" or path.startswith("/model/"):
+    if route == "/keys":
+        return "upload" if method == "POST" else "protected"
+    if route in ("/keys/{key_id}", "/model"):
         return "protected"
+    if route == "/metrics" and not metrics_public:
+        return "metrics"
     return None
 
 
-async def _drain(receive: Any, cap: int = DRAIN_CAP) -> None:
-    """Read and discard the rest of a request body, so the early answer reaches the client."""
-    seen = 0
-    while seen <= cap:
-        message = await receive()
-        if message["type"] != "http.request":
-            return
-        seen += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
+class _Body:
+    """A request's receive channel under its size limit (413) and arrival deadline (408).
 
+    A body of n bytes (the declared Content-Length, or what a chunked body has sent so far) may
+    take ``body_timeout_s + n / body_min_rate`` seconds from the moment the gate admitted it.
+    """
 
-async def _read_body(receive: Any, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise ConnectionError("client disconnected")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-class _LimitedReceive:
-    def __init__(self, receive: Any, limit: int) -> None:
+    def __init__(self, receive: Any, limit: int, declared: int, config: ServeConfig) -> None:
         self.receive = receive
         self.limit = limit
+        self.declared = declared
+        self.config = config
+        self.started = time.monotonic()
         self.seen = 0
+        self.done = False
 
     async def __call__(self) -> Any:
-        message = await self.receive()
+        if self.done:
+            return await self.receive()
+        allowed = self.config.body_seconds(max(self.declared, self.seen))
+        try:
+            with anyio.fail_after(max(0.0, self.started + allowed - time.monotonic())):
+                message = await self.receive()
+        except TimeoutError:
+            raise body_timeout(allowed) from None
         if message["type"] == "http.request":
             self.seen += len(message.get("body", b""))
             if self.seen > self.limit:
-                raise BodyTooLarge(self.limit)
+                raise too_large(self.limit, "the request body")
+            self.done = not message.get("more_body", False)
+        else:
+            self.done = True
         return message
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        chunks: list[bytes] = []
+        while True:
+            message = await self()
+            if message["type"] != "http.request":
+                raise ClientDisconnect()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Any) -> Any:
@@ -112,14 +137,22 @@ def _replay(body: bytes, receive: Any) -> Any:
     return replay
 
 
+async def read_form(request: Request, max_files: int, max_fields: int) -> FormData:
+    """The request's multipart form; a malformed one is a 400 ``invalid_multipart``."""
+    try:
+        return await request.form(max_files=max_files, max_fields=max_fields)
+    except (MultiPartException, HTTPException) as exc:
+        detail = exc.message if isinstance(exc, MultiPartException) else exc.detail
+        raise HTTPError(400, "invalid_multipart", f"malformed multipart body: {detail}") from None
+
+
 async def _form_file(scope: dict, body: bytes, field: str) -> bytes:
     """The bytes of one part of a multipart/form-data body that was already read."""
 
     async def no_more() -> Any:
         return {"type": "http.disconnect"}
 
-    request = Request(scope, _replay(body, no_more))
-    form = await request.form(max_files=4, max_fields=16)
+    form = await read_form(Request(scope, _replay(body, no_more)), max_files=4, max_fields=16)
     try:
         part = form.get(field)
         if isinstance(part, UploadFile):
@@ -131,8 +164,14 @@ async def _form_file(scope: dict, body: bytes, field: str) -> bytes:
         await form.close()
 
 
+def _content_length(headers: Headers) -> int:
+    """The declared body size (0 if none; the HTTP server has already refused a malformed one)."""
+    value = headers.get("content-length", "")
+    return int(value) if value.isdigit() else 0
+
+
 class H33Gate:
-    """ASGI middleware: authentication, body limits and /infer pre-validation (see module doc)."""
+    """ASGI middleware: request ids, metrics, authentication, admission, body limits, /infer checks."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -140,46 +179,74 @@ class H33Gate:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        kind = _classify(scope.get("method", "GET"), scope.get("path", "/"))
+        headers = Headers(scope=scope)
+        given = headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
+        route = route_template(scope.get("path", "/"))
+        method = scope.get("method", "GET")
+        status = 0
+        start = time.perf_counter()
+
+        async def send_tagged(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, send_tagged, headers, route)
+        except ClientDisconnect:
+            logger.info("request %s: the client went away before sending its body", rid)
+        except Exception as exc:  # one JSON answer for every failure, and a log line with the request id
+            if isinstance(exc, HTTPError):
+                err = exc
+                log_error(err)
+            else:
+                err = internal_error()
+                logger.exception("request %s (%s %s) failed", rid, method, route)
+            if not status:
+                await err.response()(scope, receive, send_tagged)
+        finally:
+            rt = current()
+            if rt is not None:
+                rt.metrics.http(route, method if method in _METHODS else "other", status, time.perf_counter() - start)
+            request_id.reset(token)
+
+    async def _handle(self, scope: dict, receive: Any, send: Any, headers: Headers, route: str) -> None:
+        rt = current()
+        kind = _kind(scope.get("method", "GET"), route, rt is None or rt.config.metrics_public)
         if kind is None:
             return await self.app(scope, receive, send)
-        rt = current()
         if rt is None:
-            await _drain(receive)
-            return await error_response(503, "starting", "the model is still loading")(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        endpoint = "infer" if kind == "infer" else "keys" if kind == "keys_upload" else "other"
-        try:
-            tenant = rt.auth.authenticate(headers.get("authorization"))
-            if tenant is None:
-                await _drain(receive)
-                raise unauthorized()
+            raise HTTPError(503, "starting", "the model is still loading", {"Retry-After": "5"}, close=True)
+        if kind == "metrics":
+            if rt.scrapers.authenticate(headers.get("authorization")) is None:
+                raise unauthorized("/metrics needs the scrape token (send 'Authorization: Bearer <token>')")
+            return await self.app(scope, receive, send)
+        tenant = rt.auth.authenticate(headers.get("authorization"))
+        if tenant is None:
+            raise unauthorized()
+        config = rt.config
+        limit = (config.max_infer_bytes if kind == "infer"
+                 else config.max_key_bundle_bytes if kind == "upload" else SMALL_BODY)
+        declared = _content_length(headers)
+        if declared > limit:
+            raise too_large(limit, "the request body")
+        with rt.admission.slot(tenant):
             scope["h33"] = {"tenant": tenant}
-            limit = (rt.config.max_infer_bytes if kind == "infer"
-                     else rt.config.max_key_bundle_bytes if kind == "keys_upload" else SMALL_BODY)
-            declared = headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                await _drain(receive, min(int(declared), DRAIN_CAP))
-                raise too_large(limit, "the request body")
+            body = _Body(receive, limit, declared, config)
             if kind != "infer":
-                return await self.app(scope, _LimitedReceive(receive, limit), send)
-            try:
-                body = await _read_body(receive, limit)
-            except BodyTooLarge:
-                await _drain(receive)
-                raise too_large(limit, "the request body") from None
-            except ConnectionError:
-                return
+                return await self.app(scope, body, send)
+            data = await body.read()
             if headers.get("content-type", "").startswith("multipart/form-data"):
-                body = await _form_file(scope, body, ENVELOPE_FIELD)
-            item = await anyio.to_thread.run_sync(rt.prepare_infer, tenant, body, headers.get("x-h33-key-id"))
-            del body
+                data = await _form_file(scope, data, ENVELOPE_FIELD)
+            item = await anyio.to_thread.run_sync(rt.prepare_infer, tenant, data, headers.get("x-h33-key-id"))
+            del data
             scope["h33"]["item"] = item
             # the body has been consumed here; BentoML's endpoint reads the checked item from the scope
-            return await self.app(scope, _replay(b"", receive), send)
-        except HTTPError as err:
-            rt.metrics.request(endpoint, err.status)
-            return await err.response()(scope, receive, send)
+            return await self.app(scope, _replay(b"", body), send)
 
 
 # --------------------------------------------------------------------------- mounted routes
@@ -190,26 +257,14 @@ def _tenant(request: Request) -> str:
 def _runtime():
     rt = current()
     if rt is None:
-        raise HTTPError(503, "starting", "the model is still loading")
+        raise HTTPError(503, "starting", "the model is still loading", {"Retry-After": "5"})
     return rt
 
 
-def _handle(fn):
-    async def endpoint(request: Request) -> Response:
-        try:
-            return await fn(request)
-        except HTTPError as err:
-            return err.response()
-    endpoint.__name__ = fn.__name__
-    return endpoint
-
-
-@_handle
 async def get_model(request: Request) -> Response:
     return JSONResponse(_runtime().model_info())
 
 
-@_handle
 async def get_health(request: Request) -> Response:
     rt = current()
     if rt is None:
@@ -217,77 +272,83 @@ async def get_health(request: Request) -> Response:
     return JSONResponse(rt.health())
 
 
-@_handle
+async def get_metrics(request: Request) -> Response:
+    """Prometheus text of this service's metrics (BentoML's own /metrics is off, see metrics.py)."""
+    body, media_type = await anyio.to_thread.run_sync(exposition)
+    return Response(body, media_type=media_type)
+
+
 async def upload_keys(request: Request) -> Response:
     """POST /keys: the body is an evaluation-key bundle (octet-stream, or multipart part 'bundle')."""
     rt = _runtime()
     tenant = _tenant(request)
-    upload = rt.keystore.incoming_path()
-    try:
-        try:
-            if request.headers.get("content-type", "").startswith("multipart/form-data"):
-                form = await request.form(max_files=1, max_fields=4)
-                try:
-                    part = form.get(BUNDLE_FIELD)
-                    if not isinstance(part, UploadFile):
-                        raise HTTPError(422, "invalid_bundle", f"multipart body has no file part {BUNDLE_FIELD!r}")
-                    with open(upload, "wb") as fh:
-                        while chunk := await part.read(8 << 20):
-                            await anyio.to_thread.run_sync(fh.write, chunk)
-                finally:
-                    await form.close()
-            else:
-                with open(upload, "wb") as fh:
-                    buf: list[bytes] = []
-                    size = 0
-                    async for chunk in request.stream():
-                        buf.append(chunk)
-                        size += len(chunk)
-                        if size >= 8 << 20:
-                            await anyio.to_thread.run_sync(fh.write, b"".join(buf))
-                            buf, size = [], 0
-                    if buf:
-                        await anyio.to_thread.run_sync(fh.write, b"".join(buf))
-        except BodyTooLarge as exc:
-            await _drain(request.receive)
-            raise too_large(exc.limit, "the key bundle") from None
-        record, created = await rt.register_keys(tenant, upload)
-        rt.metrics.request("keys", 201 if created else 200)
-        return JSONResponse({**record.public(), "created": created}, status_code=201 if created else 200)
-    except HTTPError as err:
-        rt.metrics.request("keys", err.status)
-        raise
-    finally:
-        upload.unlink(missing_ok=True)
+    with rt.keystore.incoming() as upload:
+        write = upload.file.write
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await read_form(request, max_files=1, max_fields=4)
+            try:
+                part = form.get(BUNDLE_FIELD)
+                if not isinstance(part, UploadFile):
+                    raise HTTPError(422, "invalid_bundle", f"multipart body has no file part {BUNDLE_FIELD!r}")
+                while chunk := await part.read(8 << 20):
+                    await anyio.to_thread.run_sync(write, chunk)
+            finally:
+                await form.close()
+        else:
+            buf: list[bytes] = []
+            size = 0
+            async for chunk in request.stream():
+                buf.append(chunk)
+                size += len(chunk)
+                if size >= 8 << 20:
+                    await anyio.to_thread.run_sync(write, b"".join(buf))
+                    buf, size = [], 0
+            if buf:
+                await anyio.to_thread.run_sync(write, b"".join(buf))
+        await anyio.to_thread.run_sync(upload.file.flush)
+        record, created = await rt.register_keys(tenant, upload.path)
+    return JSONResponse({**record.public(), "created": created}, status_code=201 if created else 200)
 
 
-@_handle
 async def list_keys(request: Request) -> Response:
     rt = _runtime()
     return JSONResponse({"keys": [r.public() for r in rt.keystore.for_tenant(_tenant(request))]})
 
 
-@_handle
 async def get_key(request: Request) -> Response:
     rt = _runtime()
     rec = rt.keystore.resolve(request.path_params["key_id"], _tenant(request))
     return JSONResponse(rec.public())
 
 
-@_handle
 async def delete_key(request: Request) -> Response:
     rt = _runtime()
     rec = await rt.delete_keys(_tenant(request), request.path_params["key_id"])
     return JSONResponse({**rec.public(), "deleted": True})
 
 
-routes_app = Starlette(routes=[
-    Route("/model", get_model, methods=["GET"]),
-    Route("/health", get_health, methods=["GET"]),
-    Route("/keys", upload_keys, methods=["POST"]),
-    Route("/keys", list_keys, methods=["GET"]),
-    Route("/keys/{key_id}", get_key, methods=["GET"]),
-    Route("/keys/{key_id}", delete_key, methods=["DELETE"]),
-])
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPError)
+    log_error(exc)
+    return exc.response()
 
-__all__ = ["H33Gate", "routes_app", "BodyTooLarge"]
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # Starlette answers with this and re-raises; the gate logs the exception with the request id
+    return internal_error().response()
+
+
+routes_app = Starlette(
+    routes=[
+        Route("/model", get_model, methods=["GET"]),
+        Route("/health", get_health, methods=["GET"]),
+        Route("/metrics", get_metrics, methods=["GET"]),
+        Route("/keys", upload_keys, methods=["POST"]),
+        Route("/keys", list_keys, methods=["GET"]),
+        Route("/keys/{key_id}", get_key, methods=["GET"]),
+        Route("/keys/{key_id}", delete_key, methods=["DELETE"]),
+    ],
+    exception_handlers={HTTPError: _http_error, Exception: _unexpected},
+)
+
+__all__ = ["H33Gate", "routes_app", "route_template"]

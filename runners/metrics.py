@@ -1,4 +1,10 @@
-"""Prometheus metrics of the service, served by BentoML's ``/metrics``.
+"""Prometheus metrics of the service, served at ``/metrics`` by the mounted routes.
+
+BentoML's own HTTP metrics are switched off (``service.py``): they label every series with the
+raw request path, so each ``/keys/<id>`` or unknown path a client sends -- authenticated or
+not -- became new series for good.  The gate records every request here instead, labelled by
+its route template (:func:`h33_bento.runners.http.route_template`), so the set of series is
+fixed by the code, whatever clients send.
 
 ``prometheus_client`` is imported only when the metrics are created (in the service constructor):
 BentoML sets ``PROMETHEUS_MULTIPROC_DIR`` in each worker after importing the service module, and
@@ -6,6 +12,7 @@ a client imported before that would not write to the shared multiprocess files.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 LANE_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
@@ -32,7 +39,10 @@ class Metrics:
         self.dispatch_size = pc.Histogram("h33_dispatch_batch_requests",
                                           "Requests per BentoML adaptive batch handed to the lane packer",
                                           ["model"], buckets=COUNT_BUCKETS)
-        self.requests = pc.Counter("h33_requests_total", "Requests by endpoint and status", ["endpoint", "status"])
+        self.requests = pc.Counter("h33_requests_total", "HTTP answers by route template, method and status",
+                                   ["endpoint", "method", "status"])
+        self.request_seconds = pc.Histogram("h33_request_seconds", "HTTP request duration by route template",
+                                            ["endpoint"], buckets=SECONDS_BUCKETS)
         self.key_installs = pc.Counter("h33_key_installs_total", "Evaluation-key bundles installed into an engine",
                                        ["model"])
         self.key_recycles = pc.Counter("h33_key_recycles_total", "Flushes of the worker's OpenFHE key state at the "
@@ -49,8 +59,10 @@ class Metrics:
         self.batch_size.labels(m).observe(requests)
         self.lane_fill.labels(m).observe(lanes_used / lanes)
 
-    def request(self, endpoint: str, status: int) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
+    def http(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        """One answered request (``status`` 0: none was sent, the client left or the request timed out)."""
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.request_seconds.labels(endpoint).observe(seconds)
 
 
 class NullMetrics(Metrics):
@@ -65,7 +77,7 @@ class NullMetrics(Metrics):
     def observe_run(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
+    def http(self, *args: Any, **kwargs: Any) -> None:
         pass
 
 
@@ -90,3 +102,15 @@ def create(model_fingerprint: str) -> Metrics:
             _instance = NullMetrics(model_fingerprint)
     _instance.model = model_fingerprint
     return _instance
+
+
+def exposition() -> tuple[bytes, str]:
+    """The Prometheus text of every worker's metrics (multiprocess mode under BentoML) and its media type."""
+    import prometheus_client as pc
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = pc.CollectorRegistry()
+        MultiProcessCollector(registry)
+        return pc.generate_latest(registry), pc.CONTENT_TYPE_LATEST
+    return pc.generate_latest(), pc.CONTENT_TYPE_LATEST

@@ -10,20 +10,21 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import anyio
 
 from ..ckks.context import rss_bytes
 from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import WIRE_VERSION, EncryptedTensor
-from ..compiler.program import CompiledModel
+from ..program.model import CompiledModel
 from ..errors import EnvelopeError, SandboxUnavailableError
-from ..keystore import INCOMING, KeyRecord, StagedBundle
-from .config import Authenticator, ServeConfig
+from ..keystore import KeyRecord, StagedBundle
+from .config import Authenticator, ServeConfig, TenantConfig
 from .engines import EngineRunner, InferItem, LanePacker
-from .errors import HTTPError, foreign_key, from_envelope_error
+from .errors import HTTPError, busy, foreign_key, from_envelope_error, validator_unavailable
 from .keystore import TenantKeyStore
 from .metrics import Metrics, create as create_metrics
 from .source import load_compiled
@@ -35,6 +36,46 @@ _current: "Runtime | None" = None
 
 def current() -> "Runtime | None":
     return _current
+
+
+class Admission:
+    """In-flight caps on authenticated requests, per tenant and per worker (429 beyond them).
+
+    The gate takes a slot after authentication and holds it until the answer is sent, so one
+    tenant cannot take every slot, and unauthenticated requests (answered before they get this
+    far) never take one.  A worker with every slot taken reports itself saturated (not ready).
+    Only the event loop changes the counters, so they need no lock.
+    """
+
+    def __init__(self, max_total: int, max_per_tenant: int) -> None:
+        self.max_total = max_total
+        self.max_per_tenant = max_per_tenant
+        self.in_flight = 0
+        self._tenants: dict[str, int] = {}
+
+    @property
+    def saturated(self) -> bool:
+        return self.in_flight >= self.max_total
+
+    @contextmanager
+    def slot(self, tenant: str) -> Iterator[None]:
+        """Hold one of ``tenant``'s slots for the duration of a request; 429 if none is free."""
+        mine = self._tenants.get(tenant, 0)
+        if mine >= self.max_per_tenant:
+            raise busy(f"this tenant (at most {self.max_per_tenant})")
+        if self.saturated:
+            raise busy(f"this server (at most {self.max_total})")
+        self.in_flight += 1
+        self._tenants[tenant] = mine + 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            left = self._tenants[tenant] - 1
+            if left:
+                self._tenants[tenant] = left
+            else:
+                del self._tenants[tenant]
 
 
 class Runtime:
@@ -50,13 +91,18 @@ class Runtime:
         self.auth = Authenticator(config.tenants)
         if not config.tenants:
             logger.warning("no tenants are configured: every authenticated endpoint will answer 401")
+        self.scrapers = Authenticator({"metrics": TenantConfig(api_key_sha256=config.metrics_token_sha256)}
+                                      if config.metrics_token_sha256 else {})
+        if not config.metrics_public and not config.metrics_token_sha256:
+            logger.warning("/metrics is not public and no scrape token is configured: it will answer 401")
+        self.admission = Admission(config.max_concurrency, config.max_tenant_concurrency)
         self.keystore = TenantKeyStore(config.key_store, config.max_keys_per_tenant)
         self.metrics = metrics or create_metrics(compiled.fingerprint)
         # every untrusted OpenFHE byte (request ciphertexts, uploaded and stored bundles) is validated
         # in these child processes first: a malformed one can crash OpenFHE, and this process serves
         # every tenant
         self.sandbox = Sandbox(compiled.params, processes=config.sandbox_processes,
-                               timeout_s=config.sandbox_timeout_s, scratch_dir=self.keystore.root / INCOMING)
+                               timeout_s=config.sandbox_timeout_s)
         self.runner = EngineRunner(compiled, self.keystore, self.sandbox, config.max_engines,
                                    config.engine_cache_bytes, self.metrics, config.max_installed_keys)
         threading.Thread(target=self._learn_key_shapes, name="h33-key-shapes", daemon=True).start()
@@ -104,7 +150,7 @@ class Runtime:
                     "lane_length": m.lane_length,
                     "input_blocks": m.input_blocks,
                     "depth": m.depth,
-                    "plan": m.plan_summary(),
+                    "summary": m.summary(),
                     "source": self.source,
                 },
                 "params": {**p.model_dump(mode="json"), "fingerprint": p.fingerprint},
@@ -133,13 +179,15 @@ class Runtime:
 
     def health(self) -> dict[str, Any]:
         return {
-            "status": "ok",
+            "status": "saturated" if self.admission.saturated else "ok",
             "model_fingerprint": self.compiled.fingerprint,
             "uptime_s": round(time.time() - self.started, 1),
             "key_bundles": len(self.keystore),
             "engines_loaded": self.runner.engines_loaded,
             "engine_runs": self.runner.runs,
             "pending_requests": self.packer.pending,
+            "requests_in_flight": self.admission.in_flight,
+            "max_concurrency": self.admission.max_total,
             "worker_pid": os.getpid(),
             "rss_bytes": rss_bytes(),
             "installed_keys": self.runner.installed_keys,
@@ -179,7 +227,7 @@ class Runtime:
         except EnvelopeError as exc:
             raise from_envelope_error(exc) from None
         except SandboxUnavailableError as exc:
-            raise HTTPError(503, "validator_unavailable", str(exc)) from None
+            raise validator_unavailable(str(exc)) from None
         return InferItem(tenant=tenant, key_id=env.key_id, envelope=env, model_fingerprint=m.fingerprint)
 
     # ----------------------------------------------------------------- /keys
@@ -189,17 +237,15 @@ class Runtime:
         A sandbox child validates the upload and writes its re-serialized form; only that form is
         installed here and stored (so the store holds bundles this process may load directly).
         """
-        canonical = self.keystore.incoming_path()
-        try:
+        with self.keystore.incoming() as canonical:  # locked against other processes' cleaning
             try:
-                await anyio.to_thread.run_sync(self.sandbox.canonical_bundle, upload, canonical)
-                upload.unlink(missing_ok=True)  # the disk holds one copy at a time (bundles reach GB)
-                staged: StagedBundle = await anyio.to_thread.run_sync(self.keystore.stage, canonical,
+                await anyio.to_thread.run_sync(self.sandbox.canonical_bundle, upload, canonical.path)
+                staged: StagedBundle = await anyio.to_thread.run_sync(self.keystore.stage, canonical.path,
                                                                       self.compiled.params)
             except EnvelopeError as exc:
                 raise from_envelope_error(exc, bundle=True) from None
             except SandboxUnavailableError as exc:
-                raise HTTPError(503, "validator_unavailable", str(exc)) from None
+                raise validator_unavailable(str(exc)) from None
             keys = staged.keys
             existing = self.keystore.get(keys.key_id)
             if existing is not None:
@@ -209,8 +255,6 @@ class Runtime:
             self.keystore.check_quota(tenant)
             await self.runner.call(self.runner.install, keys)
             return await anyio.to_thread.run_sync(self.keystore.register, staged, tenant)
-        finally:
-            canonical.unlink(missing_ok=True)  # stored bundles were moved away: this only cleans failures
 
     async def delete_keys(self, tenant: str, key_id: str) -> KeyRecord:
         rec = await anyio.to_thread.run_sync(self.keystore.unregister, key_id, tenant)

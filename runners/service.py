@@ -9,7 +9,8 @@ Endpoints (contracts in ``docs/deploy.md``)::
     POST /keys             octet-stream evaluation-key bundle -> {"key_id", ...}
     GET  /keys, GET|DELETE /keys/{key_id}
     GET  /model            what a client needs: params, lanes, keys, labels, layout, fingerprints
-    GET  /health           liveness + counters (BentoML also serves /livez, /readyz, /metrics)
+    GET  /health           liveness + counters (BentoML also serves /livez, /readyz)
+    GET  /metrics          Prometheus text (public unless H33_METRICS_PUBLIC=false)
 
 Request path of ``/infer``: the ``H33Gate`` middleware authenticates the caller and checks the
 envelope; BentoML's adaptive batcher hands up to 8 such requests at a time to ``infer``; ``infer``
@@ -18,10 +19,17 @@ up to 8 single-input requests into the lanes of one ciphertext per engine run (g
 filling across consecutive BentoML batches while the engine is busy).  ``infer`` returns one
 awaitable per request, resolved when that request's engine run finishes, so BentoML's batcher is
 never blocked behind a 1-second encrypted run.
+
+Two BentoML features are switched off because the gate does their job at the right place (see
+``http.py``): ``traffic.max_concurrency`` (BentoML's limiter runs outside every middleware a
+service adds, so slow unauthenticated requests used up the slots tenants needed; the gate caps
+in-flight requests after authentication instead) and BentoML's HTTP metrics (labelled by raw
+path: a series per key id and per unknown path; the gate labels by route template).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import typing as t
 
@@ -31,11 +39,12 @@ from bentoml.exceptions import InvalidArgument
 
 from .config import ServeConfig
 from .engines import InferItem, InferResult
+from .errors import log_error
 from .http import H33Gate, routes_app
+from .process import exit_with_parent
 from .runtime import Runtime, current
 
 REQUEST_TIMEOUT_S = float(os.environ.get("H33_REQUEST_TIMEOUT_S", "900"))
-MAX_CONCURRENCY = int(os.environ.get("H33_MAX_CONCURRENCY", "128"))
 MAX_BATCH_SIZE = 8
 
 
@@ -68,9 +77,8 @@ class EnvelopeOutput(IORootModel[bytes]):
     async def to_http_response(cls, obj: t.Any, serde: t.Any) -> t.Any:  # type: ignore[override]
         (pending,) = obj  # this request's slice of the batch output: one awaitable
         result: InferResult = await pending
-        rt = current()
-        if rt is not None:
-            rt.metrics.request("infer", result.error.status if result.error else 200)
+        if result.error is not None:
+            log_error(result.error)
         return result.response()
 
 
@@ -78,17 +86,23 @@ class EnvelopeOutput(IORootModel[bytes]):
 @bentoml.service(
     name="h33-inference",
     workers=1,  # lane packing needs every request of a key in one process: scale out with replicas
-    traffic={"timeout": REQUEST_TIMEOUT_S, "max_concurrency": MAX_CONCURRENCY},
+    traffic={"timeout": REQUEST_TIMEOUT_S},  # no max_concurrency: the gate admits after authentication
+    metrics={"enabled": False, "namespace": "bentoml_service"},  # per-path series; the gate's are per route
     resources={"cpu": "4", "memory": "16Gi"},
 )
 class H33Inference:
     """Encrypted (CKKS) inference: the server sees only ciphertexts and evaluation keys."""
 
     def __init__(self) -> None:
+        package_logger = logging.getLogger("h33_bento")
+        if package_logger.level == logging.NOTSET:  # BentoML's log config shows only its own INFO lines
+            package_logger.setLevel(logging.INFO)
+        exit_with_parent()
         self.runtime = Runtime(ServeConfig.from_env()).activate()
 
     def __is_ready__(self) -> bool:
-        return current() is self.runtime
+        """Ready once the model is loaded, and while a request could still be admitted (not saturated)."""
+        return current() is self.runtime and not self.runtime.admission.saturated
 
     @bentoml.api(route="/infer", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=60_000,
                  input_spec=EnvelopeInput, output_spec=EnvelopeOutput)

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..compiler.program import MANIFEST, CompiledModel
+from ..program.model import MANIFEST, CompiledModel
 from ..errors import ModelFormatError
 
 DEFAULT_MODEL_NAME = "h33-model"
@@ -68,7 +68,7 @@ def save_to_bentoml(compiled: CompiledModel, name: str = DEFAULT_MODEL_NAME,
 
     meta = {"h33_fingerprint": compiled.fingerprint, "params_fingerprint": compiled.params.fingerprint,
             **{f"params.{k}": v for k, v in compiled.params.summary().items()},
-            **{f"plan.{k}": v for k, v in compiled.plan_summary().items() if v is not None}}
+            **{f"summary.{k}": v for k, v in compiled.summary().items() if v is not None}}
     meta.update(metadata or {})
     with bentoml.models.create(name, labels={"framework": "h33", **(labels or {})}, metadata=meta) as model:
         compiled.save(Path(model.path) / COMPILED_DIR)

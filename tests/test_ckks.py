@@ -12,7 +12,7 @@ from h33_bento.ckks.context import get_context
 from h33_bento.ckks.keys import EvaluationKeys, KeyChain
 from h33_bento.ckks.params import CKKSParams, max_depth, select_params
 from h33_bento.ckks.serialization import EncryptedTensor
-from h33_bento.compiler.activations import chebyshev_depth, eval_chebyshev, to_openfhe_coeffs
+from h33_bento.program.polynomials import chebyshev_depth, eval_chebyshev, to_openfhe_coeffs
 from h33_bento.errors import (
     DepthExceededError,
     EnvelopeError,

@@ -15,6 +15,7 @@ from h33_bento.compiler.fusion import fuse_linear_chains
 from h33_bento.compiler.graph import Graph, Node
 from h33_bento.compiler.layout import grid_positions
 from h33_bento.errors import CompileError, DepthExceededError, ModelFormatError
+from h33_bento import zoo
 from h33_bento.zoo import Square
 
 
@@ -72,11 +73,11 @@ def test_strided_conv_grid_layout_keeps_diagonals_per_tap():
     assert len(plan.terms) <= 64 < 4 * 49 < len(compact.terms)  # channels share diagonals
 
 
-def test_plan_report_and_summary(convnet_compiled):
-    plan = convnet_compiled.plan
+def test_report_and_summary(convnet_compiled):
+    report = convnet_compiled.report
     for word in ("N=16384", "depth=5", "HEStd_128_classic", "rotation keys", "key bundle", "pred ms"):
-        assert word in plan
-    summary = convnet_compiled.plan_summary()
+        assert word in report
+    summary = convnet_compiled.summary()
     assert summary["levels"] == 5 and summary["bootstraps"] == 0
     assert summary["rotation_keys"] == len(convnet_compiled.params.rotation_indices) > 0
     assert summary["key_bundle_bytes"] > 10 * 2**20
@@ -84,14 +85,20 @@ def test_plan_report_and_summary(convnet_compiled):
 
 
 def test_reprice_measures_the_costs_again_for_the_same_program(convnet_compiled):
-    from h33_bento.runtime.costs import reprice
-
-    priced = reprice(convnet_compiled)
+    priced = convnet_compiled.repriced()
     assert priced.fingerprint == convnet_compiled.fingerprint and priced.steps is convnet_compiled.steps
-    assert set(priced.primitive_costs_ms) == set(convnet_compiled.primitive_costs_ms)
-    assert priced.primitive_costs_ms != convnet_compiled.primitive_costs_ms  # timings never repeat exactly
-    then, now = (m.plan_summary()["predicted_latency_ms"] for m in (convnet_compiled, priced))
+    assert set(priced.costs.ms) == set(convnet_compiled.costs.ms)
+    assert priced.costs.ms != convnet_compiled.costs.ms  # timings never repeat exactly
+    then, now = (m.summary()["predicted_latency_ms"] for m in (convnet_compiled, priced))
     assert 0.25 < now / then < 4
+
+
+def test_same_network_and_cost_table_give_the_same_fingerprint(convnet, convnet_compiled, mnist_train):
+    again = compile(convnet, (1, 28, 28), calibration_data=mnist_train[0][:128], costs=convnet_compiled.costs)
+    assert again.fingerprint == convnet_compiled.fingerprint and again.costs == convnet_compiled.costs
+    # a table measured for other parameters is refused rather than silently mispricing the program
+    with pytest.raises(CompileError, match="cost table given was measured for"):  # LeNet-5 needs N=2^15, depth 7
+        compile(zoo.LeNet5().eval(), (1, 28, 28), costs=convnet_compiled.costs)
 
 
 def test_predicted_key_bundle_size_matches_the_real_bundle(convnet_compiled, convnet_client):
@@ -132,6 +139,10 @@ def test_unknown_format_version_is_refused(tmp_path, convnet_compiled):
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelFormatError, match="format version 999"):
         CompiledModel.load(d)
+    manifest["format_version"] = 1  # an artifact from before programs and costs were separated
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError, match="format version 1.*recompile"):
+        CompiledModel.load(d)
     with pytest.raises(ModelFormatError, match="missing"):
         CompiledModel.load(tmp_path / "nowhere")
 
@@ -151,8 +162,8 @@ class _Deep(nn.Module):
 def test_too_deep_network_gives_levels_needed_and_available():
     with pytest.raises(DepthExceededError, match="needs 40 multiplicative levels.*at most 30"):
         compile(_Deep(20), (8,), measure_costs=False)
-    plan = compile(_Deep(20), (8,), plan_only=True, measure_costs=False)
-    assert not plan.runnable and plan.depth == 40
+    estimate = compile(_Deep(20), (8,), estimate_only=True, measure_costs=False)
+    assert not estimate.runnable and estimate.depth == 40
 
 
 def test_named_activation_needs_calibration_data():

@@ -8,6 +8,7 @@ import pytest
 from h33_bento import simulate, zoo
 from h33_bento.ckks.keys import KeyChain
 from h33_bento.client import FHEInferenceClient
+from h33_bento.program.report import uncached_plaintexts
 from h33_bento.runtime.engine import Engine, PlaintextCache
 
 from conftest import assert_logits_close
@@ -115,8 +116,8 @@ def test_engine_output_equals_simulate(convnet_compiled, convnet_client, mnist_t
 
 
 def test_plan_predicts_what_a_small_plaintext_cache_encodes_every_run(convnet_compiled, convnet_client, mnist_test):
-    budget = convnet_compiled.plan_summary()["plaintext_bytes"] // 2
-    predicted = sum(convnet_compiled.uncached_plaintexts(budget).values())
+    budget = convnet_compiled.summary()["plaintext_bytes"] // 2
+    predicted = sum(uncached_plaintexts(convnet_compiled, budget).values())
     assert predicted > 0
     cache = PlaintextCache(convnet_compiled, budget)
     engine = Engine(convnet_compiled, convnet_client.keys.evaluation_keys(), cache=cache)

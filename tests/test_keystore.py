@@ -6,8 +6,8 @@ rotation keys: about 3.5 MB each), so these tests need no trained model.
 from __future__ import annotations
 
 import json
-import os
-import time
+import subprocess
+import sys
 
 import pytest
 
@@ -129,8 +129,28 @@ def test_processes_sharing_a_store_see_each_others_writes_and_deletes(tmp_path, 
         one.delete(keys.key_id)
 
 
-def test_leftovers_of_a_crash_are_never_keys_and_are_cleaned_up(tmp_path, params, chains):
-    keys = chains[0].evaluation_keys()
+HOLD_AN_UPLOAD = """
+import sys
+from pathlib import Path
+from h33_bento.keystore import KeyStore
+store = KeyStore(sys.argv[1])
+data = Path(sys.argv[2]).read_bytes()
+with store.incoming() as upload:
+    upload.file.write(data[: len(data) // 2])
+    upload.file.flush()
+    print(upload.path.name, flush=True)
+    sys.stdin.readline()  # another process opens the store meanwhile
+    upload.file.write(data[len(data) // 2:])
+    upload.file.flush()
+    staged = store.stage(upload.path)
+    print(store.commit(staged, "acme")[0].key_id, flush=True)
+"""
+
+
+def test_leftovers_of_a_crash_are_cleaned_up_but_a_live_upload_is_not(tmp_path, params, chains):
+    """Opening a store removes what crashed writers left in .incoming, at once, and never an upload
+    another live process (a replica on the same volume) is still writing: it holds a lock on it."""
+    keys, other = chains[0].evaluation_keys(), chains[1].evaluation_keys()
     KeyStore(tmp_path)
     half = tmp_path / keys.key_id  # a key directory without its meta.json (the store never writes one)
     half.mkdir()
@@ -138,27 +158,21 @@ def test_leftovers_of_a_crash_are_never_keys_and_are_cleaned_up(tmp_path, params
     staged = tmp_path / INCOMING / f"{keys.key_id}.0123"  # staged, never renamed into place
     staged.mkdir()
     (staged / BUNDLE_FILE).write_bytes(keys.to_bytes())
-    upload = tmp_path / INCOMING / "fresh.part"
-    upload.write_bytes(b"partial upload")
-    old = time.time() - 7200
-    os.utime(staged, (old, old))
-    store = KeyStore(tmp_path)
-    assert store.get(keys.key_id) is None and len(store) == 0
-    assert sorted(p.name for p in (tmp_path / INCOMING).iterdir()) == ["fresh.part"]  # the stale one is gone
+    (tmp_path / INCOMING / "crashed.part").write_bytes(b"partial upload")  # fresh: the crash was just now
+    bundle = tmp_path.parent / f"{tmp_path.name}-other.h33k"
+    bundle.write_bytes(other.to_bytes())
+    writer = subprocess.Popen([sys.executable, "-c", HOLD_AN_UPLOAD, str(tmp_path), str(bundle)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        live = writer.stdout.readline().strip()
+        assert live.endswith(".part"), live
+        store = KeyStore(tmp_path)  # a replica starting up while the other one uploads
+        assert store.get(keys.key_id) is None and len(store) == 0
+        assert [p.name for p in (tmp_path / INCOMING).iterdir()] == [live]
+        out, _ = writer.communicate("go\n", timeout=120)
+    finally:
+        writer.kill()
+    assert writer.returncode == 0 and out.strip() == other.key_id  # the live upload completed
+    assert store.load(other.key_id, params) == other and store.get(other.key_id).tenant == "acme"
+    assert list((tmp_path / INCOMING).iterdir()) == []
 
-
-def test_legacy_flat_files_are_still_read(tmp_path, params, chains):
-    """Stores written by the MLflow flavor before this layout: ``<root>/<key_id>.h33k``."""
-    keys = chains[0].evaluation_keys()
-    legacy = tmp_path / f"{keys.key_id}.h33k"
-    legacy.write_bytes(keys.to_bytes())
-    store = KeyStore(tmp_path, create=False)
-    rec = store.get(keys.key_id)
-    assert rec.tenant == DEFAULT_TENANT and rec.key_tag == keys.key_tag and rec.size_bytes == legacy.stat().st_size
-    assert len(store) == 1 and store.load(keys.key_id, params) == keys
-    assert _files(tmp_path) == [legacy.name]  # reading wrote nothing
-    # storing it again leaves the legacy file in charge; deleting removes it
-    writer = KeyStore(tmp_path)
-    assert writer.put(keys, "acme") == (rec, False)
-    writer.delete(keys.key_id)
-    assert not legacy.exists() and writer.get(keys.key_id) is None

@@ -27,7 +27,6 @@ mlflow = pytest.importorskip("mlflow")
 httpx = pytest.importorskip("httpx")
 pd = pytest.importorskip("pandas")
 
-import h33_bento  # noqa: E402,F401  (attaches mlflow.h33)
 from h33_bento import mlflow_flavor as flavor  # noqa: E402
 from h33_bento import simulate  # noqa: E402
 from h33_bento.errors import EnvelopeError, KeyMismatchError, ModelFormatError, TamperedDataError  # noqa: E402
@@ -213,12 +212,14 @@ HOOK_CHECKS = {
         from mlflow.h33 import load_model, log_model, save_model
         assert mlflow.h33.FLAVOR_NAME == "h33"
     """,
-    "mlflow-then-h33_bento": """
+    "mlflow-alone": """
         import sys, mlflow
-        assert not hasattr(mlflow, "h33")
-        import h33_bento
         assert mlflow.h33.log_model is sys.modules["h33_bento.mlflow_flavor"].log_model
+        assert mlflow.h33.FLAVOR_NAME == "h33"
+        import h33_bento
         import mlflow.h33
+        from mlflow.tracking.context.registry import resolve_tags
+        assert not any(k.startswith("h33") for k in resolve_tags({}))  # the entry point tags no run
     """,
     "pyfunc-loader-module-alone": """
         import importlib
@@ -229,7 +230,7 @@ HOOK_CHECKS = {
 }
 
 
-def test_import_h33_bento_attaches_mlflow_h33(tmp_path):
+def test_mlflow_h33_is_attached_by_import_mlflow(tmp_path):
     """In fresh interpreters (run side by side): either import order, and the pyfunc loader path."""
     procs = {
         name: subprocess.Popen([sys.executable, "-c", textwrap.dedent(code) + "\nprint('ok')\n"], cwd=tmp_path,
@@ -317,8 +318,8 @@ def _check_stored_model(local: Path, compiled, client, accuracy) -> None:
     }
     assert h33["input"]["shape"] == [1, 28, 28] and h33["input"]["dtype"] == "float64"
     assert h33["output"]["shape"] == [10] and h33["labels"] == [str(i) for i in range(10)]
-    assert h33["plan"] == compiled.plan_summary()
-    assert {"levels", "rotations_per_run", "predicted_latency_ms"} <= set(h33["plan"])
+    assert h33["summary"] == compiled.summary()
+    assert {"levels", "rotations_per_run", "predicted_latency_ms"} <= set(h33["summary"])
     assert h33["accuracy"] == accuracy
 
     pyfunc = doc["flavors"]["python_function"]
@@ -436,7 +437,7 @@ def test_tampered_artifacts_are_refused(monkeypatch, tmp_path, convnet_compiled)
 
 def test_unknown_flavor_format_version(model_copy):
     _edit_flavor(model_copy, format_version=99)
-    with pytest.raises(flavor.FlavorFormatError, match="format version 99; .* reads version 1"):
+    with pytest.raises(flavor.FlavorFormatError, match=f"format version 99; .* reads version {flavor.FLAVOR_FORMAT_VERSION}"):
         mlflow.h33.load_model(str(model_copy))
     with pytest.raises(flavor.FlavorFormatError, match="format version 99"):
         mlflow.pyfunc.load_model(str(model_copy))
@@ -481,18 +482,6 @@ def test_pyfunc_predict_without_keys(saved_model, convnet_client, envelope, tmp_
     model = mlflow.pyfunc.load_model(str(saved_model))
     with pytest.raises(flavor.EvaluationKeysNotFoundError, match="missing does not exist"):
         model.predict(envelope)
-
-
-def test_pyfunc_reads_a_legacy_flat_key_store(saved_model, convnet_client, envelope, direct_logits, tmp_path):
-    """Key stores written before the shared layout hold ``<key_id>.h33k`` files; they still serve."""
-    legacy = tmp_path / "old-keys"
-    legacy.mkdir()
-    key_id = convnet_client.keys.key_id
-    (legacy / f"{key_id}.h33k").write_bytes(convnet_client.keys.evaluation_keys().to_bytes())
-    model = mlflow.pyfunc.load_model(str(saved_model), model_config={"key_store": str(legacy)})
-    (out,) = model.predict([envelope])
-    _assert_same_logits(convnet_client.decrypt_logits(out), direct_logits)
-    assert sorted(p.name for p in legacy.iterdir()) == [f"{key_id}.h33k"]  # read, not rewritten
 
 
 def test_bad_inputs_and_arguments(saved_model, convnet_compiled, envelope, key_store):

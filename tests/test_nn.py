@@ -14,9 +14,10 @@ F = torch.nn.functional
 
 from h33_bento import compile, simulate, zoo  # noqa: E402
 from h33_bento import nn as hnn  # noqa: E402
-from h33_bento.compiler.activations import chebyshev_depth, exact_activation  # noqa: E402
+from h33_bento.compiler.activations import exact_activation  # noqa: E402
 from h33_bento.compiler.calibration import RangeWarning  # noqa: E402
 from h33_bento.compiler.torch_import import export_onnx  # noqa: E402
+from h33_bento.program.polynomials import chebyshev_depth  # noqa: E402
 
 torch.set_num_threads(2)
 

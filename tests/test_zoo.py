@@ -11,6 +11,7 @@ nn = torch.nn
 from h33_bento import compile, simulate, zoo  # noqa: E402
 from h33_bento import nn as hnn  # noqa: E402
 from h33_bento.compiler.torch_import import export_onnx  # noqa: E402
+from h33_bento.program.report import bootstrap_estimate  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -46,7 +47,7 @@ def test_lenet5_is_the_orion_variant() -> None:
     assert [(f.in_features, f.out_features) for f in fcs] == [(3136, 512), (512, 10)]
     assert sum(isinstance(l, zoo.Square) for l in m.modules()) == 3
     assert sum(isinstance(l, (nn.BatchNorm1d, nn.BatchNorm2d)) for l in m.modules()) == 3
-    compiled = compile(m.eval(), (1, 28, 28), plan_only=True, measure_costs=False)
+    compiled = compile(m.eval(), (1, 28, 28), estimate_only=True, measure_costs=False)
     # conv+BN, x^2, conv+BN, x^2, fc+BN, x^2, fc: seven levels, runnable without bootstrapping
     # at the smallest ring the depth allows (N=2^15): the 32x14x14 activations span four blocks
     assert [s.op for s in compiled.steps] == ["linear", "square"] * 3 + ["linear"]
@@ -54,7 +55,7 @@ def test_lenet5_is_the_orion_variant() -> None:
     # plane-grid layouts: 32 -> 64 channels k5 s2 in 8 cyclic planes per block pair, not dense diagonals
     conv2 = compiled.steps[2].linear
     assert conv2.in_blocks == 4 and conv2.out_blocks == 2 and len(conv2.terms) <= 2304
-    assert compiled.plan_summary()["bootstraps"] == 0
+    assert compiled.summary()["bootstraps"] == 0
 
 
 def test_lola_compiles_at_n_2_14_and_simulates_exactly() -> None:
@@ -127,10 +128,10 @@ def test_cifar_cnn_with_degree_13_runs_without_bootstrapping() -> None:
     """The accuracy report's CIFAR-10 recipe: degree-13 PolyReLU (5 levels each) -> 13 levels, N=2^16."""
     model = zoo.CifarCNN().eval()
     hnn.polyfy(model, degrees={"relu": 13}, trainable=True)
-    compiled = compile(model, (3, 32, 32), plan_only=True, measure_costs=False)
+    compiled = compile(model, (3, 32, 32), estimate_only=True, measure_costs=False)
     assert [p.degree for _, p in hnn.poly_modules(model)] == [13, 13]
     assert compiled.depth == 13 and compiled.runnable and compiled.params.ring_dim == 2 ** 16
-    assert compiled.plan_summary()["bootstraps"] == 0
+    assert compiled.summary()["bootstraps"] == 0
 
 
 # ------------------------------------------------------------------ CIFAR-scale architectures
@@ -171,7 +172,7 @@ def _mbconv_net() -> nn.Module:
 
 def test_mbconv_plan_has_the_ciphertext_product_and_bootstraps() -> None:
     model = _mbconv_net()
-    compiled = compile(model, (3, 32, 32), plan_only=True, measure_costs=False)
+    compiled = compile(model, (3, 32, 32), estimate_only=True, measure_costs=False)
     ops = [s.op for s in compiled.steps]
     assert ops.count("mul") == 1 and ops.count("add") == 1  # SE gate product, residual
     mul = next(s for s in compiled.steps if s.op == "mul")
@@ -179,19 +180,19 @@ def test_mbconv_plan_has_the_ciphertext_product_and_bootstraps() -> None:
     # stem 1 + SiLU 5 + expand 1 + SiLU 5 + dw 1 + SiLU 5 + [pool.reduce 1 + SiLU 5 + expand 1 +
     # sigmoid 5 + broadcast 1] + mul 1 + project 1 + pool.fc 1 = 34 > 30: a plan with bootstraps
     assert compiled.depth == 34 and not compiled.runnable
-    summary = compiled.plan_summary()
+    summary = compiled.summary()
     assert summary["bootstraps"] >= 1 and summary["ciphertext_bootstraps"] >= summary["bootstraps"]
-    assert "bootstraps: " in compiled.plan and "the largest 128-bit ring holds 30" in compiled.plan
+    assert "bootstraps: " in compiled.report and "the largest 128-bit ring holds 30" in compiled.report
 
 
 def test_resnet18_plan_small_width() -> None:
     """Full-depth ResNet-18 (width 4 so the test stays fast; docs/models.md has width 64)."""
     model = zoo.resnet18(width=4)
-    compiled = compile(model, (3, 32, 32), plan_only=True, measure_costs=False)
+    compiled = compile(model, (3, 32, 32), estimate_only=True, measure_costs=False)
     ops = [s.op for s in compiled.steps]
     assert ops.count("add") == 8 and ops.count("poly") == 17
     # stem (1 + 4) + 8 blocks x (conv 1 + relu 4 + conv 1 + relu 4) + pool/fc 1
     assert compiled.depth == 86
-    ops_count, cts = compiled.bootstrap_estimate()
+    ops_count, cts = bootstrap_estimate(compiled)
     assert ops_count >= (86 - 30) // 10 and cts >= ops_count
-    assert compiled.plan_summary()["rotations_per_run"] > 0
+    assert compiled.summary()["rotations_per_run"] > 0

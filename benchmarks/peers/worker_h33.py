@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import LAYERS, load_canonical_into, log, measure_requests, phase, timed, worker_args, write_result  # noqa: E402
+from common import load_canonical_into, log, measure_requests, phase, timed, worker_args, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
         "key_bundle_bytes": len(bundle), "lanes": client.lanes,
     }
     del bundle
-    summary = compiled.plan_summary()
+    summary = compiled.summary()
     result["predicted_ms"] = summary["predicted_latency_ms"]
     result["predicted_client_ms"] = summary["predicted_client_ms"]
     log(f"h33 {args.network}: setup {result['setup_s']:.1f} s, N={pp.ring_dim}, depth {pp.multiplicative_depth}")
@@ -80,10 +80,8 @@ def main() -> None:
 
 
 def _profile(result: dict, compiled, client, batch: np.ndarray, requests: int) -> None:
-    """The per-layer profile: the plan re-priced now, against the median of ``requests`` more requests."""
-    from h33_bento.runtime.costs import reprice
-
-    priced = reprice(compiled)  # the plan priced with costs measured just before these requests
+    """The per-layer profile: the program re-priced now, against the median of ``requests`` more requests."""
+    priced = compiled.repriced()  # the program priced with costs measured just before these requests
     runs, outside, e2e = [], [], []
     for _ in range(requests):
         t_enc, enc = timed(lambda: client.encrypt(batch))
@@ -94,10 +92,10 @@ def _profile(result: dict, compiled, client, batch: np.ndarray, requests: int) -
         e2e.append(t_enc + t_run + t_dec)
     result["outside_steps_ms"] = float(np.median(outside))
     result["profile_e2e_ms"] = float(np.median(e2e))
-    repriced = priced.plan_summary()
+    repriced = priced.summary()
     result["profile_predicted_ms"] = repriced["predicted_latency_ms"]
     result["profile_predicted_client_ms"] = repriced["predicted_client_ms"]
-    result["layers"] = [{"step": s.name, "op": s.op, "level": s.level, "predicted_ms": priced.predicted_ms(s),
+    result["layers"] = [{"step": s.name, "op": s.op.value, "level": s.level, "predicted_ms": priced.predicted_ms(s),
                          "compile_predicted_ms": compiled.predicted_ms(s),
                          "measured_ms": float(np.median([r[s.name] for r in runs]))} for s in compiled.steps]
 

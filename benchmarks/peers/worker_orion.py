@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import (LAYERS, load_canonical_by_name, log, measure_requests, orion_config, phase, timed,  # noqa: E402
+from common import (load_canonical_by_name, log, measure_requests, orion_config, phase, timed,  # noqa: E402
                     worker_args, write_result)
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from common import (LAYERS, TENSEAL_PARAMS, check_128, log, measure_requests, phase, timed,  # noqa: E402
+from common import (TENSEAL_PARAMS, check_128, log, measure_requests, phase, timed,  # noqa: E402
                     worker_args, write_result)  # noqa: E402
 
 UNSUPPORTED = {

@@ -80,16 +80,17 @@ class CKKSParams(BaseModel):
         """Bits of the ciphertext modulus Q at the top level (special primes excluded)."""
         return self.first_mod_bits + self.multiplicative_depth * self.scale_bits
 
-    @property
-    def is_128_bit_secure(self) -> bool:
-        return self.security_level != "HEStd_NotSet"
-
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
     @property
     def fingerprint(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:32]
+
+    @property
+    def cost_key(self) -> str:
+        """What primitive costs depend on: the fingerprint of these parameters without their rotations."""
+        return self.model_copy(update={"rotation_indices": ()}).fingerprint
 
     def summary(self) -> dict:
         """The flat fields that MLflow run params and model cards show."""

@@ -200,7 +200,8 @@ class Sandbox:
     check and ``bundle_timeout_s`` one bundle; ``memory_bytes`` is each ciphertext child's
     address-space limit (a bundle child gets that plus eight times the bundle's size), so a blob
     announcing a huge allocation fails in the child instead of swapping the machine.  Bundles that
-    need a scratch copy (:meth:`load_bundle`) are written under ``scratch_dir``.
+    need a scratch copy (:meth:`load_bundle`) and get no file for it are written under
+    ``scratch_dir`` (default: the system's temporary directory).
     """
 
     def __init__(self, params: CKKSParams, processes: int = 2, timeout_s: float = 30.0,
@@ -339,20 +340,23 @@ class Sandbox:
         self._canonical.add(_frame_digest(dst))  # src too, if it was canonical already (the same bytes)
         logger.info("sandbox: key bundle %s validated in %.2f s", src.name, time.perf_counter() - t0)
 
-    def load_bundle(self, path: str | os.PathLike) -> EvaluationKeys:
+    def load_bundle(self, path: str | os.PathLike, scratch: str | os.PathLike | None = None) -> EvaluationKeys:
         """A stored bundle, safe to install here: read directly if a child wrote or confirmed exactly
-        these bytes, else validated first (into a scratch file under ``scratch_dir``)."""
+        these bytes, else validated first.  The child's re-serialized copy goes to ``scratch`` (the
+        caller's file, e.g. a locked one in a key store) or to a temporary file in ``scratch_dir``;
+        either is removed once read."""
         path = Path(path)
         if _frame_digest(path) in self._canonical:
             return EvaluationKeys.from_bytes(path.read_bytes(), self.params)
-        fd, name = tempfile.mkstemp(prefix="sandbox-", suffix=".h33k", dir=self.scratch_dir)
-        os.close(fd)
-        scratch = Path(name)
+        if scratch is None:
+            fd, scratch = tempfile.mkstemp(prefix="sandbox-", suffix=".h33k", dir=self.scratch_dir)
+            os.close(fd)
+        target = Path(scratch)
         try:
-            self.canonical_bundle(path, scratch)
-            return EvaluationKeys.from_bytes(scratch.read_bytes(), self.params)
+            self.canonical_bundle(path, target)
+            return EvaluationKeys.from_bytes(target.read_bytes(), self.params)
         finally:
-            scratch.unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Stop every child (idle ones now; a busy one when its call returns)."""

@@ -8,15 +8,22 @@ Layout of every frame (integers big-endian):
 The header lists the blob lengths, so truncation is detected before anything reaches OpenFHE,
 and the trailing digest catches corrupted or edited bytes.  The digest is an integrity check,
 not a signature: anyone can recompute it, so the server still treats every blob as untrusted.
+
+Headers are untrusted too.  Each magic has a strict pydantic model of its header
+(:class:`TensorHeader`, :class:`KeyBundleHeader`): the header is at most ``MAX_HEADER_BYTES``,
+parsed by pydantic's JSON parser (nesting depth bounded, no ``NaN``/``Infinity``, no lone
+surrogates or invalid UTF-8, integers of bounded size) and validated field by field (exact
+types, bounded integers and lengths, no unknown fields).  Every fault is an ``EnvelopeError``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ..errors import (
     EnvelopeError,
@@ -33,6 +40,52 @@ TENSOR_MAGIC = b"H33T"
 KEYS_MAGIC = b"H33K"
 _PREFIX = struct.Struct(">4sHI")
 _DIGEST_LEN = 32
+#: Upper bounds for header fields.  Generous for every real frame (a header is a few hundred bytes
+#: to a few KB), small enough that no header can cost the parser more than a few milliseconds.
+MAX_HEADER_BYTES = 256 * 1024
+MAX_BLOBS = 4096
+MAX_BLOB_BYTES = 1 << 40
+MAX_SLOTS = 1 << 16  # ring dimension 2^17 at most (CKKSParams)
+MAX_LEVEL = 1024
+MAX_DIMS = 16
+
+_Name = Annotated[StrictStr, Field(max_length=256)]
+_Count = Annotated[StrictInt, Field(ge=0, le=MAX_SLOTS)]
+_Extra = Union[Annotated[StrictStr, Field(max_length=1024)], StrictBool,
+               Annotated[StrictInt, Field(ge=-(1 << 63), lt=1 << 63)], StrictFloat]
+
+
+class FrameHeader(BaseModel):
+    """What every frame header holds: the lengths of the blobs that follow it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+    blob_lengths: list[Annotated[StrictInt, Field(ge=0, le=MAX_BLOB_BYTES)]] = Field(max_length=MAX_BLOBS)
+
+
+class TensorHeader(FrameHeader):
+    """The header of an :class:`EncryptedTensor` frame."""
+
+    model_fingerprint: _Name
+    params_fingerprint: _Name
+    key_id: _Name
+    shape: list[Annotated[StrictInt, Field(ge=1, lt=1 << 31)]] = Field(max_length=MAX_DIMS)
+    lanes_used: Annotated[StrictInt, Field(ge=1, le=MAX_SLOTS)]
+    level: Annotated[StrictInt, Field(ge=0, le=MAX_LEVEL)]
+    batched: StrictBool = False
+    lane: _Count = 0
+    extra: dict[Annotated[StrictStr, Field(max_length=64)], _Extra] = Field(default_factory=dict, max_length=64)
+
+
+class KeyBundleHeader(FrameHeader):
+    """The header of an evaluation-key bundle frame (``EvaluationKeys``)."""
+
+    params_fingerprint: _Name
+    key_id: _Name
+    key_tag: _Name
+    rotation_indices: list[Annotated[StrictInt, Field(ge=1, lt=MAX_SLOTS)]] = Field(max_length=MAX_SLOTS)
+
+
+HEADER_MODELS: dict[bytes, type[FrameHeader]] = {TENSOR_MAGIC: TensorHeader, KEYS_MAGIC: KeyBundleHeader}
 
 
 def pack_frame(magic: bytes, header: dict[str, Any], blobs: list[bytes]) -> bytes:
@@ -54,30 +107,19 @@ def _header_end(prefix: bytes, magic: bytes, what: str) -> int:
         raise UnsupportedVersionError(
             f"{what} uses wire format version {version}; this build reads version {WIRE_VERSION}"
         )
+    if head_len > MAX_HEADER_BYTES:
+        raise TamperedDataError(f"{what} header is {head_len} bytes, more than the {MAX_HEADER_BYTES} allowed")
     return _PREFIX.size + head_len
 
 
-def _parse_header(head: bytes, what: str) -> tuple[dict[str, Any], list[int]]:
+def _parse_header(head: bytes, magic: bytes, what: str) -> dict[str, Any]:
+    """The validated header (see the module docstring) as a dict of plain, bounded values."""
     try:
-        header = json.loads(head)
-        lengths = [int(n) for n in header["blob_lengths"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise TamperedDataError(f"{what} header is not valid: {exc}") from exc
-    return header, lengths
-
-
-def read_frame_header(path: str | os.PathLike, magic: bytes, what: str) -> dict[str, Any]:
-    """The JSON header of a framed file, read without its blobs (which stay unverified).
-
-    For listing large files (key bundles are hundreds of MB) by what their header says; anything
-    that uses the blobs must go through :func:`unpack_frame`, which checks the digest.
-    """
-    with open(path, "rb") as fh:
-        head_end = _header_end(fh.read(_PREFIX.size), magic, what)
-        head = fh.read(head_end - _PREFIX.size)
-    if len(head) < head_end - _PREFIX.size:
-        raise TruncatedDataError(f"{what} is truncated inside its header")
-    return _parse_header(head, what)[0]
+        return HEADER_MODELS[magic].model_validate_json(head).model_dump()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'header'}: {e['msg']}"
+                             for e in exc.errors(include_url=False)[:3])
+        raise TamperedDataError(f"{what} header is not valid: {problems}") from None
 
 
 def unpack_frame(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], list[bytes]]:
@@ -88,7 +130,8 @@ def unpack_frame(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], 
     head_end = _header_end(data, magic, what)
     if len(data) < head_end + _DIGEST_LEN:
         raise TruncatedDataError(f"{what} is truncated inside its header ({len(data)} bytes)")
-    header, lengths = _parse_header(data[_PREFIX.size:head_end], what)
+    header = _parse_header(data[_PREFIX.size:head_end], magic, what)
+    lengths = header["blob_lengths"]
     expected = head_end + sum(lengths) + _DIGEST_LEN
     if len(data) < expected:
         raise TruncatedDataError(f"{what} is truncated: {len(data)} of {expected} bytes")
@@ -139,21 +182,18 @@ class EncryptedTensor:
     @classmethod
     def from_bytes(cls, data: bytes) -> "EncryptedTensor":
         header, blobs = unpack_frame(data, TENSOR_MAGIC, "encrypted tensor")
-        try:
-            return cls(
-                model_fingerprint=str(header["model_fingerprint"]),
-                params_fingerprint=str(header["params_fingerprint"]),
-                key_id=str(header["key_id"]),
-                shape=tuple(int(s) for s in header["shape"]),
-                lanes_used=int(header["lanes_used"]),
-                level=int(header["level"]),
-                ciphertexts=blobs,
-                batched=bool(header.get("batched", False)),
-                lane=int(header.get("lane", 0)),
-                extra=dict(header.get("extra", {})),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TamperedDataError(f"encrypted tensor header is missing or has a bad field: {exc}") from exc
+        return cls(
+            model_fingerprint=header["model_fingerprint"],
+            params_fingerprint=header["params_fingerprint"],
+            key_id=header["key_id"],
+            shape=tuple(header["shape"]),
+            lanes_used=header["lanes_used"],
+            level=header["level"],
+            ciphertexts=blobs,
+            batched=header["batched"],
+            lane=header["lane"],
+            extra=header["extra"],
+        )
 
     def check(self, model_fingerprint: str, params_fingerprint: str, key_ids: set[str] | None = None) -> None:
         """Raise the specific mismatch error if this envelope is not for this model/params/key."""

@@ -1,23 +1,39 @@
-"""Compile a trained network into a CKKS program: import -> fuse -> calibrate -> layout -> plan."""
+"""Compile a trained network into a CKKS program.
+
+``compile`` runs ``PASSES`` in order, each a function of the previous ``Compilation``::
+
+    import -> fuse -> calibrate -> levels -> parameters -> costs -> layout -> diagonals -> program
+
+One file per pass: ``onnx_import``/``torch_import``, ``fusion``, ``calibration``, ``levels``,
+``parameters``, ``ckks.timing`` (the costs are measured there, or passed in), ``layout``,
+``diagonals``, ``emit``.  The result is a ``program.CompiledModel``.
+"""
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..ckks.params import CKKSParams, SecurityLevel, max_depth, select_params, MAX_RING_DIM
-from ..errors import CompileError, DepthExceededError
+from ..ckks.params import CKKSParams, SecurityLevel
+from ..ckks.timing import PrimitiveCosts, measure_primitives
+from ..errors import CompileError
+from ..program.cost_model import CostModel
+from ..program.diagonals import DiagonalPlan
+from ..program.model import CompiledModel
+from ..program.ops import Op
 from .calibration import calibrate
-from .cost_model import CostModel
+from .diagonals import extract_diagonals
+from .emit import emit_program
 from .fusion import fuse_linear_chains
 from .graph import Graph
-from .layout import assign_layouts
-from .levels import plan_levels
-from .program import CompiledModel, Step
+from .layout import Layouts, assign_layouts
+from .levels import assign_levels
+from .parameters import choose_params
 
-__all__ = ["compile", "CompiledModel", "load_graph"]
+__all__ = ["compile", "CompiledModel", "Compilation", "CompileOptions", "PASSES", "load_graph"]
 
 
 def load_graph(model: Any, input_shape: Sequence[int] | None, dtype: Any = np.float64) -> Graph:
@@ -38,16 +54,118 @@ def load_graph(model: Any, input_shape: Sequence[int] | None, dtype: Any = np.fl
     return import_onnx(model, tuple(input_shape) if input_shape is not None else None, dtype)
 
 
-def _lane_length(graph: Graph, lanes: int, ring_for_depth: int) -> int:
-    """Values per lane: enough for the input, and all the slots the ring the depth needs offers.
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything ``compile`` was asked for (see its docstring)."""
 
-    Larger intermediate tensors span several ciphertext blocks rather than forcing a larger
-    ring: a ring twice as large makes every operation and every rotation key twice as costly,
-    and block-cyclic layouts keep multi-block transforms cheap.
-    """
-    size = graph.nodes[graph.input].size
-    n = max(1 << max(0, (size - 1).bit_length()), ring_for_depth // 2 // lanes, 1)
-    return min(n, (MAX_RING_DIM // 2) // lanes)
+    input_shape: tuple[int, ...] | None = None
+    calibration_data: np.ndarray | None = None
+    lanes: int = 8
+    labels: tuple[str, ...] | None = None
+    scale_bits: int = 40
+    first_mod_bits: int = 60
+    security_level: SecurityLevel = "HEStd_128_classic"
+    activation_degrees: dict[str, int] | None = None
+    range_margin: float = 0.1
+    estimate_only: bool = False
+    measure_costs: bool = True
+    costs: PrimitiveCosts | None = None
+
+
+@dataclass(frozen=True)
+class Compilation:
+    """The state the passes hand on: each pass fills in the next fields."""
+
+    source: Any
+    options: CompileOptions
+    graph: Graph | None = None
+    levels: dict[str, int] = field(default_factory=dict)
+    params: CKKSParams | None = None
+    runnable: bool = True
+    costs: PrimitiveCosts | None = None
+    layouts: Layouts | None = None
+    plans: dict[str, DiagonalPlan] = field(default_factory=dict)
+    program: CompiledModel | None = None
+
+    @property
+    def cost_model(self) -> CostModel:
+        return CostModel(self.costs, self.params.multiplicative_depth)
+
+
+def import_pass(c: Compilation) -> Compilation:
+    # an estimate needs only where the matrices' entries are: float32 halves the memory of big networks
+    dtype = np.float32 if c.options.estimate_only else np.float64
+    return replace(c, graph=load_graph(c.source, c.options.input_shape, dtype))
+
+
+def fuse_pass(c: Compilation) -> Compilation:
+    return replace(c, graph=fuse_linear_chains(c.graph))
+
+
+def calibrate_pass(c: Compilation) -> Compilation:
+    data = c.options.calibration_data
+    if data is not None:
+        data = np.asarray(data, dtype=np.float64).reshape(-1, *c.graph.nodes[c.graph.input].shape)
+    o = c.options
+    return replace(c, graph=calibrate(c.graph, data, o.range_margin, o.activation_degrees))
+
+
+def levels_pass(c: Compilation) -> Compilation:
+    return replace(c, levels=assign_levels(c.graph))
+
+
+def parameters_pass(c: Compilation) -> Compilation:
+    o = c.options
+    params, runnable = choose_params(c.graph, max(c.levels.values()), o.lanes, o.scale_bits, o.first_mod_bits,
+                                     o.security_level, allow_too_deep=o.estimate_only)
+    return replace(c, params=params, runnable=runnable)
+
+
+def costs_pass(c: Compilation) -> Compilation:
+    """The given cost table, or one measured now for the chosen parameters (none for estimates of
+    networks too deep to run, or with ``measure_costs=False``: relative costs then)."""
+    o = c.options
+    degrees = tuple(sorted({len(n.attrs["coeffs"]) - 1 for n in c.graph.nodes.values() if n.op is Op.POLY}))
+    if o.costs is not None:
+        if not o.costs.covers(c.params, degrees):
+            raise CompileError(
+                f"the cost table given was measured for CKKS parameters {o.costs.params} and Chebyshev degrees "
+                f"{list(o.costs.chebyshev_degrees)}; this network needs parameters {c.params.cost_key} "
+                f"(N={c.params.ring_dim}, depth {c.params.multiplicative_depth}) and degrees {list(degrees)}"
+            )
+        return replace(c, costs=o.costs)
+    if not (o.measure_costs and c.runnable):
+        return c
+    return replace(c, costs=measure_primitives(c.params, degrees))
+
+
+def layout_pass(c: Compilation) -> Compilation:
+    return replace(c, layouts=assign_layouts(c.graph, c.params.lane_length, c.cost_model, c.levels))
+
+
+def diagonals_pass(c: Compilation) -> Compilation:
+    if c.options.estimate_only:  # indices only: the search already has them
+        return replace(c, plans=c.layouts.index_plans)
+    return replace(c, plans=extract_diagonals(c.graph, c.layouts, c.params.lane_length, c.cost_model, c.levels))
+
+
+def program_pass(c: Compilation) -> Compilation:
+    return replace(c, program=emit_program(c.graph, c.levels, c.params, c.layouts, c.plans, c.costs, c.runnable,
+                                           c.options.labels))
+
+
+#: The compiler, in order.
+PASSES: tuple[tuple[str, Callable[[Compilation], Compilation]], ...] = (
+    ("import", import_pass),
+    ("fuse", fuse_pass),
+    ("calibrate", calibrate_pass),
+    ("levels", levels_pass),
+    ("parameters", parameters_pass),
+    ("costs", costs_pass),
+    ("layout", layout_pass),
+    ("diagonals", diagonals_pass),
+    ("program", program_pass),
+)
 
 
 def compile(
@@ -62,87 +180,30 @@ def compile(
     security_level: SecurityLevel = "HEStd_128_classic",
     activation_degrees: dict[str, int] | None = None,
     range_margin: float = 0.1,
-    plan_only: bool = False,
+    estimate_only: bool = False,
+    costs: PrimitiveCosts | None = None,
     measure_costs: bool = True,
     progress: bool = False,
 ) -> CompiledModel:
     """Compile ``model`` for encrypted inference with ``lanes`` inputs per ciphertext.
 
     ``calibration_data`` (a batch shaped like the input) sets the ranges of the polynomial
-    activations that replace ReLU/Sigmoid/Tanh/GELU/SiLU.  With ``plan_only=True`` the diagonal
-    values are not materialized and a network deeper than 128-bit parameters allow still gets
-    a plan (marked not runnable) instead of a DepthExceededError.  ``progress`` shows a bar.
+    activations that replace ReLU/Sigmoid/Tanh/GELU/SiLU.  ``costs`` is a primitive-cost table
+    (``h33_bento.ckks.timing.measure_primitives``, or ``compiled.costs`` of an earlier compile)
+    to choose schedules with and predict from; without one the costs are measured now (a few
+    seconds), or with ``measure_costs=False`` static relative costs are used.  With
+    ``estimate_only=True`` the diagonal values are not materialized and a network deeper than
+    128-bit parameters allow still gets an estimate (marked not runnable) instead of a
+    DepthExceededError.  ``progress`` shows a bar.
     """
-    bar = tqdm(total=5, desc="compile", unit="stage", disable=not progress, leave=False)
-    bar.set_postfix_str("import")
-    # a plan needs only where the matrices' entries are: float32 halves the memory of big networks
-    graph = load_graph(model, input_shape, np.float32 if plan_only else np.float64)
-    input_node = graph.nodes[graph.input]
-    if calibration_data is not None:
-        calibration_data = np.asarray(calibration_data, dtype=np.float64).reshape(-1, *input_node.shape)
-    bar.update(); bar.set_postfix_str("fuse + calibrate")
-    graph = fuse_linear_chains(graph)
-    graph = calibrate(graph, calibration_data, range_margin, activation_degrees)
-    bar.update(); bar.set_postfix_str("levels + parameters")
-    levels = plan_levels(graph)
-    depth = max(levels.values())
-    runnable = True
-    try:
-        deepest = max_depth(MAX_RING_DIM, scale_bits, first_mod_bits, security_level)
-        if depth > deepest:  # beyond any ring: fail fast (select_params cannot represent it)
-            raise DepthExceededError(depth, deepest, MAX_RING_DIM)
-        ring = select_params(depth, lanes, lanes, scale_bits, first_mod_bits, security_level).ring_dim
-        n = _lane_length(graph, lanes, ring)
-        params = select_params(depth, n * lanes, lanes, scale_bits, first_mod_bits, security_level)
-    except DepthExceededError:
-        if not plan_only:
-            raise
-        runnable = False
-        params = CKKSParams(ring_dim=MAX_RING_DIM, multiplicative_depth=max_depth(MAX_RING_DIM), scale_bits=scale_bits,
-                            first_mod_bits=first_mod_bits, lanes=lanes, security_level=security_level)
-    n = params.lane_length
-    bar.update(); bar.set_postfix_str("measure primitive costs")
-    costs: dict[str, Any] = {}
-    sizes: dict[str, int] = {}
-    if measure_costs and runnable:
-        from ..runtime.costs import measure_primitives
-
-        degrees = tuple(len(node.attrs["coeffs"]) - 1 for node in graph.nodes.values() if node.op == "poly")
-        costs, sizes = measure_primitives(params, degrees)
-    bar.update(); bar.set_postfix_str("layout + diagonals")
-    positions, plans = assign_layouts(graph, n, values=not plan_only,
-                                      model=CostModel(costs, params.multiplicative_depth), levels=levels)
-
-    steps: list[Step] = []
-    rotations: set[int] = set()
-    for node in graph.nodes.values():
-        if node.op == "input":
-            continue
-        start = max(levels[i] for i in node.inputs) if node.inputs else 0
-        plan = plans.get(node.name)
-        if plan is not None:
-            rotations |= plan.rotations()
-        attrs = {k: v for k, v in node.attrs.items() if k in ("coeffs", "lower", "upper", "replaces")}
-        steps.append(Step(node.name, node.op, list(node.inputs), start, attrs, plan))
-    slot_rotations = {(r * lanes) % params.slots for r in rotations}
-    lane_shifts = {params.slots - lane for lane in range(1, lanes)}  # server-side lane packing
-    params = CKKSParams(**{**params.model_dump(), "rotation_indices": tuple(sorted(slot_rotations | lane_shifts))})
-    bar.update()
-    bar.close()
-    out_node = graph.nodes[graph.output]
-    if labels is not None and len(labels) != out_node.size:
-        raise CompileError(f"{len(labels)} labels given for {out_node.size} outputs")
-    return CompiledModel(
-        params=params,
-        input_shape=tuple(input_node.shape),
-        input_name=input_node.name,
-        input_positions=positions[graph.input],
-        output_shape=tuple(out_node.shape),
-        output_positions=positions[graph.output],
-        steps=steps,
-        labels=[str(label) for label in labels] if labels is not None else None,
-        depth=depth,
-        primitive_costs_ms=costs,
-        key_sizes=sizes,
-        runnable=runnable,
-    )
+    options = CompileOptions(
+        input_shape=tuple(input_shape) if input_shape is not None else None, calibration_data=calibration_data,
+        lanes=lanes, labels=tuple(labels) if labels is not None else None, scale_bits=scale_bits,
+        first_mod_bits=first_mod_bits, security_level=security_level, activation_degrees=activation_degrees,
+        range_margin=range_margin, estimate_only=estimate_only, measure_costs=measure_costs, costs=costs)
+    state = Compilation(source=model, options=options)
+    with tqdm(PASSES, desc="compile", unit="pass", disable=not progress, leave=False) as bar:
+        for name, run in bar:
+            bar.set_postfix_str(name)
+            state = run(state)
+    return state.program

@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 
 from ..errors import CompileError
+from ..program.ops import Op
 from .activations import fit_chebyshev
 from .graph import Graph, Node
 
@@ -20,7 +21,7 @@ class RangeWarning(UserWarning):
 
 
 def observe_ranges(graph: Graph, data: np.ndarray, batch_size: int = 512) -> dict[str, tuple[float, float]]:
-    """Min and max of the input of every activation/poly node over ``data`` (exact activations)."""
+    """Min and max of the input of every activation and polynomial node over ``data`` (exact activations)."""
     ranges: dict[str, list[float]] = {}
 
     def observe(node: Node, value: np.ndarray) -> None:
@@ -35,8 +36,8 @@ def observe_ranges(graph: Graph, data: np.ndarray, batch_size: int = 512) -> dic
 
 def calibrate(graph: Graph, data: np.ndarray | None, margin: float = 0.1,
               degrees: dict[str, int] | None = None) -> Graph:
-    """Replace every ``activation`` node by a ``poly`` node fitted on its calibrated range."""
-    needs = [n for n in graph.nodes.values() if n.op == "activation"]
+    """Replace every named activation by a Chebyshev series fitted on its calibrated range."""
+    needs = [n for n in graph.nodes.values() if n.op is Op.ACTIVATION]
     if needs and data is None:
         raise CompileError(
             f"the model has non-polynomial activations ({', '.join(sorted({n.attrs['kind'] for n in needs}))}); "
@@ -46,23 +47,23 @@ def calibrate(graph: Graph, data: np.ndarray | None, margin: float = 0.1,
     check_ranges(graph, ranges)
     nodes = {}
     for node in graph.nodes.values():
-        if node.op == "activation":
+        if node.op is Op.ACTIVATION:
             lo, hi = ranges[node.name]
             span = max(hi - lo, 1e-6)
             lo, hi = lo - margin * span, hi + margin * span
             degree = (degrees or {}).get(node.attrs["kind"])
             coeffs = fit_chebyshev(node.attrs["kind"], lo, hi, degree)
-            node = Node(node.name, "poly", node.inputs, node.shape,
+            node = Node(node.name, Op.POLY, node.inputs, node.shape,
                         {"coeffs": coeffs, "lower": lo, "upper": hi, "replaces": node.attrs["kind"]})
         nodes[node.name] = node
     return Graph(nodes, graph.input, graph.output)
 
 
 def check_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> list[str]:
-    """Warn (RangeWarning) for every poly node whose observed inputs leave its range."""
+    """Warn (RangeWarning) for every polynomial whose observed inputs leave its range."""
     offenders = []
     for node in graph.nodes.values():
-        if node.op != "poly" or node.name not in ranges:
+        if node.op is not Op.POLY or node.name not in ranges:
             continue
         lo, hi = ranges[node.name]
         if lo < node.attrs["lower"] or hi > node.attrs["upper"]:

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # the runtime imports the compiler package and must not need scipy
-    import scipy.sparse as sp
-
+from ..program.ops import Op
 from .graph import Graph, Node
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 
 def _diagonal(matrix: "sp.spmatrix") -> np.ndarray | None:
@@ -51,16 +52,16 @@ def fuse_linear_chains(graph: Graph) -> Graph:
     while changed:
         changed = False
         for node in list(nodes.values()):
-            if node.op != "linear":
+            if node.op is not Op.LINEAR:
                 continue
             src = nodes[node.inputs[0]]
-            if src.op != "linear" or src.name == graph.output:
+            if src.op is not Op.LINEAR or src.name == graph.output:
                 continue
             if sum(src.name in n.inputs for n in nodes.values()) != 1:
                 continue
             matrix = _compose(node.attrs["matrix"], src.attrs["matrix"])
             bias = node.attrs["matrix"] @ src.attrs["bias"] + node.attrs["bias"]
-            nodes[node.name] = Node(node.name, "linear", list(src.inputs), node.shape,
+            nodes[node.name] = Node(node.name, Op.LINEAR, list(src.inputs), node.shape,
                                     {**node.attrs, "matrix": matrix, "bias": bias})
             del nodes[src.name]
             changed = True

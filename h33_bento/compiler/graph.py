@@ -12,20 +12,22 @@ from typing import Any, Callable
 
 import numpy as np
 
-#: Ops the graph may hold.  ``activation`` is a named non-linearity (relu, sigmoid, ...) that
-#: calibration replaces with a ``poly`` node before layout.
-OPS = ("input", "linear", "activation", "poly", "square", "add", "mul")
+from ..program.ops import OPS, Op
 
 
 @dataclass
 class Node:
-    """One op.  ``shape`` is the logical output shape without the batch dimension."""
+    """One op (any ``Op``; a named ``ACTIVATION`` is lowered to ``POLY`` by calibration before
+    layout).  ``shape`` is the logical output shape without the batch dimension."""
 
     name: str
-    op: str
+    op: Op
     inputs: list[str]
     shape: tuple[int, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.op = Op(self.op)  # ValueError for an unknown kind
 
     @property
     def size(self) -> int:
@@ -44,8 +46,6 @@ class Graph:
         return [n for n in self.nodes.values() if name in n.inputs]
 
     def add(self, node: Node) -> Node:
-        if node.op not in OPS:
-            raise ValueError(f"unknown op {node.op!r}")
         self.nodes[node.name] = node
         return node
 
@@ -57,20 +57,24 @@ class Graph:
     ) -> np.ndarray:
         """Run the graph in plaintext on a batch ``x`` of shape (B, *input_shape).
 
-        ``observe(node, value)`` sees the input of every activation/poly node (used for range
-        calibration); ``activation_fn`` overrides how named activations are computed.
+        ``observe(node, value)`` sees the input of every activation and polynomial node (used
+        for range calibration); ``activation_fn`` overrides how named activations are computed.
         """
         values: dict[str, np.ndarray] = {}
         batch = x.shape[0]
         for node in self.nodes.values():
-            if node.op == "input":
+            if node.op is Op.INPUT:
                 values[node.name] = x.reshape(batch, -1).astype(np.float64)
                 continue
             args = [values[i] for i in node.inputs]
-            if node.op in ("activation", "poly") and observe is not None:
+            if node.op in RANGED and observe is not None:
                 observe(node, args[0])
             values[node.name] = _eval_node(node, args, activation_fn)
         return values[self.output]
+
+
+#: Ops whose input range calibration measures: a polynomial is only accurate on its range.
+RANGED = (Op.ACTIVATION, Op.POLY)
 
 
 def _eval_node(
@@ -78,22 +82,14 @@ def _eval_node(
     args: list[np.ndarray],
     activation_fn: Callable[[Node, np.ndarray], np.ndarray] | None,
 ) -> np.ndarray:
-    if node.op == "linear":
+    """Graph nodes hold linear maps as matrices and activations by name; the element-wise ops
+    evaluate as the program does (``OpSpec.evaluate``)."""
+    if node.op is Op.LINEAR:
         return np.asarray(node.attrs["matrix"] @ args[0].T).T + node.attrs["bias"]
-    if node.op == "square":
-        return args[0] * args[0]
-    if node.op == "add":
-        return args[0] + args[1]
-    if node.op == "mul":
-        return args[0] * args[1]
-    if node.op == "poly":
-        from .activations import eval_chebyshev
-
-        return eval_chebyshev(node.attrs["coeffs"], node.attrs["lower"], node.attrs["upper"], args[0])
-    if node.op == "activation":
+    if node.op is Op.ACTIVATION:
         if activation_fn is not None:
             return activation_fn(node, args[0])
         from .activations import exact_activation
 
         return exact_activation(node.attrs["kind"], args[0])
-    raise ValueError(f"cannot evaluate op {node.op!r}")
+    return OPS[node.op].evaluate(node, args)

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CompileError
-from .cost_model import CostModel
-from .diagonals import DiagonalPlan, build_diagonals
+from ..program.cost_model import CostModel
+from ..program.diagonals import DiagonalPlan
+from ..program.ops import OPS, Layout
+from .diagonals import build_diagonals
 from .graph import Graph, Node
-
-ELEMENTWISE = ("poly", "square", "activation")
 
 #: The grid search tries channel offsets one by one; above this many non-zeros (the 10^7-entry
 #: convolutions of CIFAR-scale networks) it would take minutes, so only the compact layouts are
@@ -296,7 +296,11 @@ def _candidates(node: Node, in_pos: np.ndarray, in_grid: PlaneGrid | None, n: in
     return cands
 
 
-class _Planner:
+def _rule(node: Node) -> Layout:
+    return OPS[node.op].layout
+
+
+class _LayoutSearch:
     """Layout choices for one graph: candidate layouts and memoized diagonal plans and costs."""
 
     def __init__(self, graph: Graph, n: int, model: CostModel, levels: dict[str, int]) -> None:
@@ -307,7 +311,7 @@ class _Planner:
         """Levels consumed before ``node`` runs (where its operations are priced)."""
         return max((self.levels.get(i, 0) for i in node.inputs), default=0)
 
-    def plan(self, node: Node, in_pos: np.ndarray, out_pos: np.ndarray, fold: int) -> DiagonalPlan:
+    def diagonals(self, node: Node, in_pos: np.ndarray, out_pos: np.ndarray, fold: int) -> DiagonalPlan:
         """Diagonal indices (no values) of ``node`` under the given layouts, memoized."""
         key = ("plan", node.name, fold, _digest(in_pos), _digest(out_pos))
         if key not in self.memo:
@@ -316,14 +320,14 @@ class _Planner:
         return self.memo[key]
 
     def cost(self, node: Node, in_pos: np.ndarray, out_pos: np.ndarray, fold: int) -> float:
-        return self.plan(node, in_pos, out_pos, fold).cost(self.model, self.level(node))
+        return self.diagonals(node, in_pos, out_pos, fold).cost(self.model, self.level(node))
 
     def input_layout(self, node: Node) -> tuple[np.ndarray, PlaneGrid | None]:
         """Where the client packs the input: the candidate (``input_candidates``) under which the
         first transform, with one step of look-ahead, costs least."""
         options = input_candidates(node.shape, self.n)
         nxt = _downstream(self.graph, node)
-        if nxt is None or nxt.op != "linear" or len(options) == 1:
+        if nxt is None or _rule(nxt) is not Layout.TRANSFORM or len(options) == 1:
             return options[0]
         return min(options, key=lambda option: self.choose(nxt, option[0], option[1], {})[0])
 
@@ -333,7 +337,7 @@ class _Planner:
         """(cost with one step of look-ahead, output positions, fold, plane grid) of the best
         candidate; ``known`` holds the layouts already assigned (positions, plane grid)."""
         nxt = _downstream(self.graph, node)
-        if nxt is not None and nxt.op in ("add", "mul"):
+        if nxt is not None and _rule(nxt) is Layout.JOIN:
             others = [known[i] for i in nxt.inputs if i in known]
             if others:  # residual/product operands must share one layout
                 pos, grid = others[0]
@@ -341,7 +345,7 @@ class _Planner:
         best = None
         for out_pos, fold, grid in _candidates(node, in_pos, in_grid, self.n, self.memo):
             cost = self.cost(node, in_pos, out_pos, fold)
-            if nxt is not None and nxt.op == "linear":
+            if nxt is not None and _rule(nxt) is Layout.TRANSFORM:
                 cost += min(self.cost(nxt, out_pos, p, f) for p, f, _ in _candidates(nxt, out_pos, grid, self.n,
                                                                                       self.memo))
             if best is None or cost < best[0]:
@@ -357,40 +361,47 @@ def _downstream(graph: Graph, node: Node) -> Node | None:
         if len(consumers) != 1:
             return None
         nxt = consumers[0]
-        if nxt.op not in ELEMENTWISE:
+        if _rule(nxt) is not Layout.ELEMENTWISE:
             return nxt
         cur = nxt
 
 
-def assign_layouts(graph: Graph, n: int, values: bool = True, model: CostModel | None = None,
-                   levels: dict[str, int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, DiagonalPlan]]:
-    """Positions for every node and a diagonal plan for every linear node.
+@dataclass
+class Layouts:
+    """Where every node's values sit (``positions``), the fold of each linear node's output, and
+    the diagonal indices (no values) of each linear node under the chosen layouts."""
+
+    positions: dict[str, np.ndarray]
+    folds: dict[str, int]
+    index_plans: dict[str, DiagonalPlan]
+
+
+def assign_layouts(graph: Graph, n: int, model: CostModel | None = None,
+                   levels: dict[str, int] | None = None) -> Layouts:
+    """Positions for every node and the output layout of every linear node.
 
     Choices are priced by ``model`` (measured primitive costs) at each node's level in ``levels``.
     """
-    planner = _Planner(graph, n, model or CostModel(None, 1), levels or {})
+    search = _LayoutSearch(graph, n, model or CostModel(None, 1), levels or {})
     layouts: dict[str, tuple[np.ndarray, PlaneGrid | None]] = {}  # node -> (positions, plane grid)
+    folds: dict[str, int] = {}
     plans: dict[str, DiagonalPlan] = {}
     for node in graph.nodes.values():
-        if node.op == "input":
-            layouts[node.name] = planner.input_layout(node)
-        elif node.op in ELEMENTWISE:
+        rule = _rule(node)
+        if not OPS[node.op].in_program and rule is not Layout.SOURCE:
+            raise CompileError(f"node {node.name!r}: op {node.op.value!r} must be lowered before layout")
+        if rule is Layout.SOURCE:
+            layouts[node.name] = search.input_layout(node)
+        elif rule is Layout.ELEMENTWISE:
             layouts[node.name] = layouts[node.inputs[0]]
-        elif node.op in ("add", "mul"):
+        elif rule is Layout.JOIN:
             a, b = (layouts[i][0] for i in node.inputs)
             if not np.array_equal(a, b):
-                raise CompileError(f"operands of {node.op} node {node.name!r} have different slot layouts")
+                raise CompileError(f"operands of {node.op.value} node {node.name!r} have different slot layouts")
             layouts[node.name] = layouts[node.inputs[0]]
-        elif node.op == "linear":
+        else:  # a transform: the search picks its output layout
             in_pos, in_grid = layouts[node.inputs[0]]
-            _, out_pos, fold, grid = planner.choose(node, in_pos, in_grid, layouts)
-            if values:
-                plans[node.name] = build_diagonals(node.attrs["matrix"], node.attrs["bias"], in_pos, out_pos, n,
-                                                   fold, values=True, model=planner.model,
-                                                   level=planner.level(node))
-            else:
-                plans[node.name] = planner.plan(node, in_pos, out_pos, fold)
+            _, out_pos, folds[node.name], grid = search.choose(node, in_pos, in_grid, layouts)
+            plans[node.name] = search.diagonals(node, in_pos, out_pos, folds[node.name])
             layouts[node.name] = (out_pos, grid)
-        else:
-            raise CompileError(f"node {node.name!r}: op {node.op!r} must be lowered before layout")
-    return {name: pos for name, (pos, _) in layouts.items()}, plans
+    return Layouts({name: pos for name, (pos, _) in layouts.items()}, folds, plans)

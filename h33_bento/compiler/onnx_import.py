@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from onnx import helper, numpy_helper
 
 from ..errors import CompileError, UnsupportedOpError
+from ..program.ops import Op
 from .graph import Graph, Node
 
 MIN_OPSET = 13
@@ -91,7 +92,7 @@ class _Importer:
         }
         shape = _resolve_input_shape(inputs[0], input_shape)
         self.graph = Graph({}, inputs[0].name, "")
-        self.tensors[inputs[0].name] = self._emit(inputs[0].name, "input", [], shape)
+        self.tensors[inputs[0].name] = self._emit(inputs[0].name, Op.INPUT, [], shape)
 
     # -- driver ---------------------------------------------------------------------------------
 
@@ -108,25 +109,25 @@ class _Importer:
         return self.graph
 
     def _lower(self, node: onnx.NodeProto, name: str) -> Any:
-        op, attrs = node.op_type, _attrs(node)
+        op_type, attrs = node.op_type, _attrs(node)
         live_inputs = [t for t in node.input if t]
         pending = [self.pending[t] for t in live_inputs if t in self.pending]
         if pending:
             return self._lower_pending(node, name, pending[0])
-        if node.domain == CUSTOM_DOMAIN and op == "ChebyshevPoly":
+        if node.domain == CUSTOM_DOMAIN and op_type == "ChebyshevPoly":
             return self._chebyshev(node, name, attrs)
         if node.domain not in ("", "ai.onnx"):
-            raise UnsupportedOpError(op, name, f"domain {node.domain!r}")
-        if op == "Constant":
+            raise UnsupportedOpError(op_type, name, f"domain {node.domain!r}")
+        if op_type == "Constant":
             return _constant_value(attrs)
-        if op in ("Shape", "Size") and node.input[0] in self.tensors:
+        if op_type in ("Shape", "Size") and node.input[0] in self.tensors:
             full = (1, *self.tensors[node.input[0]].shape)
-            return _FOLD[op]([np.empty(full, dtype=np.int8)], attrs)
-        if live_inputs and op in _FOLD and all(t in self.consts for t in live_inputs):
-            return _FOLD[op]([self.consts[t] if t else None for t in node.input], attrs)
-        handler = _HANDLERS.get(op)
+            return _FOLD[op_type]([np.empty(full, dtype=np.int8)], attrs)
+        if live_inputs and op_type in _FOLD and all(t in self.consts for t in live_inputs):
+            return _FOLD[op_type]([self.consts[t] if t else None for t in node.input], attrs)
+        handler = _HANDLERS.get(op_type)
         if handler is None:
-            raise UnsupportedOpError(op, name)
+            raise UnsupportedOpError(op_type, name)
         return handler(self, node, name, attrs)
 
     def _lower_pending(self, node: onnx.NodeProto, name: str, erf: str) -> _Tensor | None:
@@ -134,7 +135,7 @@ class _Importer:
         if node.op_type == "Mul":
             x = self._match_gelu(node, name)
             if x is not None:
-                return self._emit(name, "activation", [x], x.shape, {"kind": "gelu"})
+                return self._emit(name, Op.ACTIVATION, [x], x.shape, {"kind": "gelu"})
         if node.op_type in ("Add", "Mul", "Div"):
             self.pending[node.output[0]] = erf
             return None
@@ -150,7 +151,7 @@ class _Importer:
         if node.shape != out.shape:
             # The output was re-shaped after its last op: relabel that node if nothing else
             # reads it, else copy it through an identity.
-            if node.op != "input" and not self.graph.consumers(node.name):
+            if node.op is not Op.INPUT and not self.graph.consumers(node.name):
                 node.shape = out.shape
             else:
                 out = self._linear(f"{output}/reshape", out, sp.identity(out.size), None, out.shape)
@@ -181,7 +182,7 @@ class _Importer:
         return self.consts[node.input[index]]
 
     def _emit(
-        self, name: str, op: str, inputs: list[_Tensor], shape: tuple[int, ...], attrs: dict[str, Any] | None = None
+        self, name: str, op: Op, inputs: list[_Tensor], shape: tuple[int, ...], attrs: dict[str, Any] | None = None
     ) -> _Tensor:
         unique, k = name, 0
         while unique in self.graph.nodes:
@@ -199,10 +200,10 @@ class _Importer:
         if matrix.shape != (size, x.size):
             raise CompileError(f"node {name!r}: matrix {matrix.shape} does not map {x.shape} to {shape}")
         bias = np.zeros(size) if bias is None else np.asarray(bias, dtype=np.float64).reshape(size)
-        return self._emit(name, "linear", [x], shape, {"matrix": matrix, "bias": bias})
+        return self._emit(name, Op.LINEAR, [x], shape, {"matrix": matrix, "bias": bias})
 
     def _activation(self, name: str, x: _Tensor, kind: str) -> _Tensor:
-        return self._emit(name, "activation", [x], x.shape, {"kind": kind})
+        return self._emit(name, Op.ACTIVATION, [x], x.shape, {"kind": kind})
 
     def _broadcast(self, name: str, x: _Tensor, shape: tuple[int, ...]) -> _Tensor:
         if x.shape == shape:
@@ -394,10 +395,10 @@ class _Importer:
     # -- element-wise arithmetic ----------------------------------------------------------------
 
     def _arith(self, node: onnx.NodeProto, name: str, attrs: dict[str, Any]) -> _Tensor:
-        op = node.op_type
+        op_type = node.op_type
         a, b = node.input
         if a not in self.consts and b not in self.consts:
-            return self._arith_tensors(op, name, self._tensor(a, name), self._tensor(b, name))
+            return self._arith_tensors(op_type, name, self._tensor(a, name), self._tensor(b, name))
         x_first = b in self.consts
         x = self._tensor(a if x_first else b, name)
         c = self.consts[b if x_first else a].astype(np.float64)
@@ -410,25 +411,25 @@ class _Importer:
         shape = tuple(full[1:])
         c = np.broadcast_to(c, full).ravel()
         copy = _broadcast_matrix(x.shape, shape)
-        if op == "Add":
+        if op_type == "Add":
             return self._linear(name, x, copy, c, shape)
-        if op == "Sub":
+        if op_type == "Sub":
             return self._linear(name, x, copy if x_first else -copy, -c if x_first else c, shape)
-        if op == "Mul":
+        if op_type == "Mul":
             return self._linear(name, x, sp.diags(c) @ copy, None, shape)
         if not x_first:
             raise UnsupportedOpError("Div", name, "division by a tensor is not supported")
         return self._linear(name, x, sp.diags(1.0 / c) @ copy, None, shape)
 
-    def _arith_tensors(self, op: str, name: str, a: _Tensor, b: _Tensor) -> _Tensor:
-        if op == "Mul":
+    def _arith_tensors(self, op_type: str, name: str, a: _Tensor, b: _Tensor) -> _Tensor:
+        if op_type == "Mul":
             if a == b:
-                return self._emit(name, "square", [a], a.shape)
+                return self._emit(name, Op.SQUARE, [a], a.shape)
             for x, gate in ((a, b), (b, a)):
                 kind = self._self_gated(x, gate)
                 if kind is not None:
                     return self._activation(name, x, kind)
-        if op == "Div":
+        if op_type == "Div":
             raise UnsupportedOpError("Div", name, "division by a tensor is not supported")
         if len(a.shape) != len(b.shape):
             raise CompileError(f"node {name!r}: cannot broadcast {a.shape} against {b.shape}")
@@ -437,14 +438,14 @@ class _Importer:
         except ValueError as exc:
             raise CompileError(f"node {name!r}: cannot broadcast {a.shape} against {b.shape}") from exc
         a, b = self._broadcast(name, a, shape), self._broadcast(name, b, shape)
-        if op == "Sub":
+        if op_type == "Sub":
             b = self._linear(f"{name}/neg", b, -sp.identity(b.size), None, shape)
-        return self._emit(name, "mul" if op == "Mul" else "add", [a, b], shape)
+        return self._emit(name, Op.MUL if op_type == "Mul" else Op.ADD, [a, b], shape)
 
     def _self_gated(self, x: _Tensor, gate: _Tensor) -> str | None:
         """x * sigmoid(x) is SiLU, x * hardsigmoid(x) is HardSwish."""
         node = self.graph.nodes[gate.node]
-        if gate.shape != x.shape or node.op != "activation" or node.inputs != [x.node]:
+        if gate.shape != x.shape or node.op is not Op.ACTIVATION or node.inputs != [x.node]:
             return None
         return {"sigmoid": "silu", "hardsigmoid": "hardswish"}.get(node.attrs["kind"])
 
@@ -452,7 +453,7 @@ class _Importer:
         x = self._tensor(node.input[0], name)
         exponent = self._const(node, 1, name)
         if _is_scalar(exponent, 2.0):
-            return self._emit(name, "square", [x], x.shape)
+            return self._emit(name, Op.SQUARE, [x], x.shape)
         if _is_scalar(exponent, 1.0):
             return x
         raise UnsupportedOpError("Pow", name, "only the exponents 1 and 2 are supported")
@@ -466,7 +467,7 @@ class _Importer:
             "lower": float(attrs["lower"]),
             "upper": float(attrs["upper"]),
         }
-        return self._emit(name, "poly", [x], x.shape, poly)
+        return self._emit(name, Op.POLY, [x], x.shape, poly)
 
     def _gelu(self, node: onnx.NodeProto, name: str, attrs: dict[str, Any]) -> _Tensor:
         if attrs.get("approximate", "none") != "none":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import openfhe
@@ -16,10 +16,11 @@ import openfhe
 from ..ckks.keys import EvaluationKeys, load_ciphertext
 from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import EncryptedTensor
-from ..compiler.activations import to_openfhe_coeffs
-from ..compiler.cost_model import DEFAULT_CACHE_BYTES
-from ..compiler.program import CompiledModel, Step
 from ..errors import EnvelopeError, TamperedDataError
+from ..program.cost_model import DEFAULT_CACHE_BYTES
+from ..program.model import CompiledModel, Step
+from ..program.ops import Op
+from ..program.polynomials import to_openfhe_coeffs
 
 
 class PlaintextCache:
@@ -77,7 +78,7 @@ class Engine:
         Without one (a client's own local engine), ciphertexts are deserialized directly.
         """
         if not compiled.runnable:
-            raise ValueError("this compiled model is a plan only (its depth needs bootstrapping); it cannot run")
+            raise ValueError("this compiled model is an estimate only (its depth needs bootstrapping); it cannot run")
         if cache is not None and cache.model_fingerprint != compiled.fingerprint:
             raise ValueError(f"the plaintext cache belongs to model {cache.model_fingerprint}, "
                              f"not {compiled.fingerprint}")
@@ -152,25 +153,23 @@ class Engine:
             timings: dict[str, float] = {}
             for step in self.model.steps:
                 t0 = time.perf_counter()
-                values[step.name] = self._run_step(step, [values[i] for i in step.inputs])
+                values[step.name] = self.EVALUATORS[step.op](self, step, [values[i] for i in step.inputs])
                 timings[step.name] = (time.perf_counter() - t0) * 1000.0
             self.last_timings = timings
             return values[self.model.output]
 
-    def _run_step(self, step: Step, args: list[list[openfhe.Ciphertext]]) -> list[openfhe.Ciphertext]:
-        cc = self.cc
-        if step.op == "linear":
-            return self._linear(step, args[0])
-        if step.op == "poly":
-            coeffs = to_openfhe_coeffs(step.attrs["coeffs"])
-            return [cc.EvalChebyshevSeries(ct, coeffs, step.attrs["lower"], step.attrs["upper"]) for ct in args[0]]
-        if step.op == "square":
-            return [self._rescale(cc.EvalSquare(ct)) for ct in args[0]]
-        if step.op == "add":
-            return [cc.EvalAdd(*self._same_level(a, b)) for a, b in zip(*args)]
-        if step.op == "mul":
-            return [self._rescale(cc.EvalMult(*self._same_level(a, b))) for a, b in zip(*args)]
-        raise ValueError(f"unknown step op {step.op!r}")
+    def _poly(self, step: Step, args: list[list[openfhe.Ciphertext]]) -> list[openfhe.Ciphertext]:
+        coeffs = to_openfhe_coeffs(step.attrs["coeffs"])
+        return [self.cc.EvalChebyshevSeries(ct, coeffs, step.attrs["lower"], step.attrs["upper"]) for ct in args[0]]
+
+    def _square(self, step: Step, args: list[list[openfhe.Ciphertext]]) -> list[openfhe.Ciphertext]:
+        return [self._rescale(self.cc.EvalSquare(ct)) for ct in args[0]]
+
+    def _sum(self, step: Step, args: list[list[openfhe.Ciphertext]]) -> list[openfhe.Ciphertext]:
+        return [self.cc.EvalAdd(*self._same_level(a, b)) for a, b in zip(*args)]
+
+    def _product(self, step: Step, args: list[list[openfhe.Ciphertext]]) -> list[openfhe.Ciphertext]:
+        return [self._rescale(self.cc.EvalMult(*self._same_level(a, b))) for a, b in zip(*args)]
 
     def _rescale(self, ct: openfhe.Ciphertext) -> openfhe.Ciphertext:
         """With FIXEDMANUAL scaling, rescale right after each multiplication, exactly once.
@@ -202,7 +201,10 @@ class Engine:
             lambda: self._encode(np.roll(plan.diags[index], giant), level),
         )
 
-    def _linear(self, step: Step, xs: list[openfhe.Ciphertext]) -> list[openfhe.Ciphertext]:
+    def _linear(self, step: Step, args: list[list[openfhe.Ciphertext]]) -> list[openfhe.Ciphertext]:
+        """The BSGS transform of ``step.linear``: hoisted baby steps shared by every output block,
+        products with the diagonals (``_weight``), giant steps and folds summed in the extended basis."""
+        xs = args[0]
         cc, plan, lanes, n = self.cc, step.linear, self.params.lanes, self.params.lane_length
         babies, giants = plan.schedule()
         babies_needed: dict[int, set[int]] = {}
@@ -272,6 +274,12 @@ class Engine:
             else:
                 cc.EvalAddInPlace(total, rotated)
         return cc.KeySwitchDown(total)
+
+    #: The CKKS evaluation of each op kind a program holds: the engine's entry in the op registry
+    #: (``program.ops``); ``tests/test_architecture.py`` checks that it covers every program op.
+    EVALUATORS: ClassVar[dict[Op, Callable[..., list[openfhe.Ciphertext]]]] = {
+        Op.LINEAR: _linear, Op.POLY: _poly, Op.SQUARE: _square, Op.ADD: _sum, Op.MUL: _product,
+    }
 
     # ----------------------------------------------------------------- lane packing
     def pack_lanes(self, requests: Sequence[tuple[int, list[openfhe.Ciphertext]]]) -> list[openfhe.Ciphertext]:

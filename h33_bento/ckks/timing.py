@@ -1,25 +1,24 @@
-"""Measured costs of the CKKS primitives on this machine, for plan choices, predictions and overhead checks.
+"""Measured costs of the CKKS primitives on this machine: the input of layout, BSGS and fold
+choices, of predictions and of overhead checks.
 
 Measured once per parameter set with a throwaway key (its secret key never leaves this
 function).  Every primitive the engine uses is timed at each level of the modulus chain (at most
 ``max_levels`` of them, evenly spread, for deep chains; the cost model interpolates between),
-because key-switching costs fall in steps as levels are consumed.
+because key-switching costs fall in steps as levels are consumed.  The result is a
+``PrimitiveCosts`` table, passed to ``compile(costs=...)`` or measured by it.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import numpy as np
-import openfhe
 
-from ..ckks.context import get_context
-from ..ckks.params import CKKSParams
-from ..compiler.activations import to_openfhe_coeffs
+from .params import CKKSParams
 
-if TYPE_CHECKING:
-    from ..compiler.program import CompiledModel
+#: Prefix of a Chebyshev series' cost (``chebyshev_<degree>``, measured from the top level).
+CHEBYSHEV = "chebyshev_"
 
 # A run streams its rotation keys and plaintext diagonals from memory (hundreds of MiB); timing
 # one key and a few plaintexts would time them hot in the last-level cache (32 MiB here) and
@@ -66,15 +65,45 @@ def _levels(depth: int, max_levels: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, depth - 1, max_levels)})
 
 
-def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = (), repeat: int = 5,
-                       max_levels: int = 12) -> tuple[dict[str, Any], dict[str, int]]:
-    """Return (costs, serialized key sizes in bytes).
+@dataclass(frozen=True)
+class PrimitiveCosts:
+    """Measured costs for one parameter set on one machine.
 
-    ``costs["levels"]`` lists the levels measured; each per-level primitive maps to a list of
-    milliseconds, one per listed level; ``encrypt`` (a fresh ciphertext), ``decrypt`` (and
-    decode, at the output level), the (de)serialization of an input and of an output ciphertext
-    and ``chebyshev_<d>`` (from the top level) are single numbers.
+    ``ms["levels"]`` lists the levels measured; each per-level primitive maps to a list of
+    milliseconds, one per listed level; ``encrypt`` (a fresh ciphertext), ``decrypt`` (and decode,
+    at the output level), the (de)serialization of an input and of an output ciphertext and
+    ``chebyshev_<d>`` (from the top level) are single numbers.  ``key_bytes`` holds serialized
+    sizes (``public``, ``mult``, one ``rotation`` key, a ``ciphertext``).  ``params`` is the
+    ``CKKSParams.cost_key`` of the parameters measured (their rotations do not matter).
     """
+
+    params: str
+    ms: Mapping[str, Any] = field(default_factory=dict)
+    key_bytes: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def chebyshev_degrees(self) -> tuple[int, ...]:
+        return tuple(sorted(int(k[len(CHEBYSHEV):]) for k in self.ms if k.startswith(CHEBYSHEV)))
+
+    def covers(self, params: CKKSParams, chebyshev_degrees: tuple[int, ...] = ()) -> bool:
+        """Were these costs measured for ``params``, with every one of these series degrees?"""
+        return self.params == params.cost_key and set(chebyshev_degrees) <= set(self.chebyshev_degrees)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"params": self.params, "ms": dict(self.ms), "key_bytes": dict(self.key_bytes)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "PrimitiveCosts":
+        return cls(params=str(data["params"]), ms=dict(data.get("ms", {})), key_bytes=dict(data.get("key_bytes", {})))
+
+
+def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = (), repeat: int = 5,
+                       max_levels: int = 12) -> PrimitiveCosts:
+    """Time every primitive the engine uses for ``params`` on this machine (a few seconds)."""
+    import openfhe
+
+    from .context import get_context
+
     cc = get_context(params)
     keys = cc.KeyGen()
     cc.EvalMultKeyGen(keys.secretKey)
@@ -136,24 +165,13 @@ def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = 
                                        repeat),
     })
     for degree in sorted(set(chebyshev_degrees)):
-        coeffs = to_openfhe_coeffs(np.full(degree + 1, 0.1))
-        costs[f"chebyshev_{degree}"] = _time_ms(lambda: cc.EvalChebyshevSeries(fresh, coeffs, -1.0, 1.0), 1)
+        coeffs = [0.1] * (degree + 1)
+        costs[f"{CHEBYSHEV}{degree}"] = _time_ms(lambda: cc.EvalChebyshevSeries(fresh, coeffs, -1.0, 1.0), 1)
     sizes = {
         "public": len(openfhe.Serialize(keys.publicKey, openfhe.BINARY)),
         "mult": len(openfhe.SerializeEvalMultKeyString(openfhe.BINARY, tag)),
         "rotation": key_bytes,
         "ciphertext": len(openfhe.Serialize(fresh, openfhe.BINARY)),
     }
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in costs.items()}, sizes
-
-
-def reprice(compiled: "CompiledModel") -> "CompiledModel":
-    """The same program (same fingerprint) with its primitive costs measured again, now: for
-    predictions, not for saving.
-
-    A shared machine's speed drifts by 10-20% within minutes, so a benchmark that compares a run
-    with the plan re-prices the plan just before the run rather than trusting compile-time costs.
-    """
-    degrees = tuple(int(k.split("_", 1)[1]) for k in compiled.primitive_costs_ms if k.startswith("chebyshev_"))
-    costs, _ = measure_primitives(compiled.params, degrees)
-    return dataclasses.replace(compiled, primitive_costs_ms=costs, _fingerprint=compiled.fingerprint)
+    return PrimitiveCosts(params=params.cost_key, key_bytes=sizes,
+                          ms={k: (round(v, 4) if isinstance(v, float) else v) for k, v in costs.items()})

@@ -1,17 +1,23 @@
 """What each CKKS primitive costs at each level: drives layout, BSGS and fold choices and predictions.
 
-Costs come from ``runtime.costs.measure_primitives`` on the compiling machine: milliseconds per
-primitive at each level of the modulus chain.  Level matters beyond the number of towers: hybrid
-key switching works on groups of towers (digits), so a rotation costs the same at two adjacent
-levels and then drops in a step.  Without measurements (``measure_costs=False``, plans of huge
-models) a static table of relative costs (a top-level rotation = 1) scaled by the towers left
-stands in; it is only good for choosing between schedules, not for predicting milliseconds.
+A ``PrimitiveCosts`` table (``ckks.timing``) holds what was measured on the compiling machine:
+milliseconds per primitive at each level of the modulus chain, and the serialized key sizes.
+Level matters beyond the number of towers: hybrid key switching works on groups of towers
+(digits), so a rotation costs the same at two adjacent levels and then drops in a step.
+Without measurements (``measure_costs=False``, estimates of huge models) a static table of
+relative costs (a top-level rotation = 1) scaled by the towers left stands in; it is only good
+for choosing between schedules, not for predicting milliseconds.
+
+The table is an input of compilation, not part of the program: a model's fingerprint never
+depends on it, and ``CompiledModel.with_costs`` re-prices a program without changing it.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
+
+from ..ckks.timing import CHEBYSHEV, PrimitiveCosts
 
 #: Relative costs at the top level, measured with OpenFHE 1.6 at N=2^14, depth 5 (rotate = 1).
 RELATIVE = {
@@ -36,8 +42,8 @@ DEFAULT_CACHE_BYTES = 2 << 30
 class CostModel:
     """Milliseconds (or relative units) of a primitive at a level; ``total`` prices an op count."""
 
-    def __init__(self, costs: Mapping[str, Any] | None, depth: int) -> None:
-        self.costs = dict(costs or {})
+    def __init__(self, costs: PrimitiveCosts | None, depth: int) -> None:
+        self.costs = dict(costs.ms) if costs is not None else {}
         self.depth = max(int(depth), 1)
         levels = self.costs.get("levels")
         self._levels = np.asarray(levels, dtype=float) if levels else None
@@ -55,9 +61,11 @@ class CostModel:
             return float(np.interp(level, self._levels, np.asarray(value, dtype=float)))
         if isinstance(value, (int, float)):  # measured once at the top level
             return float(value) * scale
-        if name != "rotate" and "rotate" in self.costs:  # an older table lacking this primitive
-            return self.ms("rotate", level) * RELATIVE.get(name, 0.0)
+        if name.startswith(CHEBYSHEV):  # not measured for this degree: no estimate
+            return float("nan")
         return RELATIVE.get(name, 0.0) * scale
 
     def total(self, counts: Mapping[str, int], level: int) -> float:
-        return sum(self.ms(name, level) * count for name, count in counts.items() if name in RELATIVE)
+        """The price of ``counts`` (primitive name -> how many) at ``level``; other entries are ignored."""
+        return sum(self.ms(name, level) * count for name, count in counts.items()
+                   if name in RELATIVE or name.startswith(CHEBYSHEV))

@@ -1,0 +1,148 @@
+"""Linear transforms as generalized diagonals with a baby-step giant-step (BSGS) schedule.
+
+Each lane holds a cyclic vector of length ``n``; a tensor larger than ``n`` spans several
+ciphertexts ("blocks") and its matrix is treated blockwise.  For output block o the program is
+
+    t_o = sum_g rot( sum_{i,b} rot(d_{o,i,g+b}, -g) * rot(x_i, b), g )
+
+with the baby rotations rot(x_i, b) hoisted (one ``EvalFastRotationPrecompute`` per input
+block) and shared by every output block.  With ``fold = M`` the output is gathered modulo M
+instead of modulo n: only M diagonals are needed however wide the input, followed by
+log2(n/M) rotate-and-add steps (hoisted in chunks), and the result repeats with period M.
+
+Giant-step rotations of one output block are hoisted too: each partial sum is rotated with
+``EvalFastRotationExt``, the rotated copies are summed in the extended basis P*Q, and one
+``KeySwitchDown`` brings the sum back, instead of one ModDown per giant step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cost_model import CostModel
+
+#: Most fold steps one hoisted chunk may combine: a chunk of c steps needs 2^c - 1 rotation keys.
+MAX_FOLD_CHUNK = 3
+
+
+@dataclass
+class DiagonalPlan:
+    """Diagonals of one linear transform under fixed input/output layouts, and their schedule."""
+
+    n: int
+    in_blocks: int
+    out_blocks: int
+    fold: int
+    terms: np.ndarray  # (T, 3) int64 rows: out_block, in_block, k
+    diags: np.ndarray  # (T, n) float64, or shape (T, 0) when only counting
+    bias: np.ndarray  # (out_blocks, n) float64
+    baby_step: int = 1
+    fold_chunk: int = 1
+
+    @property
+    def fold_steps(self) -> list[int]:
+        """Rotations (per-lane units) of the rotate-and-add fold; empty without fold."""
+        if not self.fold:
+            return []
+        steps, s = [], self.fold
+        while s < self.n:
+            steps.append(s)
+            s *= 2
+        return steps
+
+    def fold_chunks(self, fold_chunk: int | None = None) -> list[list[int]]:
+        """The fold as hoisted chunks: each lists the rotations summed onto one ciphertext.
+
+        A chunk of c consecutive steps starting at f adds rot(x, j*f) for j = 1 .. 2^c - 1, all
+        from one digit decomposition; c = 1 is a plain rotate-and-add.
+        """
+        c = fold_chunk or self.fold_chunk
+        steps = self.fold_steps
+        return [[j * steps[i] for j in range(1, 1 << len(steps[i:i + c]))] for i in range(0, len(steps), c)]
+
+    def schedule(self, baby_step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Baby and giant rotation (per-lane units) of every term: k = giant + baby.
+
+        Diagonal indices are taken in (-n/2, n/2] so that a window of taps around zero (a
+        convolution's negative offsets) splits as neatly as the positive ones.
+        """
+        n1 = baby_step or self.baby_step
+        ks = self.terms[:, 2]
+        signed = np.where(ks > self.n // 2, ks - self.n, ks)
+        baby = signed % n1
+        return baby, signed - baby
+
+    def _bsgs_counts(self, baby_step: int | None) -> dict[str, int]:
+        ob, ib = self.terms[:, 0], self.terms[:, 1]
+        b, g = self.schedule(baby_step)
+        g = g % self.n
+        baby_pairs = np.unique(ib[b != 0] * self.n + b[b != 0])
+        giant_pairs = np.unique(ob[g != 0] * self.n + g[g != 0])
+        per_block = np.bincount(giant_pairs // self.n, minlength=self.out_blocks)
+        hoisted = per_block[per_block >= 2]  # summed in the extended basis, one ModDown per block
+        return {
+            "precompute": int(len(np.unique(baby_pairs // self.n))) + int(hoisted.sum()),
+            "fast_rotate": int(len(baby_pairs)),
+            "rotate": int((per_block == 1).sum()),
+            "rotate_ext": int(hoisted.sum()),
+            "add_ext": int((hoisted - 1).sum()),
+            "key_switch_down": int(len(hoisted)),
+            "mult_plain": int(len(self.terms)),
+            "add": int(len(self.terms)),
+            "rescale": self.out_blocks,
+        }
+
+    def _fold_counts(self, fold_chunk: int | None) -> dict[str, int]:
+        counts = dict.fromkeys(("rotate", "precompute", "rotate_ext", "add_ext", "key_switch_down", "add"), 0)
+        for chunk in self.fold_chunks(fold_chunk):
+            counts["add"] += self.out_blocks
+            if len(chunk) == 1:
+                counts["rotate"] += self.out_blocks
+            else:
+                counts["precompute"] += self.out_blocks
+                counts["rotate_ext"] += len(chunk) * self.out_blocks
+                counts["add_ext"] += (len(chunk) - 1) * self.out_blocks
+                counts["key_switch_down"] += self.out_blocks
+        return counts
+
+    def counts(self, baby_step: int | None = None, fold_chunk: int | None = None) -> dict[str, int]:
+        """Primitive operations the engine runs for this schedule: what costs and reports use."""
+        counts = self._bsgs_counts(baby_step)
+        for name, v in self._fold_counts(fold_chunk).items():
+            counts[name] = counts.get(name, 0) + v
+        counts["diagonals"] = int(len(self.terms))
+        return counts
+
+    def rotations(self) -> set[int]:
+        """Per-lane rotation amounts (mod n) this transform needs keys for."""
+        b, g = self.schedule()
+        folds = {r % self.n for chunk in self.fold_chunks() for r in chunk}
+        return (set((b % self.n).tolist()) | set((g % self.n).tolist()) | folds) - {0}
+
+    def choose_schedule(self, model: CostModel, level: int) -> None:
+        """Pick the BSGS split and the fold chunking that cost least at ``level``."""
+        ks = np.abs(np.where(self.terms[:, 2] > self.n // 2, self.terms[:, 2] - self.n, self.terms[:, 2]))
+        candidates = sorted(set(range(1, min(self.n, 64) + 1)) | {1 << p for p in range(int(np.log2(self.n)) + 1)})
+        widest = int(ks.max(initial=0)) + 1
+        best = None
+        for n1 in [c for c in candidates if c <= widest] + [self.n]:  # n: every rotation a hoisted baby
+            cost = model.total(self._bsgs_counts(n1), level)
+            if best is None or cost < best[0]:
+                best = (cost, n1)
+        self.baby_step = best[1] if best else 1
+        chunks = range(1, min(MAX_FOLD_CHUNK, max(len(self.fold_steps), 1)) + 1)
+        self.fold_chunk = min(chunks, key=lambda c: (model.total(self._fold_counts(c), level), c))
+
+    def cost(self, model: CostModel, level: int) -> float:
+        return model.total(self.counts(), level)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """The transform in plaintext on lane vectors (B, in_blocks, n) -> (B, out_blocks, n), exactly
+        the sums the engine computes (rotations are ``np.roll``)."""
+        out = np.zeros((x.shape[0], self.out_blocks, self.n))
+        for t, (ob, ib, k) in enumerate(self.terms.tolist()):
+            out[:, ob] += self.diags[t] * np.roll(x[:, ib], -k, axis=-1)
+        for f in self.fold_steps:
+            out += np.roll(out, -f, axis=-1)
+        return out + self.bias

@@ -1,0 +1,184 @@
+"""Estimates and the text report of a compiled program: primitive counts, predicted time per step,
+key-bundle size, plaintext-cache use and, for networks deeper than the ring, a bootstrap estimate.
+
+Predictions price each step's primitive counts (its ``OpSpec.counts``) with the model's
+``PrimitiveCosts`` at the level where the step runs.  Without measured costs they are None.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..ckks.params import BootstrapConfig
+from .cost_model import DEFAULT_CACHE_BYTES
+from .ops import OPS
+
+if TYPE_CHECKING:
+    from .model import CompiledModel, Step
+
+
+def step_counts(model: "CompiledModel", step: "Step") -> dict[str, int]:
+    """Primitive operations one run of ``step`` performs."""
+    return OPS[step.op].counts(step, model.blocks()[step.name])
+
+
+def plaintext_runs(model: "CompiledModel", step: "Step") -> list[tuple[int, int]]:
+    """(bytes, count) runs of the plaintexts a linear step encodes, in the engine's order: for
+    every output block its diagonals (at the step's level), then its bias if it has one (one
+    level down, after the rescale)."""
+    plan = step.linear
+    diagonal, bias = model.params.plaintext_bytes(step.level), model.params.plaintext_bytes(step.level + 1)
+    per_block = np.bincount(plan.terms[:, 0], minlength=plan.out_blocks)
+    runs = []
+    for ob in range(plan.out_blocks):
+        runs.append((diagonal, int(per_block[ob])))
+        if np.any(plan.bias[ob]):
+            runs.append((bias, 1))
+    return runs
+
+
+def uncached_plaintexts(model: "CompiledModel", cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict[str, int]:
+    """Plaintexts per linear step that an engine with this cache budget encodes on every run.
+
+    The engine's cache keeps each plaintext it encodes while it fits the budget, in program
+    order (see ``runtime.engine``), so which ones spill is known at compile time.
+    """
+    used, out = 0, {}
+    for s in model.steps:
+        if s.linear is None:
+            continue
+        spilled = 0
+        for size, count in plaintext_runs(model, s):
+            kept = max(0, min(count, (cache_bytes - used) // size))
+            used += kept * size
+            spilled += count - kept
+        out[s.name] = spilled
+    return out
+
+
+def predicted_ms(model: "CompiledModel", step: "Step", cache_bytes: int = DEFAULT_CACHE_BYTES) -> float:
+    """Predicted time of one step from the model's primitive costs, in the steady state of an
+    engine with ``cache_bytes`` of plaintext cache (diagonals beyond it are encoded on every run)."""
+    if model.costs is None:
+        return float("nan")
+    depth = model.params.multiplicative_depth
+    level = step.level
+    if level > depth:  # an estimate past the ring's depth: assume the level right after a bootstrap
+        refresh = (model.params.bootstrapping or BootstrapConfig()).levels_after
+        level = depth - refresh + (level - depth) % refresh
+    counts = step_counts(model, step)
+    if step.linear is not None:
+        counts = {**counts, "encode": uncached_plaintexts(model, cache_bytes)[step.name]}
+    return model.cost_model.total(counts, level)
+
+
+def bootstrap_estimate(model: "CompiledModel") -> tuple[int, int]:
+    """(bootstrap operations, ciphertext bootstraps) per run: 0 when the depth fits.
+
+    An estimate for networks deeper than the ring allows: a fresh ciphertext has the parameters'
+    full depth, each bootstrap restores ``BootstrapConfig.levels_after`` levels (10 by default:
+    an assumption until bootstrapping lands and is measured), and a tensor is bootstrapped
+    lazily, right before the first step that would run out of levels.  Every ciphertext block
+    of the tensor is bootstrapped (the second number).
+    """
+    budget = model.params.multiplicative_depth
+    if model.depth <= budget:
+        return 0, 0
+    refresh = (model.params.bootstrapping or BootstrapConfig()).levels_after
+    remaining = {model.input_name: budget}
+    blocks = model.blocks()
+    ops = cts = 0
+    for s in model.steps:
+        need = OPS[s.op].depth(s.attrs)
+        for i in s.inputs:
+            if remaining[i] < need:
+                remaining[i] = refresh
+                ops += 1
+                cts += blocks[i]
+        remaining[s.name] = min(remaining[i] for i in s.inputs) - need
+    return ops, cts
+
+
+def key_bundle_bytes(model: "CompiledModel") -> int:
+    """Predicted size of the evaluation-key bundle (0 when the key sizes were not measured)."""
+    ks = model.costs.key_bytes if model.costs is not None else {}
+    if not ks:
+        return 0
+    return ks.get("public", 0) + ks.get("mult", 0) + ks.get("rotation", 0) * len(model.params.rotation_indices)
+
+
+def _rounded(value: float) -> float | None:
+    return round(value, 2) if value == value else None
+
+
+def summary(model: "CompiledModel") -> dict[str, Any]:
+    """Machine-readable estimates: what MLflow records and ``/model`` returns."""
+    counts = [step_counts(model, s) for s in model.steps]
+    rotations = sum(c.get("rotate", 0) + c.get("fast_rotate", 0) + c.get("rotate_ext", 0) for c in counts)
+    predicted = sum(predicted_ms(model, s) for s in model.steps)
+    bootstraps, ct_bootstraps = bootstrap_estimate(model)
+    cm = model.cost_model
+    c = cm.costs
+    client = (model.input_blocks * (cm.ms("encode", 0) + c.get("encrypt", float("nan")) + c.get("serialize_input", 0.0))
+              + model.output_blocks * (c.get("deserialize_output", 0.0) + c.get("decrypt", float("nan"))))
+    # the server's share beyond the steps: take the input off the wire, put the output on it
+    predicted += (model.input_blocks * (c.get("deserialize_input", 0.0) + cm.ms("add", 0))
+                  + model.output_blocks * c.get("serialize_output", 0.0))
+    return {
+        "levels": model.depth,
+        "bootstraps": bootstraps,
+        "ciphertext_bootstraps": ct_bootstraps,
+        "steps": len(model.steps),
+        "rotations_per_run": rotations,
+        "rotation_keys": len(model.params.rotation_indices),
+        "key_bundle_bytes": key_bundle_bytes(model),
+        "predicted_latency_ms": _rounded(predicted),
+        "predicted_client_ms": _rounded(client),
+        "plaintext_bytes": sum(size * n for s in model.steps if s.linear for size, n in plaintext_runs(model, s)),
+        "encodes_per_run": sum(uncached_plaintexts(model).values()),
+    }
+
+
+def render(model: "CompiledModel") -> str:
+    """The text report: parameters, one line per step, then the totals."""
+    p = model.params
+    lines = [
+        f"h33 compiled model {model.fingerprint}",
+        f"CKKS: N={p.ring_dim}, depth={p.multiplicative_depth}, scale=2^{p.scale_bits}, "
+        f"log2 Q={p.modulus_bits}, {p.scaling_technique}, {p.security_level}",
+        f"lanes: {p.lanes} inputs per ciphertext, {p.lane_length} values per lane, "
+        f"input {model.input_shape} in {model.input_blocks} ciphertext(s)",
+        "",
+        f"{'step':<28}{'op':<8}{'level':>6}{'diags':>7}{'baby':>6}{'giant':>7}{'pmult':>7}{'pred ms':>10}",
+    ]
+    for s in model.steps:
+        c = step_counts(model, s)
+        describe = OPS[s.op].describe
+        extra = describe(s) if describe is not None else ""
+        lines.append(
+            f"{s.name[:27]:<28}{s.op.value:<8}{s.level:>6}{c.get('diagonals', 0):>7}{c.get('fast_rotate', 0):>6}"
+            f"{c.get('rotate', 0) + c.get('rotate_ext', 0):>7}{c.get('mult_plain', 0):>7}"
+            f"{predicted_ms(model, s):>10.1f}{'  ' + extra if extra else ''}"
+        )
+    summ = summary(model)
+    lines += [
+        "",
+        f"levels: {summ['levels']}"
+        + (f" (the largest 128-bit ring holds {p.multiplicative_depth})" if summ["bootstraps"] else "")
+        + f", bootstraps: {summ['bootstraps']}"
+        + (f" (estimate: {summ['ciphertext_bootstraps']} ciphertext bootstraps, "
+           f"{(p.bootstrapping or BootstrapConfig()).levels_after} levels each; latency excludes them)"
+           if summ["bootstraps"] else "")
+        + f", rotations per run: {summ['rotations_per_run']}",
+        f"rotation keys: {summ['rotation_keys']} "
+        f"(indices {list(p.rotation_indices)[:12]}{' ...' if len(p.rotation_indices) > 12 else ''})",
+        f"key bundle: {summ['key_bundle_bytes'] / 2**20:.1f} MiB, predicted latency "
+        f"{summ['predicted_latency_ms']} ms per ciphertext ({p.lanes} inputs) on the server, "
+        f"{summ['predicted_client_ms']} ms to encrypt and decrypt on the client",
+        f"plaintext diagonals and biases: {summ['plaintext_bytes'] / 2**20:.0f} MiB encoded"
+        + (f"; {summ['encodes_per_run']} re-encoded per run with the default "
+           f"{DEFAULT_CACHE_BYTES / 2**30:.0f} GiB engine cache (included above)" if summ["encodes_per_run"] else
+           f", all kept by the default {DEFAULT_CACHE_BYTES / 2**30:.0f} GiB engine cache"),
+    ]
+    return "\n".join(lines)

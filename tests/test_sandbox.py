@@ -151,3 +151,21 @@ def test_a_validated_bundle_is_canonical_and_reloads_without_another_child(convn
                             rel=1e-3)
     print(f"\nbundle validation ({bundle.size_bytes / 2**20:.0f} MiB, {len(bundle.rotation_indices)} rotation keys): "
           f"{took:.2f} s")
+
+
+def test_the_mlflow_pyfunc_refuses_a_crashing_ciphertext_and_keeps_serving(convnet_compiled, convnet_client,
+                                                                           envelope, mnist_test, tmp_path):
+    """An MLflow scoring server runs the pyfunc for every caller: the crash flip is a
+    TamperedDataError for that call, and the same loaded model answers the next one."""
+    mlflow = pytest.importorskip("mlflow")
+    from h33_bento import mlflow_flavor
+
+    store = tmp_path / "keys"
+    mlflow_flavor.save_evaluation_keys(convnet_client, store)
+    mlflow_flavor.save_model(convnet_compiled, tmp_path / "model")
+    model = mlflow.pyfunc.load_model(str(tmp_path / "model"), model_config={"key_store": str(store)})
+    bad = dataclasses.replace(envelope, ciphertexts=[flip(envelope.ciphertexts[0], CRASH_BYTE, CRASH_BIT)])
+    with pytest.raises(TamperedDataError, match="SIGFPE"):
+        model.predict([bad.to_bytes()])
+    (out,) = model.predict([envelope.to_bytes()])
+    assert_logits_close(convnet_client.decrypt_logits(out), simulate(convnet_compiled, mnist_test[0][:8]), rel=1e-3)

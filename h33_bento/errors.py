@@ -36,6 +36,11 @@ class DepthExceededError(CompileError):
         self.levels_available = levels_available
 
 
+class RangeWarning(UserWarning):
+    """Values left the range a polynomial activation was calibrated on, or the range a bootstrap
+    needs; predictions may be wrong."""
+
+
 class ModelFormatError(H33Error):
     """A saved CompiledModel is missing files, has been tampered with, or is of an unknown version."""
 

@@ -42,8 +42,7 @@ from numpy.polynomial import chebyshev as C
 from torch import nn
 
 from .compiler.activations import exact_activation
-from .compiler.calibration import RangeWarning
-from .errors import CompileError
+from .errors import CompileError, RangeWarning
 from .program.polynomials import chebyshev_depth
 
 __all__ = [

@@ -27,7 +27,7 @@ from .nn import Square, _BestEpoch, _lr_scheduler, polyfy
 
 __all__ = [
     "Square", "ConvNet", "MnistCNN", "LolaMnist", "LeNet5", "MnistNet", "PneumoniaCNN", "CifarCNN", "TabularMLP",
-    "resnet18", "vgg16", "mobilenet_v2", "efficientnet_b0", "CIFAR_ARCHITECTURES", "RECIPES", "train_recipe",
+    "resnet18", "resnet20", "vgg16", "mobilenet_v2", "efficientnet_b0", "CIFAR_ARCHITECTURES", "RECIPES", "train_recipe",
     "train", "random_crop_flip", "predict_logits",
 ]
 
@@ -302,6 +302,31 @@ def resnet18(num_classes: int = 10, width: int = 64, poly: bool = True,
              degrees: dict[str, int] | None = None) -> nn.Module:
     """CIFAR ResNet-18 (11.2M parameters at width 64), polyfied unless ``poly=False``."""
     return _maybe_polyfy(ResNet18(num_classes, width), poly, degrees)
+
+
+class ResNet20(nn.Module):
+    """He et al.'s ResNet-20 for CIFAR-10: a 3x3 stem, three stages of three basic blocks with
+    16, 32 and 64 channels (stride 2 at the start of the last two, 1x1 projection shortcuts there),
+    global average pooling and a linear classifier; 0.27M parameters."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        blocks, c_in = [], 16
+        for c_out, stride in ((16, 1), (16, 1), (16, 1), (32, 2), (32, 1), (32, 1), (64, 2), (64, 1), (64, 1)):
+            blocks.append(_BasicBlock(c_in, c_out, stride))
+            c_in = c_out
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.layers(self.stem(x))).flatten(1))
+
+
+def resnet20(num_classes: int = 10, poly: bool = True, degrees: dict[str, int] | None = None) -> nn.Module:
+    """CIFAR ResNet-20, polyfied unless ``poly=False``."""
+    return _maybe_polyfy(ResNet20(num_classes), poly, degrees)
 
 
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")

@@ -22,6 +22,12 @@ from h33_bento.client import FHEInferenceClient  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _measurement_cache(tmp_path_factory):
+    """Measured bootstrap costs are cached per machine; the suite measures its own."""
+    os.environ["H33_CACHE_DIR"] = str(tmp_path_factory.mktemp("h33-cache"))
+
+
 @pytest.fixture(scope="session")
 def mnist_train():
     return datasets.mnist_train5k()

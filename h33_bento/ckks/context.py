@@ -3,6 +3,8 @@
 OpenFHE deduplicates contexts with equal parameters internally, and its evaluation keys live in
 static maps keyed by the secret key's tag, so one context serves every tenant with these params.
 Those maps cannot drop one tag's keys: :func:`release_evaluation_keys` empties them all.
+Bootstrapping needs a setup per slot count: with its precomputations (gigabytes at N=2^16) on
+the server, without them on a client that only generates keys (``bootstrap_context``).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from .params import CKKSParams
 
 _lock = threading.Lock()
 _contexts: dict[str, openfhe.CryptoContext] = {}
+_bootstrap_setups: set[tuple[str, int, bool]] = set()
 
 
 def build_context(params: CKKSParams) -> openfhe.CryptoContext:
@@ -30,8 +33,12 @@ def build_context(params: CKKSParams) -> openfhe.CryptoContext:
     p.SetBatchSize(params.slots)
     if params.num_large_digits:
         p.SetNumLargeDigits(params.num_large_digits)
+    features = [openfhe.PKE, openfhe.KEYSWITCH, openfhe.LEVELEDSHE, openfhe.ADVANCEDSHE]
+    if params.bootstrapping is not None:
+        p.SetSecretKeyDist(getattr(openfhe.SecretKeyDist, params.bootstrapping.secret_key_dist))
+        features.append(openfhe.FHE)
     cc = openfhe.GenCryptoContext(p)
-    for feature in (openfhe.PKE, openfhe.KEYSWITCH, openfhe.LEVELEDSHE, openfhe.ADVANCEDSHE):
+    for feature in features:
         cc.Enable(feature)
     if cc.GetRingDimension() != params.ring_dim:
         raise RuntimeError(f"OpenFHE chose ring dimension {cc.GetRingDimension()}, not {params.ring_dim}")
@@ -69,3 +76,24 @@ def rss_bytes() -> int:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def bootstrap_context(params: CKKSParams, precompute: bool) -> openfhe.CryptoContext:
+    """The shared context, set up to bootstrap at every slot count of ``params.bootstrapping``.
+
+    ``precompute=False`` is enough to generate bootstrapping keys; running ``EvalBootstrap``
+    needs the precomputations (OpenFHE crashes without them), which a server sets up once.
+    """
+    cc = get_context(params)
+    boot = params.bootstrapping
+    if boot is None:
+        raise ValueError("these CKKS parameters have no bootstrapping configuration")
+    with _lock:
+        for slots in boot.slots:
+            enough = {(params.fingerprint, slots, True)} if precompute else {(params.fingerprint, slots, flag)
+                                                                              for flag in (True, False)}
+            if enough & _bootstrap_setups:
+                continue
+            cc.EvalBootstrapSetup(list(boot.level_budget), [0, 0], slots, 0, precompute)
+            _bootstrap_setups.add((params.fingerprint, slots, precompute))
+    return cc

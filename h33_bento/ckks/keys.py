@@ -16,7 +16,7 @@ import numpy as np
 import openfhe
 
 from ..errors import EnvelopeError, KeyMismatchError, ParamsMismatchError, TamperedDataError
-from .context import get_context
+from .context import bootstrap_context, get_context
 from .params import CKKSParams, SecurityLevel, check_security
 from .serialization import KEYS_MAGIC, pack_frame, unpack_frame
 
@@ -140,7 +140,7 @@ class KeyChain:
 
     @classmethod
     def generate(cls, params: CKKSParams, min_security_level: SecurityLevel = "HEStd_128_classic") -> "KeyChain":
-        """New key pair plus the relinearization and rotation keys ``params`` asks for.
+        """New key pair plus the relinearization, rotation and bootstrapping keys ``params`` asks for.
 
         Parameters below ``min_security_level`` are refused (``InsecureParametersError``); keys are
         made to be used, and under weak parameters anything encrypted with them is exposed.
@@ -151,6 +151,10 @@ class KeyChain:
         cc.EvalMultKeyGen(keypair.secretKey)
         if params.rotation_indices:
             cc.EvalRotateKeyGen(keypair.secretKey, list(params.rotation_indices))
+        if params.bootstrapping is not None:
+            bootstrap_context(params, precompute=False)
+            for slots in params.bootstrapping.slots:
+                cc.EvalBootstrapKeyGen(keypair.secretKey, slots)
         return cls(params, keypair.publicKey, keypair.secretKey)
 
     @property
@@ -169,7 +173,7 @@ class KeyChain:
                 public_key=self._public_bytes,
                 mult_key=openfhe.SerializeEvalMultKeyString(openfhe.BINARY, tag),
                 rotation_keys=openfhe.SerializeEvalAutomorphismKeyString(openfhe.BINARY, tag)
-                if self.params.rotation_indices else b"",
+                if self.params.rotation_indices or self.params.bootstrapping else b"",
             )
         return self._eval_keys
 

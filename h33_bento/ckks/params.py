@@ -17,6 +17,9 @@ SecurityLevel = Literal["HEStd_128_classic", "HEStd_192_classic", "HEStd_256_cla
 #: weakest first; HEStd_NotSet promises nothing
 SECURITY_ORDER: tuple[str, ...] = ("HEStd_NotSet", "HEStd_128_classic", "HEStd_192_classic", "HEStd_256_classic")
 ScalingTechnique = Literal["FLEXIBLEAUTO", "FLEXIBLEAUTOEXT", "FIXEDAUTO", "FIXEDMANUAL"]
+#: Secret distributions for bootstrapping: SPARSE_ENCAPSULATED bootstraps with a sparse secret
+#: encapsulated under the uniform one, so the security of the uniform ternary secret holds.
+SecretKeyDist = Literal["UNIFORM_TERNARY", "SPARSE_ENCAPSULATED"]
 
 #: Largest ring dimension we plan for; 2^17 works in OpenFHE but is too slow to be useful here.
 MAX_RING_DIM = 1 << 16
@@ -24,11 +27,33 @@ MIN_RING_DIM = 1 << 10
 
 
 class BootstrapConfig(BaseModel):
-    """Reserved for bootstrapping (a later release); recorded so artifacts stay forward-compatible."""
+    """CKKS bootstrapping: what the context, its precomputations and the keys are set up for.
+
+    Each slot count a program bootstraps at needs its own setup and its own rotation keys, so
+    ``slots`` lists exactly those the program uses.  What a bootstrap costs, the levels it leaves
+    and its error are measured (``ckks.timing.measure_bootstrap``), never assumed.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    level_budget: tuple[int, int] = (4, 4)
-    levels_after: int = 10
+    level_budget: tuple[int, int] = (3, 3)
+    secret_key_dist: SecretKeyDist = "SPARSE_ENCAPSULATED"
+    slots: tuple[int, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> "BootstrapConfig":
+        if any(s < 1 or s & (s - 1) for s in self.slots):
+            raise ValueError(f"bootstrap slot counts must be powers of two, got {list(self.slots)}")
+        if min(self.level_budget) < 1:
+            raise ValueError(f"level_budget must be positive, got {list(self.level_budget)}")
+        return self
+
+    @property
+    def depth(self) -> int:
+        """Levels one bootstrap consumes (OpenFHE's count for this budget and secret)."""
+        import openfhe
+
+        return int(openfhe.CryptoContext.GetBootstrapDepth(list(self.level_budget),
+                                                           getattr(openfhe.SecretKeyDist, self.secret_key_dist)))
 
 
 class CKKSParams(BaseModel):
@@ -59,6 +84,13 @@ class CKKSParams(BaseModel):
         bad = [r for r in self.rotation_indices if not 0 < r < self.slots]
         if bad:
             raise ValueError(f"rotation indices must lie in (0, {self.slots}), got {bad[:5]}")
+        if self.bootstrapping is not None:
+            too_many = [s for s in self.bootstrapping.slots if s > self.slots]
+            if too_many:
+                raise ValueError(f"bootstrap slot counts {too_many} exceed the {self.slots} slots")
+            if self.scaling_technique == "FIXEDMANUAL":
+                raise ValueError("bootstrapping needs a FLEXIBLEAUTO-family scaling technique "
+                                 "(FIXEDMANUAL bootstraps lose about two decimal digits)")
         return self
 
     @property
@@ -89,8 +121,10 @@ class CKKSParams(BaseModel):
 
     @property
     def cost_key(self) -> str:
-        """What primitive costs depend on: the fingerprint of these parameters without their rotations."""
-        return self.model_copy(update={"rotation_indices": ()}).fingerprint
+        """What primitive costs depend on: the fingerprint of these parameters without their
+        rotations and bootstrap slot counts (which add keys, not cost per operation)."""
+        boot = self.bootstrapping.model_copy(update={"slots": ()}) if self.bootstrapping else None
+        return self.model_copy(update={"rotation_indices": (), "bootstrapping": boot}).fingerprint
 
     def summary(self) -> dict:
         """The flat fields that MLflow run params and model cards show."""
@@ -209,3 +243,56 @@ def select_params(
         num_large_digits=digits,
         rotation_indices=tuple(sorted(set(rotation_indices))),
     )
+
+
+#: Fewest levels worth bootstrapping for: below this a ring spends most of its modulus refreshing.
+MIN_LEVELS_AFTER_BOOTSTRAP = 4
+#: Most levels between bootstraps when the security level sets no bound (HEStd_NotSet, tests).
+NOT_SET_LEVELS_AFTER_BOOTSTRAP = 8
+#: Most key-switching digits a bootstrappable ring may need (each digit adds a share to every key).
+MAX_BOOTSTRAP_DIGITS = 3
+#: Smallest ring bootstrapped (only rings below 2^16 with HEStd_NotSet, in tests, are this small).
+MIN_BOOTSTRAP_RING = 1 << 12
+
+
+def select_bootstrap_params(
+    slots_needed: int,
+    lanes: int = 8,
+    scale_bits: int = 50,
+    first_mod_bits: int = 58,
+    security_level: SecurityLevel = "HEStd_128_classic",
+    bootstrapping: BootstrapConfig | None = None,
+) -> CKKSParams:
+    """Bootstrappable parameters: the smallest ring (with ``slots_needed`` slots) whose modulus holds
+    a bootstrap plus at least ``MIN_LEVELS_AFTER_BOOTSTRAP`` levels at the security level, and
+    then the most levels it holds with at most ``MAX_BOOTSTRAP_DIGITS`` digits.
+
+    Scale and first modulus default to 50 and 58 bits: OpenFHE's bootstrap needs their
+    difference at most 8 bits, and a 45-bit scale loses a decimal digit of precision.
+    FLEXIBLEAUTO scaling: FIXEDMANUAL bootstraps lose about two decimal digits.
+    """
+    from ..errors import DepthExceededError
+
+    boot = bootstrapping or BootstrapConfig()
+    if first_mod_bits - scale_bits > 8:
+        raise ValueError(f"bootstrapping needs first_mod_bits - scale_bits <= 8, got {first_mod_bits - scale_bits}")
+    needed = boot.depth + MIN_LEVELS_AFTER_BOOTSTRAP
+    if security_level == "HEStd_NotSet":
+        most = boot.depth + NOT_SET_LEVELS_AFTER_BOOTSTRAP
+    ring_dim = max(MIN_BOOTSTRAP_RING, 1 << max(0, (2 * slots_needed - 1).bit_length()))
+
+    def digits(ring: int, depth: int) -> int:
+        return next((d for d in range(1, MAX_BOOTSTRAP_DIGITS + 1)
+                     if _accepted(ring, depth, scale_bits, first_mod_bits, security_level, d)), 0)
+
+    while not digits(ring_dim, needed):
+        if ring_dim >= MAX_RING_DIM:
+            raise DepthExceededError(needed, max_depth(MAX_RING_DIM, scale_bits, first_mod_bits, security_level),
+                                     MAX_RING_DIM)
+        ring_dim *= 2
+    depth = needed
+    while (security_level != "HEStd_NotSet" or depth < most) and digits(ring_dim, depth + 1):
+        depth += 1
+    return CKKSParams(ring_dim=ring_dim, multiplicative_depth=depth, scale_bits=scale_bits,
+                      first_mod_bits=first_mod_bits, scaling_technique="FLEXIBLEAUTO", lanes=lanes,
+                      security_level=security_level, num_large_digits=digits(ring_dim, depth), bootstrapping=boot)

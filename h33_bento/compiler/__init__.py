@@ -2,11 +2,12 @@
 
 ``compile`` runs ``PASSES`` in order, each a function of the previous ``Compilation``::
 
-    import -> fuse -> calibrate -> levels -> parameters -> costs -> layout -> diagonals -> program
+    import -> fuse -> calibrate -> levels -> parameters -> costs -> layout -> bootstraps
+           -> diagonals -> program
 
 One file per pass: ``onnx_import``/``torch_import``, ``fusion``, ``calibration``, ``levels``,
 ``parameters``, ``ckks.timing`` (the costs are measured there, or passed in), ``layout``,
-``diagonals``, ``emit``.  The result is a ``program.CompiledModel``.
+``bootstraps``, ``diagonals``, ``emit``.  The result is a ``program.CompiledModel``.
 """
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..ckks.params import CKKSParams, SecurityLevel
-from ..ckks.timing import PrimitiveCosts, measure_primitives
+from ..ckks.timing import PrimitiveCosts, bootstrap_bound, measure_primitives, with_bootstrap
 from ..errors import CompileError
 from ..program.cost_model import CostModel
 from ..program.diagonals import DiagonalPlan
 from ..program.model import CompiledModel
 from ..program.ops import Op
-from .calibration import calibrate
+from .bootstraps import place_bootstraps
+from .calibration import calibrate, output_ranges
 from .diagonals import extract_diagonals
 from .emit import emit_program
 from .fusion import fuse_linear_chains
@@ -70,6 +72,7 @@ class CompileOptions:
     estimate_only: bool = False
     measure_costs: bool = True
     costs: PrimitiveCosts | None = None
+    bootstrapping: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,8 @@ def levels_pass(c: Compilation) -> Compilation:
 def parameters_pass(c: Compilation) -> Compilation:
     o = c.options
     params, runnable = choose_params(c.graph, max(c.levels.values()), o.lanes, o.scale_bits, o.first_mod_bits,
-                                     o.security_level, allow_too_deep=o.estimate_only)
+                                     o.security_level, bootstrapping=o.bootstrapping,
+                                     allow_too_deep=o.estimate_only)
     return replace(c, params=params, runnable=runnable)
 
 
@@ -136,11 +140,45 @@ def costs_pass(c: Compilation) -> Compilation:
         return replace(c, costs=o.costs)
     if not (o.measure_costs and c.runnable):
         return c
-    return replace(c, costs=measure_primitives(c.params, degrees))
+    costs = measure_primitives(c.params, degrees)
+    if c.params.bootstrapping is not None:
+        costs = with_bootstrap(costs, c.params, c.params.slots)
+    return replace(c, costs=costs)
 
 
 def layout_pass(c: Compilation) -> Compilation:
     return replace(c, layouts=assign_layouts(c.graph, c.params.lane_length, c.cost_model, c.levels))
+
+
+def bootstraps_pass(c: Compilation) -> Compilation:
+    """Bootstraps where the predicted total is least (parameters with bootstrapping only)."""
+    params = c.params
+    if params.bootstrapping is None:
+        return c
+    stats = (c.costs.ms.get("bootstraps") or {}) if c.costs is not None else {}
+    # measured when the costs were; else OpenFHE's own count of the levels a bootstrap consumes
+    after = params.multiplicative_depth - int(stats.get("levels_after", params.multiplicative_depth
+                                                        - params.bootstrapping.depth))
+    ranges = None
+    if not c.options.estimate_only:
+        if c.options.calibration_data is None:
+            raise CompileError("bootstrapping needs calibration_data: every bootstrap's input range is checked "
+                               "against the range a bootstrap handles")
+        data = np.asarray(c.options.calibration_data, dtype=np.float64).reshape(-1, *c.graph.nodes[c.graph.input].shape)
+        ranges = output_ranges(c.graph, data)
+    costs = c.costs
+
+    def bootstrap_ms(slots: int) -> float:
+        nonlocal costs
+        if costs is None:  # relative costs: a sparse bootstrap priced as a full one
+            return c.cost_model.ms(f"bootstrap_{params.slots}", 0)
+        costs = with_bootstrap(costs, params, slots)
+        return float(costs.ms[f"bootstrap_{slots}"])
+
+    graph, layouts, params, _ = place_bootstraps(c.graph, c.layouts, c.layouts.index_plans, params, c.cost_model,
+                                                 bootstrap_ms, after, bootstrap_bound(params), ranges,
+                                                 c.options.range_margin)
+    return replace(c, graph=graph, layouts=layouts, params=params, levels=assign_levels(graph), costs=costs)
 
 
 def diagonals_pass(c: Compilation) -> Compilation:
@@ -163,6 +201,7 @@ PASSES: tuple[tuple[str, Callable[[Compilation], Compilation]], ...] = (
     ("parameters", parameters_pass),
     ("costs", costs_pass),
     ("layout", layout_pass),
+    ("bootstraps", bootstraps_pass),
     ("diagonals", diagonals_pass),
     ("program", program_pass),
 )
@@ -183,6 +222,7 @@ def compile(
     estimate_only: bool = False,
     costs: PrimitiveCosts | None = None,
     measure_costs: bool = True,
+    bootstrapping: bool | None = None,
     progress: bool = False,
 ) -> CompiledModel:
     """Compile ``model`` for encrypted inference with ``lanes`` inputs per ciphertext.
@@ -194,13 +234,16 @@ def compile(
     seconds), or with ``measure_costs=False`` static relative costs are used.  With
     ``estimate_only=True`` the diagonal values are not materialized and a network deeper than
     128-bit parameters allow still gets an estimate (marked not runnable) instead of a
-    DepthExceededError.  ``progress`` shows a bar.
+    DepthExceededError.  ``bootstrapping``: None bootstraps when the network is deeper than the
+    largest ring holds, True always, False never (too deep then raises DepthExceededError).
+    ``progress`` shows a bar.
     """
     options = CompileOptions(
         input_shape=tuple(input_shape) if input_shape is not None else None, calibration_data=calibration_data,
         lanes=lanes, labels=tuple(labels) if labels is not None else None, scale_bits=scale_bits,
         first_mod_bits=first_mod_bits, security_level=security_level, activation_degrees=activation_degrees,
-        range_margin=range_margin, estimate_only=estimate_only, measure_costs=measure_costs, costs=costs)
+        range_margin=range_margin, estimate_only=estimate_only, measure_costs=measure_costs, costs=costs,
+        bootstrapping=bootstrapping)
     state = Compilation(source=model, options=options)
     with tqdm(PASSES, desc="compile", unit="pass", disable=not progress, leave=False) as bar:
         for name, run in bar:

@@ -10,18 +10,14 @@ import warnings
 
 import numpy as np
 
-from ..errors import CompileError
+from ..errors import CompileError, RangeWarning
 from ..program.ops import Op
 from .activations import fit_chebyshev
 from .graph import Graph, Node
 
 
-class RangeWarning(UserWarning):
-    """Inputs fell outside a polynomial activation's calibrated range; accuracy may suffer."""
-
-
-def observe_ranges(graph: Graph, data: np.ndarray, batch_size: int = 512) -> dict[str, tuple[float, float]]:
-    """Min and max of the input of every activation and polynomial node over ``data`` (exact activations)."""
+def _ranges(graph: Graph, data: np.ndarray, batch_size: int, hook: str) -> dict[str, tuple[float, float]]:
+    """Min and max of what ``Graph.evaluate`` hands its ``hook`` callback, per node, over ``data``."""
     ranges: dict[str, list[float]] = {}
 
     def observe(node: Node, value: np.ndarray) -> None:
@@ -30,8 +26,18 @@ def observe_ranges(graph: Graph, data: np.ndarray, batch_size: int = 512) -> dic
         cur[0], cur[1] = min(cur[0], lo), max(cur[1], hi)
 
     for start in range(0, len(data), batch_size):
-        graph.evaluate(data[start:start + batch_size], observe=observe)
+        graph.evaluate(data[start:start + batch_size], **{hook: observe})
     return {k: (v[0], v[1]) for k, v in ranges.items()}
+
+
+def observe_ranges(graph: Graph, data: np.ndarray, batch_size: int = 512) -> dict[str, tuple[float, float]]:
+    """Min and max of the input of every activation and polynomial node over ``data`` (exact activations)."""
+    return _ranges(graph, data, batch_size, "observe")
+
+
+def output_ranges(graph: Graph, data: np.ndarray, batch_size: int = 512) -> dict[str, tuple[float, float]]:
+    """Min and max of every node's output over ``data``."""
+    return _ranges(graph, data, batch_size, "observe_outputs")
 
 
 def calibrate(graph: Graph, data: np.ndarray | None, margin: float = 0.1,

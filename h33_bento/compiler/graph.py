@@ -54,11 +54,13 @@ class Graph:
         x: np.ndarray,
         activation_fn: Callable[[Node, np.ndarray], np.ndarray] | None = None,
         observe: Callable[[Node, np.ndarray], None] | None = None,
+        observe_outputs: Callable[[Node, np.ndarray], None] | None = None,
     ) -> np.ndarray:
         """Run the graph in plaintext on a batch ``x`` of shape (B, *input_shape).
 
         ``observe(node, value)`` sees the input of every activation and polynomial node (used
-        for range calibration); ``activation_fn`` overrides how named activations are computed.
+        for range calibration), ``observe_outputs(node, value)`` every node's output;
+        ``activation_fn`` overrides how named activations are computed.
         """
         values: dict[str, np.ndarray] = {}
         batch = x.shape[0]
@@ -70,6 +72,8 @@ class Graph:
             if node.op in RANGED and observe is not None:
                 observe(node, args[0])
             values[node.name] = _eval_node(node, args, activation_fn)
+            if observe_outputs is not None:
+                observe_outputs(node, values[node.name])
         return values[self.output]
 
 

@@ -17,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..ckks.timing import CHEBYSHEV, PrimitiveCosts
+from ..ckks.timing import BOOTSTRAP, CHEBYSHEV, PrimitiveCosts
 
 #: Relative costs at the top level, measured with OpenFHE 1.6 at N=2^14, depth 5 (rotate = 1).
 RELATIVE = {
@@ -32,6 +32,8 @@ RELATIVE = {
     "rescale": 0.05,
     "mult_cipher": 1.0,
     "encode": 0.15,
+    # one full-slot bootstrap, measured with OpenFHE 1.6 at N=2^16, depth 24 (where they run)
+    "bootstrap": 400.0,
 }
 
 #: Bytes of encoded plaintext diagonals an engine keeps by default (``Engine(cache_bytes=...)``);
@@ -57,6 +59,10 @@ class CostModel:
         towers = self.depth + 1
         scale = max(towers - level, 1) / towers
         value = self.costs.get(name)
+        if name.startswith(BOOTSTRAP):  # one cost per ciphertext, whatever the input level
+            if isinstance(value, (int, float)):
+                return float(value)
+            return float("nan") if self.measured else RELATIVE["bootstrap"]
         if isinstance(value, (list, tuple)) and self._levels is not None:
             return float(np.interp(level, self._levels, np.asarray(value, dtype=float)))
         if isinstance(value, (int, float)):  # measured once at the top level
@@ -68,4 +74,4 @@ class CostModel:
     def total(self, counts: Mapping[str, int], level: int) -> float:
         """The price of ``counts`` (primitive name -> how many) at ``level``; other entries are ignored."""
         return sum(self.ms(name, level) * count for name, count in counts.items()
-                   if name in RELATIVE or name.startswith(CHEBYSHEV))
+                   if name in RELATIVE or name.startswith((CHEBYSHEV, BOOTSTRAP)))

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ..ckks.timing import CHEBYSHEV
+from ..ckks.timing import BOOTSTRAP, CHEBYSHEV
 from .polynomials import chebyshev_depth, eval_chebyshev
 
 
@@ -35,6 +35,7 @@ class Op(str, Enum):
     SQUARE = "square"
     ADD = "add"
     MUL = "mul"
+    BOOTSTRAP = "bootstrap"  # refreshes levels: its output is at attrs["level"], whatever its input's
 
     def __str__(self) -> str:
         return self.value
@@ -71,6 +72,8 @@ class OpSpec:
     attrs: tuple[str, ...] = ()
     #: the level rule (levels consumed once the output exists); default: operands' deepest + depth
     level: Callable[[Mapping[str, Any], Sequence[int]], int] | None = None
+    #: a plaintext check of the operands ``simulate`` warns with (None: nothing to check)
+    check: Callable[[Any, list[np.ndarray]], str | None] | None = None
 
     def output_level(self, attrs: Mapping[str, Any], input_levels: Sequence[int]) -> int:
         if self.level is not None:
@@ -95,6 +98,27 @@ def _products(item: OpItem, blocks: int) -> dict[str, int]:
     return {"mult_cipher": blocks, "rescale": blocks}
 
 
+def _bootstrap(item: OpItem, args: list[np.ndarray]) -> np.ndarray:
+    """What OpenFHE returns: the input on the used slots; a sparse bootstrap (``period`` values
+    per lane) returns the average of the input's ``period``-periodic copies, repeated."""
+    x, period = args[0], int(item.attrs["period"])
+    n = x.shape[-1]
+    if period >= n:
+        return x
+    mean = x.reshape(*x.shape[:-1], n // period, period).mean(axis=-2)
+    return np.tile(mean, n // period)
+
+
+def _bootstrap_range(item: OpItem, args: list[np.ndarray]) -> str | None:
+    """Every slot (unused ones too: bootstrapping mixes them all) must lie within the bound."""
+    peak = float(np.abs(args[0]).max(initial=0.0))
+    bound = float(item.attrs["bound"])
+    if peak <= bound:
+        return None
+    return (f"a value of magnitude {peak:.3g} reaches a bootstrap whose inputs must stay within "
+            f"+-{bound:.3g}; the encrypted bootstrap would return garbage for the whole ciphertext")
+
+
 OPS: dict[Op, OpSpec] = {
     Op.INPUT: OpSpec(arity=0, layout=Layout.SOURCE, depth=lambda a: 0, in_program=False),
     Op.LINEAR: OpSpec(
@@ -117,6 +141,13 @@ OPS: dict[Op, OpSpec] = {
                    evaluate=lambda item, args: args[0] + args[1], counts=lambda item, blocks: {"add": blocks}),
     Op.MUL: OpSpec(arity=2, layout=Layout.JOIN, depth=lambda a: 1,
                    evaluate=lambda item, args: args[0] * args[1], counts=_products),
+    Op.BOOTSTRAP: OpSpec(
+        arity=1, layout=Layout.ELEMENTWISE, depth=lambda a: 0, evaluate=_bootstrap, check=_bootstrap_range,
+        level=lambda attrs, inputs: int(attrs["level"]),
+        counts=lambda item, blocks: {f"{BOOTSTRAP}{int(item.attrs['slots'])}": blocks},
+        describe=lambda item: f"{int(item.attrs['slots'])} slots -> level {int(item.attrs['level'])}",
+        attrs=("slots", "period", "level", "bound"),
+    ),
 }
 
 #: The kinds a program may hold, in declaration order.

@@ -1,5 +1,5 @@
-"""Estimates and the text report of a compiled program: primitive counts, predicted time per step,
-key-bundle size, plaintext-cache use and, for networks deeper than the ring, a bootstrap estimate.
+"""Estimates and the text report of a compiled program: primitive counts, predicted time per step
+(bootstraps included), key-bundle size and plaintext-cache use.
 
 Predictions price each step's primitive counts (its ``OpSpec.counts``) with the model's
 ``PrimitiveCosts`` at the level where the step runs.  Without measured costs they are None.
@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..ckks.params import BootstrapConfig
 from .cost_model import DEFAULT_CACHE_BYTES
-from .ops import OPS
+from .ops import OPS, Op
 
 if TYPE_CHECKING:
     from .model import CompiledModel, Step
@@ -62,42 +61,10 @@ def predicted_ms(model: "CompiledModel", step: "Step", cache_bytes: int = DEFAUL
     engine with ``cache_bytes`` of plaintext cache (diagonals beyond it are encoded on every run)."""
     if model.costs is None:
         return float("nan")
-    depth = model.params.multiplicative_depth
-    level = step.level
-    if level > depth:  # an estimate past the ring's depth: assume the level right after a bootstrap
-        refresh = (model.params.bootstrapping or BootstrapConfig()).levels_after
-        level = depth - refresh + (level - depth) % refresh
     counts = step_counts(model, step)
     if step.linear is not None:
         counts = {**counts, "encode": uncached_plaintexts(model, cache_bytes)[step.name]}
-    return model.cost_model.total(counts, level)
-
-
-def bootstrap_estimate(model: "CompiledModel") -> tuple[int, int]:
-    """(bootstrap operations, ciphertext bootstraps) per run: 0 when the depth fits.
-
-    An estimate for networks deeper than the ring allows: a fresh ciphertext has the parameters'
-    full depth, each bootstrap restores ``BootstrapConfig.levels_after`` levels (10 by default:
-    an assumption until bootstrapping lands and is measured), and a tensor is bootstrapped
-    lazily, right before the first step that would run out of levels.  Every ciphertext block
-    of the tensor is bootstrapped (the second number).
-    """
-    budget = model.params.multiplicative_depth
-    if model.depth <= budget:
-        return 0, 0
-    refresh = (model.params.bootstrapping or BootstrapConfig()).levels_after
-    remaining = {model.input_name: budget}
-    blocks = model.blocks()
-    ops = cts = 0
-    for s in model.steps:
-        need = OPS[s.op].depth(s.attrs)
-        for i in s.inputs:
-            if remaining[i] < need:
-                remaining[i] = refresh
-                ops += 1
-                cts += blocks[i]
-        remaining[s.name] = min(remaining[i] for i in s.inputs) - need
-    return ops, cts
+    return model.cost_model.total(counts, step.level)
 
 
 def key_bundle_bytes(model: "CompiledModel") -> int:
@@ -105,7 +72,11 @@ def key_bundle_bytes(model: "CompiledModel") -> int:
     ks = model.costs.key_bytes if model.costs is not None else {}
     if not ks:
         return 0
-    return ks.get("public", 0) + ks.get("mult", 0) + ks.get("rotation", 0) * len(model.params.rotation_indices)
+    boot = model.params.bootstrapping
+    measured = (model.costs.ms.get("bootstraps") or {}).get("keys", {})
+    bootstrap_keys = sum(int(measured.get(str(s), 0)) for s in boot.slots) if boot else 0
+    rotations = len(model.params.rotation_indices) + bootstrap_keys  # an upper bound: the sets may overlap
+    return ks.get("public", 0) + ks.get("mult", 0) + ks.get("rotation", 0) * rotations
 
 
 def _rounded(value: float) -> float | None:
@@ -117,7 +88,8 @@ def summary(model: "CompiledModel") -> dict[str, Any]:
     counts = [step_counts(model, s) for s in model.steps]
     rotations = sum(c.get("rotate", 0) + c.get("fast_rotate", 0) + c.get("rotate_ext", 0) for c in counts)
     predicted = sum(predicted_ms(model, s) for s in model.steps)
-    bootstraps, ct_bootstraps = bootstrap_estimate(model)
+    blocks = model.blocks()
+    boots = [s for s in model.steps if s.op is Op.BOOTSTRAP]
     cm = model.cost_model
     c = cm.costs
     client = (model.input_blocks * (cm.ms("encode", 0) + c.get("encrypt", float("nan")) + c.get("serialize_input", 0.0))
@@ -127,8 +99,8 @@ def summary(model: "CompiledModel") -> dict[str, Any]:
                   + model.output_blocks * c.get("serialize_output", 0.0))
     return {
         "levels": model.depth,
-        "bootstraps": bootstraps,
-        "ciphertext_bootstraps": ct_bootstraps,
+        "bootstraps": len(boots),
+        "ciphertext_bootstraps": sum(blocks[s.name] for s in boots),
         "steps": len(model.steps),
         "rotations_per_run": rotations,
         "rotation_keys": len(model.params.rotation_indices),
@@ -164,11 +136,11 @@ def render(model: "CompiledModel") -> str:
     summ = summary(model)
     lines += [
         "",
-        f"levels: {summ['levels']}"
-        + (f" (the largest 128-bit ring holds {p.multiplicative_depth})" if summ["bootstraps"] else "")
+        f"levels: {summ['levels']} of {p.multiplicative_depth}"
+        + ("" if model.runnable else " (too deep for these parameters without bootstrapping: an estimate)")
         + f", bootstraps: {summ['bootstraps']}"
-        + (f" (estimate: {summ['ciphertext_bootstraps']} ciphertext bootstraps, "
-           f"{(p.bootstrapping or BootstrapConfig()).levels_after} levels each; latency excludes them)"
+        + (f" ({summ['ciphertext_bootstraps']} ciphertext bootstraps at {list(p.bootstrapping.slots)} slots, "
+           f"{p.bootstrapping.secret_key_dist}, level budget {list(p.bootstrapping.level_budget)})"
            if summ["bootstraps"] else "")
         + f", rotations per run: {summ['rotations_per_run']}",
         f"rotation keys: {summ['rotation_keys']} "

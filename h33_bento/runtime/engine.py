@@ -13,6 +13,7 @@ from typing import Callable, ClassVar, Sequence
 import numpy as np
 import openfhe
 
+from ..ckks.context import bootstrap_context
 from ..ckks.keys import EvaluationKeys, load_ciphertext
 from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import EncryptedTensor
@@ -92,6 +93,8 @@ class Engine:
         self.key_id = evaluation_keys.key_id
         self.sandbox = sandbox
         self.cc = evaluation_keys.install(compiled.params)
+        if compiled.params.bootstrapping is not None:
+            bootstrap_context(compiled.params, precompute=True)
         if not keep_serialized_keys:
             self.keys = dataclasses.replace(evaluation_keys, mult_key=b"", rotation_keys=b"")
         self._m = self.cc.GetCyclotomicOrder()
@@ -171,15 +174,34 @@ class Engine:
     def _product(self, step: Step, args: list[list[openfhe.Ciphertext]]) -> list[openfhe.Ciphertext]:
         return [self._rescale(self.cc.EvalMult(*self._same_level(a, b))) for a, b in zip(*args)]
 
-    def _rescale(self, ct: openfhe.Ciphertext) -> openfhe.Ciphertext:
-        """With FIXEDMANUAL scaling, rescale right after each multiplication, exactly once.
+    def _bootstrap(self, step: Step, args: list[list[openfhe.Ciphertext]]) -> list[openfhe.Ciphertext]:
+        """Refresh every block.  A sparse bootstrap reads the ciphertext as ``slots`` periodic slots
+        (OpenFHE averages the periods; the compiler scaled a zero-padded input to match)."""
+        slots, full = int(step.attrs["slots"]), self.params.slots
+        out = []
+        for ct in args[0]:
+            if slots != full:
+                ct = ct.Clone()
+                ct.SetSlots(slots)
+            refreshed = self.cc.EvalBootstrap(ct)
+            if slots != full:
+                refreshed.SetSlots(full)
+            out.append(refreshed)
+        return out
 
-        (Left pending, as FLEXIBLEAUTO does, every later product with a rotated copy would
-        rescale its own copy again.)
+    def _rescale(self, ct: openfhe.Ciphertext) -> openfhe.Ciphertext:
+        """Rescale a ciphertext pending one (scale degree 2), exactly once.
+
+        Left pending, as FLEXIBLEAUTO would, every later product with a rotated copy would
+        rescale its own copy again.  FLEXIBLEAUTO ignores ``Rescale``; compressing to one tower
+        fewer is the same operation there.
         """
-        if self._manual and ct.GetNoiseScaleDeg() > 1:
+        if ct.GetNoiseScaleDeg() < 2:
+            return ct
+        if self._manual:
             self.cc.RescaleInPlace(ct)
-        return ct
+            return ct
+        return self.cc.Compress(ct, self.params.multiplicative_depth - ct.GetLevel())
 
     def _same_level(self, a: openfhe.Ciphertext, b: openfhe.Ciphertext) -> tuple[openfhe.Ciphertext, openfhe.Ciphertext]:
         """Operands of a residual add or product must sit at one level under manual scaling."""
@@ -204,7 +226,7 @@ class Engine:
     def _linear(self, step: Step, args: list[list[openfhe.Ciphertext]]) -> list[openfhe.Ciphertext]:
         """The BSGS transform of ``step.linear``: hoisted baby steps shared by every output block,
         products with the diagonals (``_weight``), giant steps and folds summed in the extended basis."""
-        xs = args[0]
+        xs = [self._rescale(x) for x in args[0]]
         cc, plan, lanes, n = self.cc, step.linear, self.params.lanes, self.params.lane_length
         babies, giants = plan.schedule()
         babies_needed: dict[int, set[int]] = {}
@@ -219,9 +241,7 @@ class Engine:
                 for b in nonzero:
                     rotated[ib, b] = cc.EvalFastRotation(x, b * lanes, self._m, digits)
             rotated[ib, 0] = x
-        # a ciphertext pending a rescale (scale degree 2) is rescaled inside EvalMult first
-        x0 = xs[0]
-        level = x0.GetLevel() + x0.GetNoiseScaleDeg() - 1
+        level = xs[0].GetLevel()
         outs = []
         for ob in range(plan.out_blocks):
             acc: dict[int, openfhe.Ciphertext] = {}
@@ -279,6 +299,7 @@ class Engine:
     #: (``program.ops``); ``tests/test_architecture.py`` checks that it covers every program op.
     EVALUATORS: ClassVar[dict[Op, Callable[..., list[openfhe.Ciphertext]]]] = {
         Op.LINEAR: _linear, Op.POLY: _poly, Op.SQUARE: _square, Op.ADD: _sum, Op.MUL: _product,
+        Op.BOOTSTRAP: _bootstrap,
     }
 
     # ----------------------------------------------------------------- lane packing

@@ -6,18 +6,27 @@ whole test sets.  Lane vectors are numpy rows; each step is its op's plaintext e
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
+from ..errors import RangeWarning
 from ..program.model import CompiledModel
 from ..program.ops import OPS
 from ..program.packing import pack, unpack
 
 
 def run_vectors(model: CompiledModel, vec: np.ndarray) -> np.ndarray:
-    """Run the program on packed lane vectors (B, blocks, n)."""
+    """Run the program on packed lane vectors (B, blocks, n), warning (``RangeWarning``) where a
+    step's check fails, e.g. a value a bootstrap could not handle."""
     values = {model.input_name: vec}
     for step in model.steps:
-        values[step.name] = OPS[step.op].evaluate(step, [values[i] for i in step.inputs])
+        spec = OPS[step.op]
+        args = [values[i] for i in step.inputs]
+        problem = spec.check(step, args) if spec.check is not None else None
+        if problem:
+            warnings.warn(f"step {step.name!r}: {problem}", RangeWarning, stacklevel=3)
+        values[step.name] = spec.evaluate(step, args)
     return values[model.output]
 
 

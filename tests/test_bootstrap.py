@@ -1,0 +1,178 @@
+"""Bootstrapping: placement on deep and residual networks, sparse slots, range checks, one 128-bit bootstrap.
+
+The networks here need 26 to 41 levels, beyond the 24 a bootstrappable ring holds.  They run on
+small rings with the security level explicitly opted out (``security_level="HEStd_NotSet"``,
+N=2^12: seconds per bootstrap instead of a minute); the 128-bit bootstrap is tested on its own.
+Encrypted outputs are compared with ``simulate`` on the same program, and ``simulate`` with torch.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from h33_bento import compile, simulate  # noqa: E402
+from h33_bento.ckks.params import select_bootstrap_params  # noqa: E402
+from h33_bento.ckks.timing import measure_bootstrap  # noqa: E402
+from h33_bento.client import FHEInferenceClient  # noqa: E402
+from h33_bento.errors import RangeWarning  # noqa: E402
+from h33_bento.program.ops import Op  # noqa: E402
+
+from conftest import assert_logits_close  # noqa: E402
+
+#: Small rings for speed, explicitly below 128-bit security: for these tests only.
+INSECURE_FOR_TESTS = "HEStd_NotSet"
+
+
+class DeepSquareMLP(nn.Module):
+    """16 -> (linear, x^2 / 2) x 20 -> 4: 41 levels."""
+
+    def __init__(self, width: int = 16, depth: int = 20) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.out = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+            x = x * x * 0.5
+        return self.out(x)
+
+
+class ResidualSquareNet(nn.Module):
+    """A stem and two residual blocks whose branches need 12 levels each: 26 levels in all, and no
+    bootstrap placement can keep the second branch whole (a bootstrap leaves 8)."""
+
+    def __init__(self, width: int = 16, branch: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Linear(width, width)
+        self.blocks = nn.ModuleList(nn.ModuleList(nn.Linear(width, width) for _ in range(branch)) for _ in range(2))
+        self.out = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            y = x
+            for layer in block:
+                y = layer(y)
+                y = y * y
+            x = x + y
+        return self.out(x)
+
+
+def _tame(model: nn.Module, gain: float) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.uniform_(m.weight, -gain / m.in_features ** 0.5, gain / m.in_features ** 0.5)
+                nn.init.uniform_(m.bias, -0.1, 0.1)
+    return model.eval()
+
+
+def _torch(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(x, dtype=torch.float64)).numpy()
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    return np.random.default_rng(0).uniform(-1, 1, (64, 16))
+
+
+@pytest.fixture(scope="module")
+def deep_mlp(data):
+    model = _tame(DeepSquareMLP(), 1.2).double()
+    return model, compile(model, (16,), calibration_data=data, security_level=INSECURE_FOR_TESTS,
+                          bootstrapping=True)
+
+
+@pytest.fixture(scope="module")
+def residual(data):
+    model = _tame(ResidualSquareNet(), 0.8).double()
+    return model, compile(model, (16,), calibration_data=data, security_level=INSECURE_FOR_TESTS,
+                          bootstrapping=True)
+
+
+def _bootstraps(compiled):
+    return [s for s in compiled.steps if s.op is Op.BOOTSTRAP]
+
+
+def _encrypted(compiled, x: np.ndarray) -> np.ndarray:
+    client = FHEInferenceClient(compiled, min_security_level=INSECURE_FOR_TESTS)
+    return client.decrypt_logits(client.infer(client.encrypt(x)))
+
+
+def test_deep_mlp_is_compiled_with_bootstraps_and_runs_encrypted(deep_mlp, data):
+    model, compiled = deep_mlp
+    p = compiled.params
+    assert p.bootstrapping is not None and p.scaling_technique == "FLEXIBLEAUTO"
+    assert compiled.runnable and compiled.depth <= p.multiplicative_depth  # 41 levels folded into 24
+    boots = _bootstraps(compiled)
+    # a bootstrap leaves the levels measured by running them; 41 levels need at least three
+    after = p.multiplicative_depth - boots[0].attrs["level"]
+    assert after == p.multiplicative_depth - p.bootstrapping.depth
+    assert len(boots) >= -(-(41 - p.multiplicative_depth) // after) >= 2
+    summary = compiled.summary()
+    assert summary["bootstraps"] == len(boots) and summary["predicted_latency_ms"] > 0
+    assert "bootstraps: " in compiled.report and "slots -> level" in compiled.report
+    x = data[:8]
+    sim = simulate(compiled, x)
+    assert_logits_close(sim, _torch(model, x), rel=1e-6)  # a bootstrap is the identity on its range
+    assert_logits_close(_encrypted(compiled, x), sim, rel=1e-2)
+
+
+def test_a_sparse_bootstrap_runs_at_the_slots_its_tensor_fills(deep_mlp, data):
+    _, compiled = deep_mlp
+    sparse = [s for s in _bootstraps(compiled) if s.attrs["slots"] < compiled.params.slots]
+    assert sparse, "the 16-wide layers fill 128 of 2048 slots: their bootstraps should run sparse"
+    assert set(compiled.params.bootstrapping.slots) == {s.attrs["slots"] for s in _bootstraps(compiled)}
+    assert all(s.attrs["slots"] == s.attrs["period"] * compiled.lanes for s in sparse)
+    # a sparse bootstrap is cheaper than a full one, and the report prices it
+    ms = compiled.costs.ms
+    assert ms[f"bootstrap_{sparse[0].attrs['slots']}"] < ms[f"bootstrap_{compiled.params.slots}"]
+
+
+def test_a_residual_branch_crosses_a_bootstrap(residual, data):
+    model, compiled = residual
+    boots = _bootstraps(compiled)
+    assert boots
+    adds = [s for s in compiled.steps if s.op is Op.ADD]
+    assert len(adds) == 2
+    # the second block's branch (12 levels) cannot run whole after a bootstrap (8 levels):
+    # one bootstrap sits inside it, between the fork and the join
+    names = [s.name for s in compiled.steps]
+    fork = adds[0].name
+    inside = names[names.index(fork) + 1:names.index(adds[1].name)]
+    assert any(b.name in inside for b in boots)
+    assert fork in adds[1].inputs  # the skip connection reads the fork across the bootstrap
+    x = data[:8]
+    sim = simulate(compiled, x)
+    assert_logits_close(sim, _torch(model, x), rel=1e-6)
+    assert_logits_close(_encrypted(compiled, x), sim, rel=1e-2)
+
+
+def test_simulate_warns_when_a_value_leaves_the_bootstrap_range(deep_mlp, data):
+    _, compiled = deep_mlp
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RangeWarning)
+        simulate(compiled, data)  # the calibrated data stay in range
+    with pytest.warns(RangeWarning, match="bootstrap"), np.errstate(all="ignore"):
+        simulate(compiled, data * 4)  # a 4x gain on the input: the x^2 layers blow it out of range
+
+
+def test_one_128_bit_bootstrap():
+    """The bootstrap the engine runs, at the parameters deep networks get (N=2^16, 128-bit,
+    sparse-encapsulated secret), at a small slot count (its keys fit the test machine)."""
+    params = select_bootstrap_params(4096)
+    assert params.ring_dim == 1 << 16 and params.security_level == "HEStd_128_classic"
+    assert params.bootstrapping.secret_key_dist == "SPARSE_ENCAPSULATED"
+    measured = measure_bootstrap(params, 64, refresh=True)
+    assert measured["levels_after"] == params.multiplicative_depth - params.bootstrapping.depth >= 8
+    assert measured["error"] < 1e-3 * measured["bound"]
+    assert measured["error_after_levels"] < 1e-3 * measured["bound"]  # still right after using every level
+    assert measured["ms"] > 0 and measured["keys"] > 0

@@ -161,9 +161,12 @@ class _Deep(nn.Module):
 
 def test_too_deep_network_gives_levels_needed_and_available():
     with pytest.raises(DepthExceededError, match="needs 40 multiplicative levels.*at most 30"):
-        compile(_Deep(20), (8,), measure_costs=False)
-    estimate = compile(_Deep(20), (8,), estimate_only=True, measure_costs=False)
+        compile(_Deep(20), (8,), measure_costs=False, bootstrapping=False)
+    estimate = compile(_Deep(20), (8,), estimate_only=True, measure_costs=False, bootstrapping=False)
     assert not estimate.runnable and estimate.depth == 40
+    # by default a network this deep is bootstrapped, which checks every bootstrap's input range
+    with pytest.raises(CompileError, match="bootstrapping needs calibration_data"):
+        compile(_Deep(20), (8,), measure_costs=False)
 
 
 def test_named_activation_needs_calibration_data():

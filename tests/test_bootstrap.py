@@ -7,6 +7,7 @@ Encrypted outputs are compared with ``simulate`` on the same program, and ``simu
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -153,6 +154,30 @@ def test_a_residual_branch_crosses_a_bootstrap(residual, data):
     x = data[:8]
     sim = simulate(compiled, x)
     assert_logits_close(sim, _torch(model, x), rel=1e-6)
+    assert_logits_close(_encrypted(compiled, x), sim, rel=1e-2)
+
+
+def test_degree_2_activations_cost_one_level_in_a_bootstrapped_program(data):
+    """A degree-2 series spends three levels; bootstrapped programs run it as one square between
+    affine maps that fuse into the neighbouring layers, and compute the same function."""
+    from h33_bento import nn as hnn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(16, 16), nn.ReLU())], nn.Linear(16, 4))
+    _tame(model, 1.0)
+    hnn.polyfy(model, torch.as_tensor(data, dtype=torch.float32), degrees={"relu": 2})
+    model.eval()
+    flat = compile(model, (16,), measure_costs=False, bootstrapping=False, estimate_only=True)
+    assert [s.op for s in flat.steps].count(Op.POLY) == 12 and flat.depth == 12 * (1 + 3) + 1
+    compiled = compile(model, (16,), calibration_data=data, security_level=INSECURE_FOR_TESTS, bootstrapping=True)
+    ops = [s.op for s in compiled.steps]
+    assert Op.POLY not in ops and ops.count(Op.SQUARE) == 12
+    assert ops.count(Op.LINEAR) == 13  # every affine map fused into a layer
+    # 12 x (1 + 1) + 1 = 25 levels: one bootstrap, where the series would have needed four
+    assert len(_bootstraps(compiled)) == 1
+    x = data[:8]
+    sim = simulate(compiled, x)
+    assert_logits_close(sim, _torch(copy.deepcopy(model).double(), x), rel=1e-4)  # float32 weights
     assert_logits_close(_encrypted(compiled, x), sim, rel=1e-2)
 
 

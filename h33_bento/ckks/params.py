@@ -249,8 +249,10 @@ def select_params(
 MIN_LEVELS_AFTER_BOOTSTRAP = 4
 #: Most levels between bootstraps when the security level sets no bound (HEStd_NotSet, tests).
 NOT_SET_LEVELS_AFTER_BOOTSTRAP = 8
-#: Most key-switching digits a bootstrappable ring may need (each digit adds a share to every key).
-MAX_BOOTSTRAP_DIGITS = 3
+#: Key-switching digits of bootstrappable parameters.  Fewer would shrink the keys, but OpenFHE 1.6
+#: then fails to deserialize a bootstrappable context's ciphertexts once the process holds another
+#: large context ("EstimateLogP() failure: expected sizeP [8]"), measured with 1 and 2 digits.
+BOOTSTRAP_DIGITS = 3
 #: Smallest ring bootstrapped (only rings below 2^16 with HEStd_NotSet, in tests, are this small).
 MIN_BOOTSTRAP_RING = 1 << 12
 
@@ -264,8 +266,8 @@ def select_bootstrap_params(
     bootstrapping: BootstrapConfig | None = None,
 ) -> CKKSParams:
     """Bootstrappable parameters: the smallest ring (with ``slots_needed`` slots) whose modulus holds
-    a bootstrap plus at least ``MIN_LEVELS_AFTER_BOOTSTRAP`` levels at the security level, and
-    then the most levels it holds with at most ``MAX_BOOTSTRAP_DIGITS`` digits.
+    a bootstrap plus at least ``MIN_LEVELS_AFTER_BOOTSTRAP`` levels at the security level with
+    ``BOOTSTRAP_DIGITS`` key-switching digits, and then the most levels it holds.
 
     Scale and first modulus default to 50 and 58 bits: OpenFHE's bootstrap needs their
     difference at most 8 bits, and a 45-bit scale loses a decimal digit of precision.
@@ -281,18 +283,17 @@ def select_bootstrap_params(
         most = boot.depth + NOT_SET_LEVELS_AFTER_BOOTSTRAP
     ring_dim = max(MIN_BOOTSTRAP_RING, 1 << max(0, (2 * slots_needed - 1).bit_length()))
 
-    def digits(ring: int, depth: int) -> int:
-        return next((d for d in range(1, MAX_BOOTSTRAP_DIGITS + 1)
-                     if _accepted(ring, depth, scale_bits, first_mod_bits, security_level, d)), 0)
+    def fits(ring: int, depth: int) -> bool:
+        return _accepted(ring, depth, scale_bits, first_mod_bits, security_level, BOOTSTRAP_DIGITS)
 
-    while not digits(ring_dim, needed):
+    while not fits(ring_dim, needed):
         if ring_dim >= MAX_RING_DIM:
             raise DepthExceededError(needed, max_depth(MAX_RING_DIM, scale_bits, first_mod_bits, security_level),
                                      MAX_RING_DIM)
         ring_dim *= 2
     depth = needed
-    while (security_level != "HEStd_NotSet" or depth < most) and digits(ring_dim, depth + 1):
+    while (security_level != "HEStd_NotSet" or depth < most) and fits(ring_dim, depth + 1):
         depth += 1
     return CKKSParams(ring_dim=ring_dim, multiplicative_depth=depth, scale_bits=scale_bits,
                       first_mod_bits=first_mod_bits, scaling_technique="FLEXIBLEAUTO", lanes=lanes,
-                      security_level=security_level, num_large_digits=digits(ring_dim, depth), bootstrapping=boot)
+                      security_level=security_level, num_large_digits=BOOTSTRAP_DIGITS, bootstrapping=boot)

@@ -2,12 +2,12 @@
 
 ``compile`` runs ``PASSES`` in order, each a function of the previous ``Compilation``::
 
-    import -> fuse -> calibrate -> levels -> parameters -> costs -> layout -> bootstraps
-           -> diagonals -> program
+    import -> fuse -> calibrate -> levels -> parameters -> quadratics -> costs -> layout
+           -> bootstraps -> diagonals -> program
 
 One file per pass: ``onnx_import``/``torch_import``, ``fusion``, ``calibration``, ``levels``,
-``parameters``, ``ckks.timing`` (the costs are measured there, or passed in), ``layout``,
-``bootstraps``, ``diagonals``, ``emit``.  The result is a ``program.CompiledModel``.
+``parameters``, ``quadratics``, ``ckks.timing`` (the costs are measured there, or passed in),
+``layout``, ``bootstraps``, ``diagonals``, ``emit``.  The result is a ``program.CompiledModel``.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from .graph import Graph
 from .layout import Layouts, assign_layouts
 from .levels import assign_levels
 from .parameters import choose_params
+from .quadratics import lower_quadratics
 
 __all__ = ["compile", "CompiledModel", "Compilation", "CompileOptions", "PASSES", "load_graph"]
 
@@ -125,6 +126,23 @@ def parameters_pass(c: Compilation) -> Compilation:
     return replace(c, params=params, runnable=runnable)
 
 
+def quadratics_pass(c: Compilation) -> Compilation:
+    """Degree-2 series as one square in bootstrapped programs (``compiler.quadratics``); if the
+    network then fits a ring without bootstrapping, and bootstrapping was not asked for, it gets
+    that ring's parameters instead."""
+    if c.params.bootstrapping is None:
+        return c
+    graph = lower_quadratics(c.graph)
+    c = replace(c, graph=graph, levels=assign_levels(graph))
+    if c.options.bootstrapping is None:
+        o = c.options
+        params, runnable = choose_params(graph, max(c.levels.values()), o.lanes, o.scale_bits, o.first_mod_bits,
+                                         o.security_level, allow_too_deep=o.estimate_only)
+        if params.bootstrapping is None:
+            c = replace(c, params=params, runnable=runnable)
+    return c
+
+
 def costs_pass(c: Compilation) -> Compilation:
     """The given cost table, or one measured now for the chosen parameters (none for estimates of
     networks too deep to run, or with ``measure_costs=False``: relative costs then)."""
@@ -199,6 +217,7 @@ PASSES: tuple[tuple[str, Callable[[Compilation], Compilation]], ...] = (
     ("calibrate", calibrate_pass),
     ("levels", levels_pass),
     ("parameters", parameters_pass),
+    ("quadratics", quadratics_pass),
     ("costs", costs_pass),
     ("layout", layout_pass),
     ("bootstraps", bootstraps_pass),

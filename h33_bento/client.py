@@ -111,7 +111,8 @@ class FHEInferenceClient:
     explicit: ``min_security_level="HEStd_NotSet"``.
     """
 
-    #: seconds to wait for one HTTP answer (an upload of a ~0.5 GB key bundle, or a queued run)
+    #: seconds to wait for one HTTP answer at least (an upload of a ~0.5 GB key bundle, or a queued
+    #: run); a model predicted to run longer (a deep, bootstrapped one) gets three times its prediction
     http_timeout: float = 900.0
 
     def __init__(self, model: CompiledModel | str | os.PathLike | None = None, url: str | None = None,
@@ -149,6 +150,9 @@ class FHEInferenceClient:
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers,
                                   timeout=httpx.Timeout(self.http_timeout, connect=30.0))
         self.server_info = self._json(self._http.get("/model"))
+        predicted = ((self.server_info.get("model") or {}).get("summary") or {}).get("predicted_latency_ms")
+        if isinstance(predicted, (int, float)) and 3 * predicted / 1000.0 > self.http_timeout:
+            self._http.timeout = httpx.Timeout(3 * predicted / 1000.0, connect=30.0)
 
     @staticmethod
     def _raise_for(resp: Any) -> None:

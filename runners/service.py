@@ -99,6 +99,12 @@ class H33Inference:
             package_logger.setLevel(logging.INFO)
         exit_with_parent()
         self.runtime = Runtime(ServeConfig.from_env()).activate()
+        predicted = self.runtime.compiled.summary()["predicted_latency_ms"]
+        if predicted and 2 * predicted / 1000.0 > REQUEST_TIMEOUT_S:
+            logging.getLogger("h33_bento.runners").warning(
+                "one encrypted run of this model is predicted to take %.0f s; H33_REQUEST_TIMEOUT_S=%.0f would "
+                "cut requests off (set it to at least %.0f)", predicted / 1000.0, REQUEST_TIMEOUT_S,
+                3 * predicted / 1000.0)
 
     def __is_ready__(self) -> bool:
         """Ready once the model is loaded, and while a request could still be admitted (not saturated)."""

@@ -28,6 +28,13 @@ def _measurement_cache(tmp_path_factory):
     os.environ["H33_CACHE_DIR"] = str(tmp_path_factory.mktemp("h33-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Initial weights are drawn when a model is built, before ``zoo.train`` seeds: seed torch per test
+    so its networks do not depend on which tests ran before it."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def mnist_train():
     return datasets.mnist_train5k()
@@ -42,6 +49,7 @@ def mnist_test():
 def cnn(mnist_train):
     """Conv + BN + x^2 + AvgPool + dense, trained on 5k real MNIST images."""
     x, y = mnist_train
+    torch.manual_seed(0)
     return zoo.train(zoo.MnistCNN(), x, y, epochs=4)
 
 
@@ -58,6 +66,7 @@ def cnn_client(cnn_compiled):
 @pytest.fixture(scope="session")
 def convnet(mnist_train):
     x, y = mnist_train
+    torch.manual_seed(0)
     return zoo.train(zoo.ConvNet(), x, y, epochs=2)
 
 

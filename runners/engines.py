@@ -39,7 +39,7 @@ from ..program.model import CompiledModel
 from ..errors import EnvelopeError, EvaluationKeysNotFoundError, SandboxUnavailableError
 from ..keystore import KeyStore
 from ..runtime.engine import DEFAULT_CACHE_BYTES, Engine, PlaintextCache
-from .errors import HTTPError, from_envelope_error, unknown_key, validator_unavailable
+from .http_errors import HTTPError, from_envelope_error, unknown_key, validator_unavailable
 from .metrics import Metrics, NullMetrics
 
 logger = logging.getLogger("h33_bento.runners")

@@ -12,7 +12,7 @@ concurrency limiter and its per-path HTTP metrics, and the gate does both jobs i
   (``max_infer_bytes`` for /infer, ``max_key_bundle_bytes`` for POST /keys, 64 KiB elsewhere).
   401, 413, 429 and 503 are answered at once with ``Connection: close``, the body unread;
 * an authenticated request then takes an in-flight slot of its tenant and of the worker
-  (:class:`~h33_bento.runners.runtime.Admission`, 429 when none is free), held until it is answered;
+  (:class:`~h33_bento.runners.worker_state.Admission`, 429 when none is free), held until it is answered;
 * its body must arrive within ``body_timeout_s`` plus its size at ``body_min_rate`` (408), and may
   not outgrow the limit while it streams (413);
 * an /infer body is read and checked here (envelope framing, model and parameter fingerprints,
@@ -41,9 +41,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .config import ServeConfig
-from .errors import HTTPError, body_timeout, internal_error, log_error, request_id, too_large, unauthorized
+from .http_errors import HTTPError, body_timeout, internal_error, log_error, request_id, too_large, unauthorized
 from .metrics import exposition
-from .runtime import current
+from .worker_state import current
 
 logger = logging.getLogger("h33_bento.runners")
 

@@ -39,10 +39,10 @@ from bentoml.exceptions import InvalidArgument
 
 from .config import ServeConfig
 from .engines import InferItem, InferResult
-from .errors import log_error
+from .http_errors import log_error
 from .http import H33Gate, routes_app
 from .process import exit_with_parent
-from .runtime import Runtime, current
+from .worker_state import Runtime, current
 
 REQUEST_TIMEOUT_S = float(os.environ.get("H33_REQUEST_TIMEOUT_S", "900"))
 MAX_BATCH_SIZE = 8

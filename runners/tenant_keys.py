@@ -11,7 +11,7 @@ import os
 
 from ..errors import EvaluationKeysNotFoundError
 from ..keystore import KeyRecord, KeyStore, StagedBundle
-from .errors import HTTPError, foreign_key, unknown_key
+from .http_errors import HTTPError, foreign_key, unknown_key
 
 
 class TenantKeyStore(KeyStore):

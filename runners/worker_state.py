@@ -24,8 +24,8 @@ from ..errors import EnvelopeError, SandboxUnavailableError
 from ..keystore import KeyRecord, StagedBundle
 from .config import Authenticator, ServeConfig, TenantConfig
 from .engines import EngineRunner, InferItem, LanePacker
-from .errors import HTTPError, busy, foreign_key, from_envelope_error, validator_unavailable
-from .keystore import TenantKeyStore
+from .http_errors import HTTPError, busy, foreign_key, from_envelope_error, validator_unavailable
+from .tenant_keys import TenantKeyStore
 from .metrics import Metrics, create as create_metrics
 from .source import load_compiled
 

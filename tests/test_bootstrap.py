@@ -8,6 +8,7 @@ Encrypted outputs are compared with ``simulate`` on the same program, and ``simu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import numpy as np
@@ -17,11 +18,14 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from h33_bento import compile, simulate  # noqa: E402
+from h33_bento.ckks.keys import KeyChain  # noqa: E402
 from h33_bento.ckks.params import select_bootstrap_params  # noqa: E402
+from h33_bento.ckks.sandbox import Sandbox  # noqa: E402
 from h33_bento.ckks.timing import measure_bootstrap  # noqa: E402
 from h33_bento.client import FHEInferenceClient  # noqa: E402
-from h33_bento.errors import RangeWarning  # noqa: E402
+from h33_bento.errors import RangeWarning, TamperedDataError  # noqa: E402
 from h33_bento.program.ops import Op  # noqa: E402
+from h33_bento.runtime.engine import Engine  # noqa: E402
 
 from conftest import assert_logits_close  # noqa: E402
 
@@ -179,6 +183,31 @@ def test_degree_2_activations_cost_one_level_in_a_bootstrapped_program(data):
     sim = simulate(compiled, x)
     assert_logits_close(sim, _torch(copy.deepcopy(model).double(), x), rel=1e-4)  # float32 weights
     assert_logits_close(_encrypted(compiled, x), sim, rel=1e-2)
+
+
+def test_a_bootstrapped_bundle_passes_the_sandbox_and_one_without_its_bootstrapping_keys_does_not(deep_mlp, data,
+                                                                                                  tmp_path):
+    """A server validates key bundles in a child before installing them: the bootstrapping keys
+    (rotation keys at automorphisms the program never names) are part of an honest bundle, and a
+    bundle without them would fail only at the first bootstrap, after the upload was accepted."""
+    _, compiled = deep_mlp
+    params = compiled.params
+    client = FHEInferenceClient(compiled, min_security_level=INSECURE_FOR_TESTS)
+    honest = tmp_path / "honest.h33k"
+    honest.write_bytes(client.keys.evaluation_keys().to_bytes())
+    no_slots = params.bootstrapping.model_copy(update={"slots": ()})  # the same context, no bootstrapping keys
+    plain = KeyChain.generate(params.model_copy(update={"bootstrapping": no_slots}),
+                              min_security_level=INSECURE_FOR_TESTS).evaluation_keys()
+    lying = tmp_path / "lying.h33k"
+    lying.write_bytes(dataclasses.replace(plain, params_fingerprint=params.fingerprint).to_bytes())
+    with Sandbox(params, scratch_dir=tmp_path) as sb:
+        keys = sb.load_bundle(honest)
+        with pytest.raises(TamperedDataError, match="automorphisms missing.*bootstrapping keys included"):
+            sb.canonical_bundle(lying, tmp_path / "refused.h33k")
+        assert not (tmp_path / "refused.h33k").exists()
+        engine = Engine(compiled, keys, sandbox=sb)
+        x = data[:8]
+        assert_logits_close(client.decrypt_logits(engine.run(client.encrypt(x))), simulate(compiled, x), rel=1e-2)
 
 
 def test_simulate_warns_when_a_value_leaves_the_bootstrap_range(deep_mlp, data):

@@ -4,7 +4,9 @@ OpenFHE deduplicates contexts with equal parameters internally, and its evaluati
 static maps keyed by the secret key's tag, so one context serves every tenant with these params.
 Those maps cannot drop one tag's keys: :func:`release_evaluation_keys` empties them all.
 Bootstrapping needs a setup per slot count: with its precomputations (gigabytes at N=2^16) on
-the server, without them on a client that only generates keys (``bootstrap_context``).
+the server (``bootstrap_context``), without them everywhere else.  Every bootstrappable context
+is set up at least without them (a millisecond): OpenFHE serializes keys and ciphertexts of a
+set-up context with 33 more bytes, and the sandbox compares bytes across processes.
 """
 from __future__ import annotations
 
@@ -51,8 +53,22 @@ def get_context(params: CKKSParams) -> openfhe.CryptoContext:
     with _lock:
         cc = _contexts.get(key)
         if cc is None:
-            cc = _contexts[key] = build_context(params)
+            cc = build_context(params)
+            if params.bootstrapping is not None:
+                _setup_bootstrap(cc, params, precompute=False)
+            _contexts[key] = cc
         return cc
+
+
+def _setup_bootstrap(cc: openfhe.CryptoContext, params: CKKSParams, precompute: bool) -> None:
+    """Set ``cc`` up to bootstrap at every slot count of ``params`` (the caller holds ``_lock``)."""
+    for slots in params.bootstrapping.slots:
+        enough = {(params.fingerprint, slots, True)} if precompute else {(params.fingerprint, slots, flag)
+                                                                          for flag in (True, False)}
+        if enough & _bootstrap_setups:
+            continue
+        cc.EvalBootstrapSetup(list(params.bootstrapping.level_budget), [0, 0], slots, 0, precompute)
+        _bootstrap_setups.add((params.fingerprint, slots, precompute))
 
 
 def release_evaluation_keys() -> None:
@@ -81,19 +97,13 @@ def rss_bytes() -> int:
 def bootstrap_context(params: CKKSParams, precompute: bool) -> openfhe.CryptoContext:
     """The shared context, set up to bootstrap at every slot count of ``params.bootstrapping``.
 
-    ``precompute=False`` is enough to generate bootstrapping keys; running ``EvalBootstrap``
-    needs the precomputations (OpenFHE crashes without them), which a server sets up once.
+    ``precompute=False`` (what :func:`get_context` does already) is enough to generate
+    bootstrapping keys; running ``EvalBootstrap`` needs the precomputations (OpenFHE crashes
+    without them), which a server sets up once.
     """
-    cc = get_context(params)
-    boot = params.bootstrapping
-    if boot is None:
+    if params.bootstrapping is None:
         raise ValueError("these CKKS parameters have no bootstrapping configuration")
+    cc = get_context(params)
     with _lock:
-        for slots in boot.slots:
-            enough = {(params.fingerprint, slots, True)} if precompute else {(params.fingerprint, slots, flag)
-                                                                              for flag in (True, False)}
-            if enough & _bootstrap_setups:
-                continue
-            cc.EvalBootstrapSetup(list(boot.level_budget), [0, 0], slots, 0, precompute)
-            _bootstrap_setups.add((params.fingerprint, slots, precompute))
+        _setup_bootstrap(cc, params, precompute)
     return cc

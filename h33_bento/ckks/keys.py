@@ -16,7 +16,7 @@ import numpy as np
 import openfhe
 
 from ..errors import EnvelopeError, KeyMismatchError, ParamsMismatchError, TamperedDataError
-from .context import bootstrap_context, get_context
+from .context import get_context
 from .params import CKKSParams, SecurityLevel, check_security
 from .serialization import KEYS_MAGIC, pack_frame, unpack_frame
 
@@ -151,8 +151,7 @@ class KeyChain:
         cc.EvalMultKeyGen(keypair.secretKey)
         if params.rotation_indices:
             cc.EvalRotateKeyGen(keypair.secretKey, list(params.rotation_indices))
-        if params.bootstrapping is not None:
-            bootstrap_context(params, precompute=False)
+        if params.bootstrapping is not None:  # the context is set up for it (get_context)
             for slots in params.bootstrapping.slots:
                 cc.EvalBootstrapKeyGen(keypair.secretKey, slots)
         return cls(params, keypair.publicKey, keypair.secretKey)

@@ -33,6 +33,10 @@ and the other requests never notice.
   one word at each end of every run, since random coefficients next to a field can agree by
   chance; that is every length, count, ring dimension, modulus and index in the encoding.  A
   bundle's re-serialized keys must have the same length and those same words.
+* A bootstrapped program's bundle also holds the bootstrapping keys: rotation keys at the
+  automorphisms OpenFHE's bootstrap uses, of several sizes (gigabytes at N=2^16).  The reference
+  generates them once more, through a file, for their exact index set and length only; the
+  rehearsal then bootstraps once at every slot count, which switches with every one of them.
 
 Running this module (``python -m h33_bento.ckks.sandbox MODE MEMORY_BYTES``) is a child.  The
 protocol on its stdin/stdout: a frame is an 8-byte big-endian length, a JSON header listing the
@@ -69,7 +73,7 @@ from ..errors import (
 import numpy as np
 import openfhe
 
-from .context import get_context, release_evaluation_keys, rss_bytes
+from .context import bootstrap_context, get_context, release_evaluation_keys, rss_bytes
 from .keys import EvaluationKeys
 from .params import CKKSParams
 
@@ -299,7 +303,7 @@ class Sandbox:
             try:
                 child = _Child("shapes", self.params, 0, self.bundle_timeout_s)
                 try:
-                    self._shapes = child.call({}, (), self.bundle_timeout_s)
+                    self._shapes = child.call({"scratch": str(self.scratch_dir)}, (), self.bundle_timeout_s)
                 finally:
                     child.close()
             except (_ChildFailed, OSError) as exc:
@@ -462,8 +466,14 @@ def _blank(blob: bytes, tag: str) -> bytes:
     return blob.replace(tag.encode(), bytes(len(tag)))
 
 
-def _key_shapes(params: CKKSParams) -> dict[str, _Shape]:
-    """The shapes of honest keys for ``params``, from two key sets generated here."""
+def _key_shapes(params: CKKSParams, scratch: Path) -> tuple[dict[str, _Shape], list[int]]:
+    """The shapes of honest keys for ``params``, from two key sets generated here, and the
+    automorphism indices an honest bundle's rotation keys hold (rotations and bootstrapping).
+
+    Bootstrapping keys are gigabytes and take tens of seconds at N=2^16, and their sizes differ
+    from key to key: one more set is generated with them, written to a file in ``scratch`` (not
+    held twice in memory), and gives the rotation keys' exact length and index set only.
+    """
     cc, needed, BIN = get_context(params), list(params.rotation_indices), openfhe.BINARY
 
     def generate() -> dict[str, bytes]:  # one key set, re-serialized as a bundle's keys are
@@ -486,11 +496,36 @@ def _key_shapes(params: CKKSParams) -> dict[str, _Shape]:
         return {k: _blank(v, tag) for k, v in out.items()}
 
     a, b = generate(), generate()
-    return {k: _Shape.between(a[k], b[k]) for k in _KINDS}
+    shapes = {k: _Shape.between(a[k], b[k]) for k in _KINDS}
+    if params.bootstrapping is None:
+        return shapes, sorted(cc.FindAutomorphismIndices(needed)) if needed else []
+    kp = cc.KeyGen()
+    tag = kp.publicKey.GetKeyTag()
+    if needed:
+        cc.EvalRotateKeyGen(kp.secretKey, needed)
+    for slots in params.bootstrapping.slots:
+        cc.EvalBootstrapKeyGen(kp.secretKey, slots)
+    indices = sorted(cc.GetExistingEvalAutomorphismKeyIndices(tag))
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:  # re-serialized as a bundle's keys are
+        path = os.path.join(tmp, "rotation-keys")
+        for step in ("generated", "reloaded"):
+            if not openfhe.CryptoContext.SerializeEvalAutomorphismKey(path, BIN, tag):
+                raise RuntimeError(f"the {step} reference keys could not be serialized")  # our own keys: a bug
+            release_evaluation_keys()
+            if step == "generated" and not openfhe.CryptoContext.DeserializeEvalAutomorphismKey(path, BIN):
+                raise RuntimeError("the reference keys could not be deserialized")
+        length = os.path.getsize(path)
+    shapes["rotation keys"] = _Shape(length, np.zeros(0, np.int64), np.zeros(0, np.int64), b"")  # the length only
+    return shapes, indices
 
 
-def _validate_bundle(params: CKKSParams, src: Path, dst: Path, shapes: dict[str, _Shape]) -> None:
-    """The child's whole job for one bundle (see the module docstring); raises an EnvelopeError."""
+def _validate_bundle(params: CKKSParams, src: Path, dst: Path, shapes: dict[str, _Shape],
+                     automorphisms: list[int]) -> None:
+    """The child's whole job for one bundle (see the module docstring); raises an EnvelopeError.
+
+    ``automorphisms`` are the indices honest rotation keys hold: the rotations the program needs
+    and, for bootstrapped programs, the bootstrapping keys.
+    """
     keys = EvaluationKeys.from_bytes(src.read_bytes(), params)  # frame, digest, params, key_id <-> tag
     tag = keys.key_tag
     needed = list(params.rotation_indices)
@@ -518,17 +553,19 @@ def _validate_bundle(params: CKKSParams, src: Path, dst: Path, shapes: dict[str,
     shapes["relinearization key"].check(_blank(mult_c, tag), "relinearization key")
 
     rot_c = b""
-    if needed:
+    if automorphisms:
         if not keys.rotation_keys:
             raise TamperedDataError("the bundle has no rotation keys; the model needs them")
         load("rotation keys", openfhe.DeserializeEvalAutomorphismKeyString, keys.rotation_keys)
         if set(cc.GetAllEvalAutomorphismKeys()) != {tag}:
             raise TamperedDataError("the bundle carries rotation keys for other key tags")
         have = set(cc.GetExistingEvalAutomorphismKeyIndices(tag))
-        if have != set(cc.FindAutomorphismIndices(needed)):
+        if have != set(automorphisms):
             missing = [r for r in needed if cc.FindAutomorphismIndex(r) not in have]
-            raise TamperedDataError(f"the bundle's rotation keys are not those its header lists and the model "
-                                    f"needs (missing rotations {missing[:8]})")
+            raise TamperedDataError(
+                f"the bundle's rotation keys are not those its header lists and the model needs (missing rotations "
+                f"{missing[:8]}, {len(set(automorphisms) - have)} automorphisms missing, {len(have - set(automorphisms))}"
+                f" extra{'; bootstrapping keys included' if params.bootstrapping else ''})")
         rot_c = openfhe.SerializeEvalAutomorphismKeyString(BIN, tag)
         shapes["rotation keys"].check(_blank(rot_c, tag), "rotation keys")
     elif keys.rotation_keys:
@@ -542,13 +579,19 @@ def _validate_bundle(params: CKKSParams, src: Path, dst: Path, shapes: dict[str,
     try:
         canonical.install(params)
         if (openfhe.SerializeEvalMultKeyString(BIN, tag) != mult_c
-                or (needed and openfhe.SerializeEvalAutomorphismKeyString(BIN, tag) != rot_c)):
+                or (automorphisms and openfhe.SerializeEvalAutomorphismKeyString(BIN, tag) != rot_c)):
             raise TamperedDataError("the bundle's keys do not serialize back to themselves")
         public = openfhe.DeserializePublicKeyString(public_c, BIN)
         x = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(np.random.default_rng().uniform(-1, 1, params.slots)))
         cc.EvalMult(x, x)  # relinearizes with the bundle's key
         for r in needed:
             cc.EvalRotate(x, r)
+        if params.bootstrapping is not None:  # one bootstrap per slot count uses every bootstrapping key
+            bootstrap_context(params, precompute=True)
+            for slots in params.bootstrapping.slots:
+                y = x.Clone()
+                y.SetSlots(slots)  # as the engine's sparse bootstraps do
+                cc.EvalBootstrap(y)
     except EnvelopeError:
         raise
     except Exception as exc:
@@ -576,9 +619,10 @@ def _serve(mode: str, memory_bytes: int) -> None:
     checker = _CiphertextChecker(params) if mode == "ciphertexts" else None
     _send(out, {"ok": True})
     if mode == "shapes":
-        _recv(inp)
-        shapes = _key_shapes(params)
-        _send(out, {kind: shapes[kind].length for kind in _KINDS}, [b for k in _KINDS for b in shapes[k].blobs()])
+        header, _ = _recv(inp)
+        shapes, automorphisms = _key_shapes(params, Path(header["scratch"]))
+        _send(out, {"key_lengths": {kind: shapes[kind].length for kind in _KINDS}, "automorphisms": automorphisms},
+              [b for k in _KINDS for b in shapes[k].blobs()])
         return
     while True:
         try:
@@ -591,9 +635,10 @@ def _serve(mode: str, memory_bytes: int) -> None:
                 for blob in blobs:
                     checker.check(blob, header["key_tag"])
             else:
-                shapes = {kind: _Shape.from_blobs(header["shapes"][kind], *blobs[3 * i:3 * i + 3])
+                reference = header["shapes"]
+                shapes = {kind: _Shape.from_blobs(reference["key_lengths"][kind], *blobs[3 * i:3 * i + 3])
                           for i, kind in enumerate(_KINDS)}
-                _validate_bundle(params, Path(header["src"]), Path(header["dst"]), shapes)
+                _validate_bundle(params, Path(header["src"]), Path(header["dst"]), shapes, reference["automorphisms"])
             reply: dict[str, Any] = {"ok": True}
         except H33Error as exc:
             reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}

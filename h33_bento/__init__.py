@@ -5,7 +5,7 @@ MLflow or BentoML; ``mlflow.h33`` is attached by MLflow's plugin hook, see
 ``h33_bento/mlflow_flavor/attach.py``):
 ``compile``, ``CompiledModel``, ``simulate``, ``Engine``, ``FHEInferenceClient``, ``Prediction``,
 ``KeyChain``, ``EvaluationKeys``, ``KeyStore``, ``EncryptedTensor``, ``CKKSParams``,
-``PrimitiveCosts``, ``measure_primitives``.
+``PrimitiveCosts``, ``measure_primitives``, ``provision_weights``, ``EncryptedWeights``.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ _EXPORTS = {
     "measure_primitives": "h33_bento.ckks.timing",
     "EncryptedTensor": "h33_bento.ckks.serialization",
     "CKKSParams": "h33_bento.ckks.params",
+    "provision_weights": "h33_bento.runtime.weights",
+    "EncryptedWeights": "h33_bento.runtime.weights",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

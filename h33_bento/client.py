@@ -10,14 +10,14 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from .ckks.keys import KeyChain
 from .ckks.params import CKKSParams, SecurityLevel, check_security
 from .ckks.serialization import EncryptedTensor
-from .program.model import CompiledModel
+from .program.model import CompiledModel, WeightMode
 from .program.packing import pack
 from .errors import (
     EnvelopeError,
@@ -29,6 +29,9 @@ from .errors import (
     TruncatedDataError,
     UnsupportedVersionError,
 )
+
+if TYPE_CHECKING:
+    from .runtime.weights import EncryptedWeights
 
 
 @dataclass
@@ -95,8 +98,13 @@ class FHEInferenceClient:
     """Encrypt locally, infer on a server (or a local engine), decrypt locally.
 
     ``model`` is a CompiledModel or the directory it was saved to.  Without ``url`` inference runs
-    in a local Engine that gets only the evaluation keys.  The server holds the weights in the
-    clear; only the data is encrypted.
+    in a local Engine that gets only the evaluation keys.  With ``weight_mode="plaintext"`` (the
+    default) the server holds the weights in the clear and only the data is encrypted; with
+    ``weight_mode="encrypted"`` it runs the weightless artifact (``CompiledModel.without_weights``,
+    whose fingerprint the envelopes then carry) with weights the model owner encrypted under this
+    client's key (``runtime.weights.provision_weights``).  Locally, a full model's weights are
+    provisioned by this client itself (it holds them anyway); a weightless model's come from its
+    owner through :meth:`install_weights`.
 
     With ``url`` (an h33 BentoML service) and ``api_key`` the client fetches ``GET /model``,
     generates keys for the served parameters if ``keys`` is not given, uploads the evaluation keys
@@ -117,8 +125,13 @@ class FHEInferenceClient:
 
     def __init__(self, model: CompiledModel | str | os.PathLike | None = None, url: str | None = None,
                  api_key: str | None = None, keys: KeyChain | str | os.PathLike | None = None,
-                 min_security_level: SecurityLevel = "HEStd_128_classic") -> None:
-        self.url, self.api_key = url, api_key
+                 min_security_level: SecurityLevel = "HEStd_128_classic",
+                 weight_mode: WeightMode = "plaintext") -> None:
+        if weight_mode not in ("plaintext", "encrypted"):
+            raise ValueError(f"weight_mode must be 'plaintext' or 'encrypted', not {weight_mode!r}")
+        self.url, self.api_key, self.weight_mode = url, api_key, weight_mode
+        self._weights: EncryptedWeights | bytes | None = None  # the local engine's, in encrypted-weight mode
+        self._owner_model: CompiledModel | None = None  # a full model given in encrypted mode: provisions locally
         self._http: Any = None
         self._uploaded_key_id: str | None = None
         self._upload_lock = threading.Lock()
@@ -131,7 +144,7 @@ class FHEInferenceClient:
         elif model is None:
             raise ValueError("a model (CompiledModel or its directory) is required without a server url")
         else:
-            self.model = model if isinstance(model, CompiledModel) else CompiledModel.load(model)
+            self.model = self._local_model(model)
         check_security(self.model.params, min_security_level)  # before a key is made or a byte is sent
         if isinstance(keys, (str, os.PathLike)):
             keys = KeyChain.load(keys)
@@ -173,7 +186,7 @@ class FHEInferenceClient:
         info = self.server_info or {}
         served_fp = info["model"]["fingerprint"]
         if model is not None:
-            local = model if isinstance(model, CompiledModel) else CompiledModel.load(model)
+            local = self._local_model(model)
             if local.fingerprint != served_fp:
                 raise ModelMismatchError(f"the server at {self.url} serves model {served_fp}, "
                                          f"not this model ({local.fingerprint})")
@@ -196,6 +209,24 @@ class FHEInferenceClient:
             metadata={"layout_only": True, "server": self.url},
             _fingerprint=served_fp,
         )
+
+    def _local_model(self, model: CompiledModel | str | os.PathLike) -> CompiledModel:
+        """The model in this client's weight mode: its weightless artifact in encrypted mode."""
+        local = model if isinstance(model, CompiledModel) else CompiledModel.load(model)
+        if self.weight_mode == "plaintext":
+            if local.weight_mode == "encrypted":
+                raise ValueError("this model's weights are encrypted: use weight_mode='encrypted'")
+            return local
+        if local.weight_mode == "plaintext":
+            self._owner_model = local
+        return local.without_weights()
+
+    def install_weights(self, weights: EncryptedWeights | bytes) -> None:
+        """Encrypted weights (``EncryptedWeights`` or their bytes) for the local engine, from the model
+        owner's ``provision_weights`` for this client's key."""
+        if self._http is not None or self.weight_mode != "encrypted":
+            raise ValueError("install_weights is for a local engine in weight_mode='encrypted'")
+        self._weights, self._engine = weights, None
 
     def upload_keys(self) -> str:
         """Register this client's evaluation keys with the server (once) and return the key_id."""
@@ -280,8 +311,12 @@ class FHEInferenceClient:
             return self._infer_remote(enc)
         if self._engine is None:
             from .runtime.engine import Engine
+            from .runtime.weights import provision_weights
 
-            self._engine = Engine(self.model, self.keys.evaluation_keys())
+            keys = self.keys.evaluation_keys()
+            if self._weights is None and self._owner_model is not None:
+                self._weights = provision_weights(self._owner_model, keys)
+            self._engine = Engine(self.model, keys, weights=self._weights)
         return self._engine.run(enc)
 
     def decrypt_logits(self, enc: EncryptedTensor | bytes) -> np.ndarray:

@@ -81,6 +81,11 @@ class TamperedDataError(EnvelopeError):
     """The bytes do not match their recorded digest."""
 
 
+class WeightsNotProvisionedError(H33Error):
+    """An encrypted-weight model was asked to run (or be simulated) without its weights: none were
+    provisioned for this key, and a weightless artifact holds none."""
+
+
 class SandboxUnavailableError(H33Error):
     """No process is available to validate untrusted bytes (they fail to start, or all are busy).
 

@@ -85,3 +85,22 @@ def assert_logits_close(got: np.ndarray, want: np.ndarray, rel: float = 1e-2) ->
     span = float(want.max() - want.min())
     err = float(np.abs(got - want).max())
     assert err <= rel * span, f"max logit error {err:.3g} exceeds {rel} x logit range {span:.3g}"
+
+
+def held_bytes(obj, seen=None) -> list[bytes]:
+    """Every bytes object and numpy array's bytes reachable from ``obj``'s attributes (containers included)."""
+    seen = seen if seen is not None else set()
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, (bytes, bytearray)):
+        return [bytes(obj)]
+    if isinstance(obj, np.ndarray):
+        return [obj.tobytes()]
+    if isinstance(obj, dict):
+        return [b for v in list(obj.keys()) + list(obj.values()) for b in held_bytes(v, seen)]
+    if isinstance(obj, (list, tuple, set)):
+        return [b for v in obj for b in held_bytes(v, seen)]
+    if hasattr(obj, "__dict__"):
+        return held_bytes(vars(obj), seen)
+    return []

@@ -11,7 +11,7 @@ from h33_bento.client import FHEInferenceClient
 from h33_bento.program.report import uncached_plaintexts
 from h33_bento.runtime.engine import Engine, PlaintextCache
 
-from conftest import assert_logits_close
+from conftest import assert_logits_close, held_bytes
 
 
 def test_compiled_program_matches_torch_on_full_test_set(cnn, cnn_compiled, mnist_test):
@@ -78,23 +78,6 @@ def test_benchmark_convnet_encrypted(convnet, convnet_client, mnist_test):
     assert (got.argmax(1) == ref.argmax(1)).all()
 
 
-def _held_bytes(obj, seen=None) -> list[bytes]:
-    """Every bytes object reachable from ``obj``'s attributes (containers included)."""
-    seen = seen if seen is not None else set()
-    if id(obj) in seen:
-        return []
-    seen.add(id(obj))
-    if isinstance(obj, (bytes, bytearray)):
-        return [bytes(obj)]
-    if isinstance(obj, dict):
-        return [b for v in list(obj.keys()) + list(obj.values()) for b in _held_bytes(v, seen)]
-    if isinstance(obj, (list, tuple, set)):
-        return [b for v in obj for b in _held_bytes(v, seen)]
-    if hasattr(obj, "__dict__"):
-        return _held_bytes(vars(obj), seen)
-    return []
-
-
 def test_server_never_holds_the_secret_key(convnet_compiled):
     chain = KeyChain.generate(convnet_compiled.params)
     secret = openfhe.Serialize(chain._secret_key, openfhe.BINARY)
@@ -104,7 +87,7 @@ def test_server_never_holds_the_secret_key(convnet_compiled):
     windows = [secret[i:i + 64] for i in range(len(secret) // 4, len(secret) - 64, len(secret) // 16)]
     assert windows
     assert not any(w in bundle for w in windows)
-    for held in _held_bytes(engine):
+    for held in held_bytes(engine):
         assert not any(w in held for w in windows)
     assert not any(isinstance(v, openfhe.PrivateKey) for v in vars(engine).values())
 

@@ -1,4 +1,4 @@
-"""Versioned wire formats: encrypted tensors and evaluation-key bundles.
+"""Versioned wire formats: encrypted tensors, evaluation-key bundles and encrypted weights.
 
 Layout of every frame (integers big-endian):
 
@@ -10,10 +10,11 @@ and the trailing digest catches corrupted or edited bytes.  The digest is an int
 not a signature: anyone can recompute it, so the server still treats every blob as untrusted.
 
 Headers are untrusted too.  Each magic has a strict pydantic model of its header
-(:class:`TensorHeader`, :class:`KeyBundleHeader`): the header is at most ``MAX_HEADER_BYTES``,
-parsed by pydantic's JSON parser (nesting depth bounded, no ``NaN``/``Infinity``, no lone
-surrogates or invalid UTF-8, integers of bounded size) and validated field by field (exact
-types, bounded integers and lengths, no unknown fields).  Every fault is an ``EnvelopeError``.
+(:class:`TensorHeader`, :class:`KeyBundleHeader`, :class:`WeightsHeader`): the header is at most
+``MAX_HEADER_BYTES``, parsed by pydantic's JSON parser (nesting depth bounded, no
+``NaN``/``Infinity``, no lone surrogates or invalid UTF-8, integers of bounded size) and validated
+field by field (exact types, bounded integers and lengths, no unknown fields).  Every fault is an
+``EnvelopeError``.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from ..errors import (
 WIRE_VERSION = 1
 TENSOR_MAGIC = b"H33T"
 KEYS_MAGIC = b"H33K"
+WEIGHTS_MAGIC = b"H33W"
 _PREFIX = struct.Struct(">4sHI")
 _DIGEST_LEN = 32
 #: Upper bounds for header fields.  Generous for every real frame (a header is a few hundred bytes
@@ -48,6 +50,7 @@ MAX_BLOB_BYTES = 1 << 40
 MAX_SLOTS = 1 << 16  # ring dimension 2^17 at most (CKKSParams)
 MAX_LEVEL = 1024
 MAX_DIMS = 16
+MAX_WEIGHT_BLOBS = 1 << 15  # diagonals and biases of a whole model (LeNet-5: about 5,000)
 
 _Name = Annotated[StrictStr, Field(max_length=256)]
 _Count = Annotated[StrictInt, Field(ge=0, le=MAX_SLOTS)]
@@ -85,7 +88,28 @@ class KeyBundleHeader(FrameHeader):
     rotation_indices: list[Annotated[StrictInt, Field(ge=1, lt=MAX_SLOTS)]] = Field(max_length=MAX_SLOTS)
 
 
-HEADER_MODELS: dict[bytes, type[FrameHeader]] = {TENSOR_MAGIC: TensorHeader, KEYS_MAGIC: KeyBundleHeader}
+class WeightStep(BaseModel):
+    """One linear step's share of an encrypted-weights frame: its diagonal blobs, then its bias blobs."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    name: _Name
+    level: Annotated[StrictInt, Field(ge=0, le=MAX_LEVEL)]
+    diagonals: Annotated[StrictInt, Field(ge=0, le=MAX_WEIGHT_BLOBS)]
+    biases: Annotated[StrictInt, Field(ge=0, le=MAX_WEIGHT_BLOBS)]
+
+
+class WeightsHeader(FrameHeader):
+    """The header of an encrypted-weights frame (``runtime.weights.EncryptedWeights``)."""
+
+    blob_lengths: list[Annotated[StrictInt, Field(ge=0, le=MAX_BLOB_BYTES)]] = Field(max_length=MAX_WEIGHT_BLOBS)
+    model_fingerprint: _Name
+    params_fingerprint: _Name
+    key_id: _Name
+    steps: list[WeightStep] = Field(max_length=MAX_WEIGHT_BLOBS)
+
+
+HEADER_MODELS: dict[bytes, type[FrameHeader]] = {TENSOR_MAGIC: TensorHeader, KEYS_MAGIC: KeyBundleHeader,
+                                                 WEIGHTS_MAGIC: WeightsHeader}
 
 
 def pack_frame(magic: bytes, header: dict[str, Any], blobs: list[bytes]) -> bytes:

@@ -137,6 +137,7 @@ def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = 
         digits = cc.EvalFastRotationPrecompute(product)
         ext = cc.EvalFastRotationExt(product, steps[0], digits, True)
         total, total_ext = cc.EvalMult(ct, pts[0]), cc.EvalFastRotationExt(product, steps[0], digits, True)
+        tensor = cc.EvalMultNoRelin(ct, ct)  # three elements, as the products of encrypted weights
         timings = {  # each as the engine calls it
             "rotate": lambda i: cc.EvalRotate(product, steps[i % len(steps)]),
             "precompute": lambda i: cc.EvalFastRotationPrecompute(product),
@@ -148,6 +149,8 @@ def measure_primitives(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = 
             "add": lambda i: cc.EvalAddInPlace(total, product),
             "rescale": lambda i: cc.Compress(product, params.multiplicative_depth - level),  # as Engine._rescale
             "mult_cipher": lambda i: cc.EvalMult(ct, ct),
+            "mult_norelin": lambda i: cc.EvalMultNoRelin(cts[i % len(cts)], cts[(i + 1) % len(cts)]),  # weights
+            "relinearize": lambda i: cc.Relinearize(tensor),  # once per partial sum of encrypted weights
             "encode": lambda i: cc.MakeCKKSPackedPlaintext(vectors[i % len(vectors)], 1, level),
         }
         for name, fn in timings.items():

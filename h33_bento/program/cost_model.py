@@ -31,6 +31,8 @@ RELATIVE = {
     "add": 0.013,
     "rescale": 0.05,
     "mult_cipher": 1.0,
+    "mult_norelin": 0.09,  # EvalMultNoRelin: the tensor product alone (encrypted weights)
+    "relinearize": 0.85,  # a key switch, like a rotation (measured on a loaded machine, 2026-12)
     "encode": 0.15,
     # one full-slot bootstrap, measured with OpenFHE 1.6 at N=2^16, depth 24 (where they run)
     "bootstrap": 400.0,

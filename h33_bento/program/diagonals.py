@@ -16,7 +16,7 @@ Giant-step rotations of one output block are hoisted too: each partial sum is ro
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -72,6 +72,16 @@ class DiagonalPlan:
         signed = np.where(ks > self.n // 2, ks - self.n, ks)
         baby = signed % n1
         return baby, signed - baby
+
+    def partial_sums(self) -> int:
+        """Distinct (output block, giant step) sums: what is rotated, so relinearized once each
+        when the diagonals are ciphertexts."""
+        _, g = self.schedule()
+        return int(len(np.unique(self.terms[:, 0] * self.n + g % self.n)))
+
+    def without_values(self) -> "DiagonalPlan":
+        """The same plan with no diagonal or bias values: the structure an encrypted-weight server runs."""
+        return replace(self, diags=np.zeros((len(self.terms), 0)), bias=np.zeros((self.out_blocks, 0)))
 
     def _bsgs_counts(self, baby_step: int | None) -> dict[str, int]:
         ob, ib = self.terms[:, 0], self.terms[:, 1]

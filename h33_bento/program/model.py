@@ -8,6 +8,11 @@ Saved in a native format (``manifest.json`` + ``arrays.npz``, never pickle).  Tw
   MLflow records carry it.
 * the **digest** covers the whole saved manifest and arrays (costs and metadata included), so
   any edit of an artifact is refused at load time.
+
+``without_weights`` gives the artifact of encrypted-weight mode: every linear step becomes an
+``encrypted_linear`` step whose plan keeps its structure (terms, schedule, folds) but no diagonal
+or bias values, and the manifest records ``weight_mode: "encrypted"``.  Its own fingerprint is the
+identity that encrypted weights (``runtime.weights``) and envelopes name in that mode.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -33,6 +38,7 @@ MANIFEST = "manifest.json"
 ARRAYS = "arrays.npz"
 #: Manifest entries that describe a program without being part of it (not fingerprinted).
 _DESCRIPTIVE = ("costs", "metadata")
+WeightMode = Literal["plaintext", "encrypted"]
 
 
 @dataclass
@@ -70,6 +76,8 @@ class CompiledModel:
     costs: PrimitiveCosts | None = None
     runnable: bool = True
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: encrypted-weight mode: a hash of the full artifact, naming its weights without revealing them
+    weights_id: str | None = None
     _fingerprint: str | None = field(default=None, repr=False)
 
     # ----------------------------------------------------------------- derived facts
@@ -99,6 +107,26 @@ class CompiledModel:
             manifest, arrays = self._serialize()
             self._fingerprint = _hash({k: v for k, v in manifest.items() if k not in _DESCRIPTIVE}, arrays)
         return self._fingerprint
+
+    @property
+    def weight_mode(self) -> WeightMode:
+        """"encrypted" when the linear steps' weights are ciphertexts provisioned apart from the program."""
+        return "encrypted" if any(s.op is Op.ENCRYPTED_LINEAR for s in self.steps) else "plaintext"
+
+    def without_weights(self) -> "CompiledModel":
+        """The weightless artifact of encrypted-weight mode (see the module docstring); the model
+        owner keeps this full one and provisions its weights encrypted for each client key.
+
+        It records ``weights_id``, a hash of this artifact's fingerprint, so two models of one
+        architecture (two trainings, two versions) have two weightless fingerprints and weights
+        provisioned for one are refused by the other.
+        """
+        if self.weight_mode == "encrypted":
+            return self
+        steps = [replace(s, op=Op.ENCRYPTED_LINEAR, linear=s.linear.without_values()) if s.op is Op.LINEAR else s
+                 for s in self.steps]
+        weights_id = hashlib.sha256(f"h33-weights:{self.fingerprint}".encode()).hexdigest()[:32]
+        return replace(self, steps=steps, weights_id=weights_id, _fingerprint=None)
 
     @property
     def num_classes(self) -> int:
@@ -198,6 +226,8 @@ class CompiledModel:
             "costs": self.costs.to_json() if self.costs is not None else None,
             "metadata": self.metadata,
         }
+        if self.weight_mode == "encrypted":  # plaintext manifests stay as before: same fingerprints
+            manifest.update(weight_mode="encrypted", weights_id=self.weights_id)
         return manifest, arrays
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -240,6 +270,10 @@ class CompiledModel:
             model = cls._from_manifest(manifest, arrays)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"compiled model at {d} has a malformed manifest: {exc}") from exc
+        if manifest.get("weight_mode", "plaintext") != model.weight_mode or (model.weights_id is None) == (
+                model.weight_mode == "encrypted"):
+            raise ModelFormatError(f"compiled model at {d} records weight_mode {manifest.get('weight_mode')!r} "
+                                   f"and weights_id {model.weights_id!r}, but its steps are {model.weight_mode}")
         if model.fingerprint != recorded[1]:
             raise ModelFormatError(f"compiled model at {d} records fingerprint {recorded[1]}, but its program "
                                    f"hashes to {model.fingerprint}: the artifacts were modified")
@@ -257,6 +291,9 @@ class CompiledModel:
             linear = None
             if "linear" in e:
                 lp = e["linear"]
+                width = 0 if op is Op.ENCRYPTED_LINEAR else params.lane_length
+                if arrays[f"{i}.diags"].shape[1:] not in ((width,), (0,)) or arrays[f"{i}.bias"].shape[1:] != (width,):
+                    raise ValueError(f"step {e['name']!r} ({op.value}) holds weights of the wrong shape")
                 linear = DiagonalPlan(n=params.lane_length, in_blocks=lp["in_blocks"], out_blocks=lp["out_blocks"],
                                       fold=lp["fold"], terms=arrays[f"{i}.terms"], diags=arrays[f"{i}.diags"],
                                       bias=arrays[f"{i}.bias"],
@@ -275,6 +312,7 @@ class CompiledModel:
             costs=PrimitiveCosts.from_json(manifest["costs"]) if manifest.get("costs") else None,
             runnable=bool(manifest["runnable"]),
             metadata=manifest.get("metadata") or {},
+            weights_id=manifest.get("weights_id"),
         )
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from ..ckks.timing import BOOTSTRAP, CHEBYSHEV
+from ..errors import WeightsNotProvisionedError
 from .polynomials import chebyshev_depth, eval_chebyshev
 
 
@@ -30,6 +31,7 @@ class Op(str, Enum):
 
     INPUT = "input"
     LINEAR = "linear"  # y = W x + b with plaintext weights, run as generalized diagonals
+    ENCRYPTED_LINEAR = "encrypted_linear"  # the same map with W and b ciphertexts the server cannot read
     ACTIVATION = "activation"  # a named non-linearity (relu, sigmoid, ...): calibration lowers it to POLY
     POLY = "poly"  # a Chebyshev series on a calibrated range
     SQUARE = "square"
@@ -98,6 +100,24 @@ def _products(item: OpItem, blocks: int) -> dict[str, int]:
     return {"mult_cipher": blocks, "rescale": blocks}
 
 
+def _linear_line(item: OpItem) -> str:
+    return f"fold mod {item.linear.fold}" if item.linear.fold else ""
+
+
+def _encrypted_weights(item: OpItem, args: list[np.ndarray]) -> np.ndarray:
+    raise WeightsNotProvisionedError("this step's weights are encrypted: simulate the model owner's full artifact")
+
+
+def _cipher_products(item: OpItem, blocks: int) -> dict[str, int]:
+    """A plaintext transform's counts with ciphertext diagonals: each product left unrelinearized,
+    one relinearization per partial sum (per output block and giant step), and a bias add per block."""
+    counts = item.linear.counts()
+    counts["mult_norelin"] = counts.pop("mult_plain")
+    counts["relinearize"] = item.linear.partial_sums()
+    counts["add"] += item.linear.out_blocks
+    return counts
+
+
 def _bootstrap(item: OpItem, args: list[np.ndarray]) -> np.ndarray:
     """What OpenFHE returns: the input on the used slots; a sparse bootstrap (``period`` values
     per lane) returns the average of the input's ``period``-periodic copies, repeated."""
@@ -124,8 +144,11 @@ OPS: dict[Op, OpSpec] = {
     Op.LINEAR: OpSpec(
         arity=1, layout=Layout.TRANSFORM, depth=lambda a: 1,  # the plaintext products are rescaled once
         evaluate=lambda item, args: item.linear.apply(args[0]),
-        counts=lambda item, blocks: item.linear.counts(),
-        describe=lambda item: f"fold mod {item.linear.fold}" if item.linear.fold else "",
+        counts=lambda item, blocks: item.linear.counts(), describe=_linear_line,
+    ),
+    Op.ENCRYPTED_LINEAR: OpSpec(  # produced by ``CompiledModel.without_weights``, never by an importer
+        arity=1, layout=Layout.TRANSFORM, depth=lambda a: 1,  # ciphertext products, rescaled once
+        evaluate=_encrypted_weights, counts=_cipher_products, describe=_linear_line,
     ),
     Op.ACTIVATION: OpSpec(arity=1, layout=Layout.ELEMENTWISE, depth=lambda a: 0, in_program=False),
     Op.POLY: OpSpec(

@@ -25,8 +25,10 @@ def step_counts(model: "CompiledModel", step: "Step") -> dict[str, int]:
 def plaintext_runs(model: "CompiledModel", step: "Step") -> list[tuple[int, int]]:
     """(bytes, count) runs of the plaintexts a linear step encodes, in the engine's order: for
     every output block its diagonals (at the step's level), then its bias if it has one (one
-    level down, after the rescale)."""
+    level down, after the rescale).  Encrypted-weight steps encode none: their weights are ciphertexts."""
     plan = step.linear
+    if step.op is Op.ENCRYPTED_LINEAR:
+        return []
     diagonal, bias = model.params.plaintext_bytes(step.level), model.params.plaintext_bytes(step.level + 1)
     per_block = np.bincount(plan.terms[:, 0], minlength=plan.out_blocks)
     runs = []

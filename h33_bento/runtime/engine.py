@@ -2,6 +2,8 @@
 
 It never sees a secret key.  Plaintext diagonals are lane-expanded, encoded at the level where
 they are consumed and cached up to a memory budget; the first run encodes, later runs reuse.
+In encrypted-weight mode (a weightless model and its ``EncryptedWeights``) it never sees a
+weight either: the diagonals and biases are ciphertexts under the client's key.
 """
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ from ..ckks.context import bootstrap_context
 from ..ckks.keys import EvaluationKeys, load_ciphertext
 from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import EncryptedTensor
-from ..errors import EnvelopeError, TamperedDataError
+from ..errors import EnvelopeError, TamperedDataError, WeightsNotProvisionedError
 from ..program.cost_model import DEFAULT_CACHE_BYTES
 from ..program.model import CompiledModel, Step
 from ..program.ops import Op
 from ..program.polynomials import to_openfhe_coeffs
+from .weights import EncryptedWeights, diagonal, encode
 
 
 class PlaintextCache:
@@ -63,7 +66,8 @@ class Engine:
 
     def __init__(self, compiled: CompiledModel, evaluation_keys: EvaluationKeys | bytes,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, *, cache: PlaintextCache | None = None,
-                 keep_serialized_keys: bool = True, sandbox: Sandbox | None = None) -> None:
+                 keep_serialized_keys: bool = True, sandbox: Sandbox | None = None,
+                 weights: EncryptedWeights | bytes | None = None) -> None:
         """Install ``evaluation_keys`` into OpenFHE and prepare to run ``compiled``.
 
         ``cache``: a :class:`PlaintextCache` of this model to share with other engines; without
@@ -77,6 +81,10 @@ class Engine:
         deserializes them here, so a malicious ciphertext cannot crash this process.  The keys
         must be validated already (``KeyStore.load(..., sandbox=...)``, ``Sandbox.load_bundle``).
         Without one (a client's own local engine), ciphertexts are deserialized directly.
+
+        ``weights``: what a weightless model (``CompiledModel.without_weights``) runs with, provisioned
+        for this key (``runtime.weights.provision_weights``).  Their ciphertexts are deserialized here:
+        in a server, they must be validated already, like the keys.
         """
         if not compiled.runnable:
             raise ValueError("this compiled model is an estimate only (its depth needs bootstrapping); it cannot run")
@@ -103,6 +111,23 @@ class Engine:
         self._lock = threading.Lock()
         self.cache = cache if cache is not None else PlaintextCache(compiled, cache_bytes)
         self.last_timings: dict[str, float] = {}
+        self._weights = self._load_weights(weights)
+
+    def _load_weights(self, weights: EncryptedWeights | bytes | None) -> dict[str, tuple[list, list]]:
+        """Step name -> (diagonal, bias) ciphertexts; refuses weights of another model or key."""
+        if self.model.weight_mode == "plaintext":
+            if weights is not None:
+                raise ValueError("this model holds its weights in the clear; encrypted weights run with its "
+                                 "weightless artifact (CompiledModel.without_weights)")
+            return {}
+        if weights is None:
+            raise WeightsNotProvisionedError(f"model {self.model.fingerprint} runs with encrypted weights, and none "
+                                             f"were provisioned for key {self.key_id}")
+        if isinstance(weights, (bytes, bytearray, memoryview)):
+            weights = EncryptedWeights.from_bytes(bytes(weights))
+        weights.check(self.model, self.key_id)
+        return {name: ([self._ciphertext(b, w.level) for b in w.diagonals],
+                       [self._ciphertext(b, w.level + 1) for b in w.biases]) for name, w in weights.steps.items()}
 
     # ----------------------------------------------------------------- envelopes
     def run(self, envelope: EncryptedTensor | bytes) -> EncryptedTensor:
@@ -137,16 +162,23 @@ class Engine:
         OpenFHE deserializes the blob in this process: in a server, pass only blobs a
         :class:`Sandbox` has validated (``canonical_ciphertexts``), since a malformed one can crash it.
         """
+        return self._ciphertext(blob, 0)
+
+    def _ciphertext(self, blob: bytes, level: int) -> openfhe.Ciphertext:
+        """``deserialize`` for a ciphertext expected at ``level`` (an input at 0, a weight at its step's)."""
         ct = load_ciphertext(blob, self.keys.key_tag)
-        if ct.GetCryptoContext().GetRingDimension() != self.params.ring_dim or ct.GetLevel() != 0:
-            raise TamperedDataError("ciphertext does not match the model's ring dimension or starting level")
+        if (ct.GetCryptoContext().GetRingDimension() != self.params.ring_dim or ct.GetLevel() != level
+                or ct.GetNoiseScaleDeg() != 1):
+            raise TamperedDataError(f"ciphertext does not match the model's ring dimension, level {level} "
+                                    f"and scale degree 1")
         # Arithmetic on a freshly deserialized ciphertext runs ~6x slower in OpenFHE 1.6 (its ring
         # elements do not share the context's precomputed parameters); results take the first
         # operand's, so adding the input to a context-made encryption of zero fixes every later op.
         if self._zero is None:
             public = openfhe.DeserializePublicKeyString(self.keys.public_key, openfhe.BINARY)
             self._zero = self.cc.Encrypt(public, self.cc.MakeCKKSPackedPlaintext(np.zeros(self.params.slots)))
-        return self.cc.EvalAdd(self._zero, ct)
+        zero = self._zero if level == 0 else self.cc.LevelReduce(self._zero, None, level)
+        return self.cc.EvalAdd(zero, ct)
 
     # ----------------------------------------------------------------- program
     def run_ciphertexts(self, inputs: Sequence[openfhe.Ciphertext]) -> list[openfhe.Ciphertext]:
@@ -212,21 +244,22 @@ class Engine:
                 b = self.cc.LevelReduce(b, None, a.GetLevel() - b.GetLevel())
         return a, b
 
-    def _encode(self, values: np.ndarray, level: int, scale_degree: int = 1) -> openfhe.Plaintext:
-        lanes = np.repeat(values, self.params.lanes)  # slot = position * lanes + lane
-        return self.cc.MakeCKKSPackedPlaintext(lanes, scale_degree, level)
-
     def _diagonal(self, step: Step, index: int, giant: int, level: int) -> openfhe.Plaintext:
-        plan = step.linear
-        return self.cache.get(
-            (step.name, index, level, 1), level,
-            lambda: self._encode(np.roll(plan.diags[index], giant), level),
-        )
+        return self.cache.get((step.name, index, level, 1), level,
+                              lambda: encode(self.cc, self.params, diagonal(step.linear, index, giant), level))
 
     def _linear(self, step: Step, args: list[list[openfhe.Ciphertext]]) -> list[openfhe.Ciphertext]:
         """The BSGS transform of ``step.linear``: hoisted baby steps shared by every output block,
-        products with the diagonals (``_weight``), giant steps and folds summed in the extended basis."""
+        products with the diagonals, giant steps and folds summed in the extended basis.
+
+        With encrypted weights (``encrypted_linear``) the products are ciphertext x ciphertext, left
+        unrelinearized and summed as three-element ciphertexts; each partial sum is relinearized
+        once before it is rotated (one per output block and giant step, not one per product), and the
+        block is rescaled once, as in plaintext mode: the same levels, the bias a ciphertext add.
+        """
         xs = [self._rescale(x) for x in args[0]]
+        encrypted = step.op is Op.ENCRYPTED_LINEAR
+        diagonals, biases = self._weights.get(step.name, ([], []))
         cc, plan, lanes, n = self.cc, step.linear, self.params.lanes, self.params.lane_length
         babies, giants = plan.schedule()
         babies_needed: dict[int, set[int]] = {}
@@ -247,20 +280,28 @@ class Engine:
             acc: dict[int, openfhe.Ciphertext] = {}
             for t in np.flatnonzero(plan.terms[:, 0] == ob).tolist():
                 ib, b, g = int(plan.terms[t, 1]), int(babies[t]), int(giants[t]) % n
-                prod = cc.EvalMult(rotated[ib, b], self._diagonal(step, t, g, level))
+                if encrypted:
+                    prod = cc.EvalMultNoRelin(rotated[ib, b], diagonals[t])
+                else:
+                    prod = cc.EvalMult(rotated[ib, b], self._diagonal(step, t, g, level))
                 if g in acc:
                     cc.EvalAddInPlace(acc[g], prod)
                 else:
                     acc[g] = prod
+            if encrypted:
+                for part in acc.values():
+                    cc.RelinearizeInPlace(part)
             out = acc.pop(0, None)
             out = self._add(out, self._rotate_sum([(part, g) for g, part in acc.items()]))
             for chunk in plan.fold_chunks():
                 out = self._add(out, self._rotate_sum([(out, r) for r in chunk]))
             out = self._rescale(out)
-            if np.any(plan.bias[ob]):
+            if encrypted:
+                out = cc.EvalAdd(out, biases[ob])
+            elif np.any(plan.bias[ob]):
                 lvl, deg = out.GetLevel(), out.GetNoiseScaleDeg()
                 bias = self.cache.get((step.name, "bias", ob, lvl, deg), lvl,
-                                      lambda: self._encode(plan.bias[ob], lvl, deg))
+                                      lambda: encode(cc, self.params, plan.bias[ob], lvl, deg))
                 out = cc.EvalAdd(out, bias)
             outs.append(out)
         return outs
@@ -298,7 +339,7 @@ class Engine:
     #: The CKKS evaluation of each op kind a program holds: the engine's entry in the op registry
     #: (``program.ops``); ``tests/test_architecture.py`` checks that it covers every program op.
     EVALUATORS: ClassVar[dict[Op, Callable[..., list[openfhe.Ciphertext]]]] = {
-        Op.LINEAR: _linear, Op.POLY: _poly, Op.SQUARE: _square, Op.ADD: _sum, Op.MUL: _product,
+        Op.LINEAR: _linear, Op.ENCRYPTED_LINEAR: _linear, Op.POLY: _poly, Op.SQUARE: _square, Op.ADD: _sum, Op.MUL: _product,
         Op.BOOTSTRAP: _bootstrap,
     }
 

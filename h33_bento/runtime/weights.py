@@ -1,0 +1,135 @@
+"""Encrypted-weight mode: a model's diagonals and biases as ciphertexts under one client's key.
+
+The model owner keeps the full ``CompiledModel``; the server runs its weightless artifact
+(``CompiledModel.without_weights``) with the ``EncryptedWeights`` that ``provision_weights`` made
+for that client's public key.  Every diagonal is encoded exactly as plaintext mode encodes it
+(``encode``, ``diagonal``: lane-expanded, rolled by its giant step, at the level of the step) and
+then encrypted, so the engine's ciphertext x ciphertext products sit at the same level and scale
+as its ciphertext x plaintext products.  Biases are encrypted one level down, where they are added
+after the rescale, for every output block (a zero bias is not told apart from another one).
+
+The frame (``ckks.serialization``, magic ``H33W``) names the weightless model's fingerprint, the
+CKKS parameters and the key id, so weights for another model or key are refused before any blob
+reaches OpenFHE; its digest catches truncated or edited bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import openfhe
+
+from ..ckks.context import get_context
+from ..ckks.keys import EvaluationKeys
+from ..ckks.params import CKKSParams
+from ..ckks.serialization import WEIGHTS_MAGIC, pack_frame, unpack_frame
+from ..errors import KeyMismatchError, ModelMismatchError, ParamsMismatchError, TamperedDataError
+from ..program.diagonals import DiagonalPlan
+from ..program.model import CompiledModel, Step
+from ..program.ops import Op
+
+
+def encode(cc: openfhe.CryptoContext, params: CKKSParams, values: np.ndarray, level: int,
+           scale_degree: int = 1) -> openfhe.Plaintext:
+    """One lane vector repeated across the lanes (slot = position * lanes + lane), encoded at ``level``."""
+    return cc.MakeCKKSPackedPlaintext(np.repeat(values, params.lanes), scale_degree, level)
+
+
+def diagonal(plan: DiagonalPlan, index: int, giant: int) -> np.ndarray:
+    """Diagonal ``index`` pre-rotated by its giant step, as the BSGS sum multiplies it."""
+    return np.roll(plan.diags[index], giant)
+
+
+@dataclass
+class StepWeights:
+    """One linear step's ciphertexts: its diagonals (in term order) at ``level``, one bias per output
+    block at ``level + 1``."""
+
+    level: int
+    diagonals: list[bytes]
+    biases: list[bytes]
+
+
+@dataclass
+class EncryptedWeights:
+    """The weights of one weightless model encrypted under one client key."""
+
+    model_fingerprint: str  # the weightless artifact's
+    params_fingerprint: str
+    key_id: str
+    steps: dict[str, StepWeights]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(len(b) for w in self.steps.values() for b in (*w.diagonals, *w.biases))
+
+    def to_bytes(self) -> bytes:
+        header = {
+            "model_fingerprint": self.model_fingerprint,
+            "params_fingerprint": self.params_fingerprint,
+            "key_id": self.key_id,
+            "steps": [{"name": name, "level": w.level, "diagonals": len(w.diagonals), "biases": len(w.biases)}
+                      for name, w in self.steps.items()],
+        }
+        return pack_frame(WEIGHTS_MAGIC, header, [b for w in self.steps.values() for b in (*w.diagonals, *w.biases)])
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "EncryptedWeights":
+        header, blobs = unpack_frame(data, WEIGHTS_MAGIC, "encrypted weights")
+        if sum(s["diagonals"] + s["biases"] for s in header["steps"]) != len(blobs):
+            raise TamperedDataError("encrypted weights list other ciphertext counts than they hold")
+        steps, at = {}, 0
+        for s in header["steps"]:
+            diagonals, biases = blobs[at:at + s["diagonals"]], blobs[at + s["diagonals"]:at + s["diagonals"] + s["biases"]]
+            at += s["diagonals"] + s["biases"]
+            steps[s["name"]] = StepWeights(s["level"], diagonals, biases)
+        return cls(header["model_fingerprint"], header["params_fingerprint"], header["key_id"], steps)
+
+    def check(self, model: CompiledModel, key_id: str) -> None:
+        """Raise the specific error unless these are the weights of weightless ``model`` under ``key_id``."""
+        if self.params_fingerprint != model.params.fingerprint:
+            raise ParamsMismatchError(f"encrypted weights were made for CKKS params {self.params_fingerprint}, "
+                                      f"this model uses {model.params.fingerprint}")
+        if self.model_fingerprint != model.fingerprint:
+            raise ModelMismatchError(f"encrypted weights belong to model {self.model_fingerprint}, "
+                                     f"this is model {model.fingerprint}")
+        if self.key_id != key_id:
+            raise KeyMismatchError(f"encrypted weights are encrypted under key {self.key_id}, not {key_id}")
+        expected = {s.name: (s.level, len(s.linear.terms), s.linear.out_blocks)
+                    for s in model.steps if s.op is Op.ENCRYPTED_LINEAR}
+        got = {name: (w.level, len(w.diagonals), len(w.biases)) for name, w in self.steps.items()}
+        if got != expected:
+            raise TamperedDataError("encrypted weights do not hold the steps, levels and ciphertext counts "
+                                    "of the model they name")
+
+
+def _encrypt_step(cc: openfhe.CryptoContext, params: CKKSParams, public: openfhe.PublicKey,
+                  step: Step) -> StepWeights:
+    plan = step.linear
+    _, giants = plan.schedule()
+
+    def encrypt(values: np.ndarray, level: int) -> bytes:
+        return openfhe.Serialize(cc.Encrypt(public, encode(cc, params, values, level)), openfhe.BINARY)
+
+    return StepWeights(
+        level=step.level,
+        diagonals=[encrypt(diagonal(plan, t, int(g) % plan.n), step.level) for t, g in enumerate(giants.tolist())],
+        biases=[encrypt(plan.bias[ob], step.level + 1) for ob in range(plan.out_blocks)],
+    )
+
+
+def provision_weights(compiled: CompiledModel, keys: EvaluationKeys) -> EncryptedWeights:
+    """The model owner's step: encrypt the full ``compiled`` model's weights under the public key in
+    ``keys`` (a client's bundle; only its public key is read), for the server running
+    ``compiled.without_weights()``."""
+    if compiled.weight_mode != "plaintext" or not compiled.runnable:
+        raise ValueError("provisioning needs the model owner's full, runnable artifact (it holds the weights)")
+    if keys.params_fingerprint != compiled.params.fingerprint:
+        raise ParamsMismatchError(f"the key was made for CKKS params {keys.params_fingerprint}, "
+                                  f"the model uses {compiled.params.fingerprint}")
+    cc = get_context(compiled.params)
+    public = openfhe.DeserializePublicKeyString(keys.public_key, openfhe.BINARY)
+    if public is None or public.GetKeyTag() != keys.key_tag:
+        raise TamperedDataError("the public key does not carry the key tag its bundle names")
+    steps = {s.name: _encrypt_step(cc, compiled.params, public, s) for s in compiled.steps if s.op is Op.LINEAR}
+    return EncryptedWeights(compiled.without_weights().fingerprint, compiled.params.fingerprint, keys.key_id, steps)

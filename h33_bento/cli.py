@@ -115,7 +115,7 @@ def keygen(
         _fail(exc)
     size = chain.evaluation_keys().size_bytes
     typer.echo(f"key_id {chain.key_id}; evaluation keys {size / 2**20:.1f} MiB in {keys / EVAL_KEYS_FILE} "
-               "(upload this file; keep secret.key on this machine)")
+               "(upload this file; keep secret.key on this machine: decrypt reads it, encrypt only public.key)")
 
 
 @app.command()
@@ -126,11 +126,13 @@ def encrypt(
     out: Path = typer.Option(..., "--out", "-o"),
     min_security_level: str = _min_security(),
 ) -> None:
-    """Encrypt inputs into one envelope (up to `lanes` inputs share a ciphertext)."""
+    """Encrypt inputs into one envelope (up to `lanes` inputs share a ciphertext); reads only the public key."""
+    from .ckks.keys import KeyChain
     from .client import FHEInferenceClient
 
     try:
-        client = FHEInferenceClient(str(model_dir), keys=keys, min_security_level=min_security_level)
+        client = FHEInferenceClient(str(model_dir), keys=KeyChain.load(keys, only="public"),
+                                    min_security_level=min_security_level)
         out.write_bytes(client.encrypt(_load_array(input)).to_bytes())
     except (H33Error, ValueError) as exc:
         _fail(exc)
@@ -165,11 +167,13 @@ def decrypt(
     top_k: int = typer.Option(3, help="how many classes to show"),
     min_security_level: str = _min_security(),
 ) -> None:
-    """Decrypt a result envelope and print predictions."""
+    """Decrypt a result envelope and print predictions; reads only the secret key."""
+    from .ckks.keys import KeyChain
     from .client import FHEInferenceClient
 
     try:
-        client = FHEInferenceClient(str(model_dir), keys=keys, min_security_level=min_security_level)
+        client = FHEInferenceClient(str(model_dir), keys=KeyChain.load(keys, only="secret"),
+                                    min_security_level=min_security_level)
         preds = client.decrypt(input.read_bytes())
     except H33Error as exc:
         _fail(exc)

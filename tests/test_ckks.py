@@ -108,6 +108,20 @@ def test_keychain_save_load(tmp_path, chain):
         KeyChain.load(tmp_path / "missing")
 
 
+def test_keychain_loads_one_key_for_encrypting_or_decrypting(tmp_path, chain):
+    chain.save(tmp_path / "keys")
+    (tmp_path / "keys" / "evaluation_keys.h33k").unlink()  # neither side reads the bundle
+    public = KeyChain.load(tmp_path / "keys", only="public")
+    secret = KeyChain.load(tmp_path / "keys", only="secret")
+    assert public.key_id == secret.key_id == chain.key_id
+    blob = public.encrypt_slots(np.arange(public.params.slots) / 1000.0)  # a public-key encryption
+    assert np.allclose(secret.decrypt_slots(blob)[:5], np.arange(5) / 1000.0, atol=1e-6)
+    with pytest.raises(EnvelopeError, match="without its secret key"):
+        public.decrypt_slots(blob)
+    with pytest.raises(EnvelopeError, match="evaluation_keys.h33k is missing"):
+        secret.evaluation_keys()
+
+
 # ---------------------------------------------------------------- envelopes
 @pytest.fixture(scope="module")
 def envelope(convnet_client, mnist_test):

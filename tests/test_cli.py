@@ -52,13 +52,47 @@ def test_compile_inspect_keygen_encrypt_infer_decrypt(workdir, convnet):
     assert got == want
 
 
-def test_run_reports_accuracy_and_timing(workdir):
-    d = workdir
-    if not (d / "model").exists():
-        h33("compile", str(d / "convnet.onnx"), "--input-shape", "1,28,28", "--calibration", str(d / "calib.npy"),
-            "--out", str(d / "model"))
-    out = h33("run", str(d / "model"), "--input", str(d / "x.npy"), "--labels", str(d / "y.npy")).stdout
+@pytest.fixture
+def model_dir(workdir) -> Path:
+    """The ConvNet compiled by the CLI (by the first test, or now when it ran alone)."""
+    if not (workdir / "model").exists():
+        h33("compile", str(workdir / "convnet.onnx"), "--input-shape", "1,28,28",
+            "--calibration", str(workdir / "calib.npy"), "--out", str(workdir / "model"))
+    return workdir / "model"
+
+
+def test_run_reports_accuracy_and_timing(workdir, model_dir):
+    out = h33("run", str(model_dir), "--input", str(workdir / "x.npy"), "--labels", str(workdir / "y.npy")).stdout
     assert "ms/input amortized" in out and "accuracy" in out
+
+
+def test_encrypt_reads_only_the_public_key_and_decrypt_only_the_secret_key(workdir, model_dir, convnet):
+    d, keys = workdir, workdir / "split-keys"
+    h33("keygen", str(model_dir), "--keys", str(keys))
+    bundle = d / "uploaded.h33k"  # the server's copy: the client directory no longer has it
+    (keys / "evaluation_keys.h33k").rename(bundle)
+    hidden = d / "hidden.key"
+    (keys / "secret.key").rename(hidden)  # encrypting must not need it
+    h33("encrypt", str(model_dir), "--keys", str(keys), "--input", str(d / "x.npy"), "--out", str(d / "xs.h33"))
+    hidden.rename(keys / "secret.key")
+    h33("infer", str(model_dir), "--eval-keys", str(bundle), "--input", str(d / "xs.h33"), "--out", str(d / "ys.h33"))
+    (keys / "public.key").rename(hidden)  # decrypting must not need it
+    split = h33("decrypt", str(model_dir), "--keys", str(keys), "--input", str(d / "ys.h33")).stdout
+    hidden.rename(keys / "public.key")
+    bundle.rename(keys / "evaluation_keys.h33k")
+    full = h33("decrypt", str(model_dir), "--keys", str(keys), "--input", str(d / "ys.h33")).stdout
+    from h33_bento import zoo
+    from h33_bento.program.model import CompiledModel
+
+    def predictions(text: str) -> list[tuple[str, float]]:
+        rows = [line.split()[1:3] for line in text.splitlines() if line.startswith("[")]
+        return [(label, float(conf.strip("()"))) for label, conf in rows]
+
+    names = CompiledModel.load(model_dir).class_labels()
+    want = [names[i] for i in zoo.predict_logits(convnet, np.load(d / "x.npy")).argmax(1)]
+    assert [label for label, _ in predictions(split)] == [label for label, _ in predictions(full)] == want
+    # OpenFHE's CKKS decoding adds fresh noise to every decryption: equal up to it
+    assert np.allclose([c for _, c in predictions(split)], [c for _, c in predictions(full)], atol=2e-3)
 
 
 def test_errors_are_clear_and_exit_nonzero(workdir, tmp_path):

@@ -105,3 +105,48 @@ def test_errors_are_clear_and_exit_nonzero(workdir, tmp_path):
         junk = h33("infer", str(workdir / "model"), "--eval-keys", str(workdir / "keys" / "evaluation_keys.h33k"),
                    "--input", str(tmp_path / "junk.h33"), "--out", str(tmp_path / "o.h33"), ok=False)
         assert junk.returncode == 2 and "error:" in junk.stderr
+
+
+@pytest.fixture(scope="module")
+def relu_mlp(workdir, mnist_train) -> Path:
+    """A small ReLU network as ONNX: the compiler replaces its ReLU by a Chebyshev series."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    onnx.save(export_onnx(model, (1, 28, 28)), workdir / "mlp.onnx")
+    with torch.no_grad():  # what calibration observes at the ReLU's input
+        pre = model[1](torch.as_tensor(np.load(workdir / "calib.npy"), dtype=torch.float32).flatten(1)).numpy()
+    np.save(workdir / "mlp_relu_input_range.npy", [pre.min(), pre.max()])
+    return workdir / "mlp.onnx"
+
+
+def test_compile_degrees_and_margin_shape_the_activation(workdir, relu_mlp):
+    from h33_bento.program.model import CompiledModel
+
+    out = workdir / "mlp-d3"
+    h33("compile", str(relu_mlp), "--input-shape", "1,28,28", "--calibration", str(workdir / "calib.npy"),
+        "--degrees", "relu=3", "--margin", "0.5", "--out", str(out))
+    (poly,) = [s for s in CompiledModel.load(out).steps if s.op.value == "poly"]
+    lo, hi = np.load(workdir / "mlp_relu_input_range.npy")
+    assert len(poly.attrs["coeffs"]) == 4  # degree 3, not the default 15
+    span = hi - lo
+    assert np.allclose([poly.attrs["lower"], poly.attrs["upper"]], [lo - 0.5 * span, hi + 0.5 * span], rtol=1e-4)
+
+
+def test_compile_plan_only_prints_estimates_and_writes_nothing(workdir, relu_mlp, tmp_path):
+    res = h33("compile", str(relu_mlp), "--input-shape", "1,28,28", "--calibration", str(workdir / "calib.npy"),
+              "--degrees", "relu=7", "--plan-only")
+    assert "planned in" in res.stdout and "deg 7 on" in res.stdout
+    both = h33("compile", str(relu_mlp), "--input-shape", "1,28,28", "--calibration", str(workdir / "calib.npy"),
+               "--plan-only", "--out", str(tmp_path / "m"), ok=False)
+    assert both.returncode == 2 and "--out" in both.stderr and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("bad, why", [("relu:7", "expected activation=degree"), ("relu=seven", "expected"),
+                                      ("swish=3", "unknown activation"), ("relu=0", "at least 1")])
+def test_compile_refuses_bad_degrees(workdir, relu_mlp, bad, why):
+    res = h33("compile", str(relu_mlp), "--input-shape", "1,28,28", "--calibration", str(workdir / "calib.npy"),
+              "--degrees", bad, "--plan-only", ok=False)
+    assert res.returncode == 2 and "--degrees" in res.stderr and why in " ".join(res.stderr.split())

@@ -97,6 +97,21 @@ def test_key_bundle_for_other_params_is_refused(chain, small_params):
         EvaluationKeys.from_bytes(chain.evaluation_keys().to_bytes(), other)
 
 
+# 128-bit parameters with the fewest digits accepted; OpenFHE's default (0: three); one digit of
+# exactly 180 bits, which takes four 60-bit special primes, not three
+@pytest.mark.parametrize("depth, digits", [(None, None), (5, 0), (3, 1)])
+def test_key_sizes_estimated_from_parameters_match_openfhe(small_params, depth, digits):
+    params = small_params if depth is None else CKKSParams(**{
+        **small_params.model_dump(), "ring_dim": 8192, "multiplicative_depth": depth, "num_large_digits": digits,
+        "security_level": "HEStd_NotSet"})
+    bundle = KeyChain.generate(params, "HEStd_NotSet").evaluation_keys()
+    est = params.estimated_key_bytes()
+    rotations = len(params.rotation_indices)
+    for got, want in ((len(bundle.public_key), est["public"]), (len(bundle.mult_key), est["mult"]),
+                      (len(bundle.rotation_keys), rotations * est["rotation"])):
+        assert abs(got - want) < 0.01 * want
+
+
 def test_keychain_save_load(tmp_path, chain):
     chain.save(tmp_path / "keys")
     assert (tmp_path / "keys" / "secret.key").stat().st_mode & 0o077 == 0

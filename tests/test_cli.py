@@ -139,6 +139,10 @@ def test_compile_plan_only_prints_estimates_and_writes_nothing(workdir, relu_mlp
     res = h33("compile", str(relu_mlp), "--input-shape", "1,28,28", "--calibration", str(workdir / "calib.npy"),
               "--degrees", "relu=7", "--plan-only")
     assert "planned in" in res.stdout and "deg 7 on" in res.stdout
+    # nothing measured: keys from the parameters, latency from the stored table, and the report says so
+    bundle = res.stdout.split("key bundle: ")[1]
+    assert float(bundle.split()[0]) > 0 and "latency None" not in bundle
+    assert "estimated from the parameters" in bundle and "from the stored cost table" in bundle
     both = h33("compile", str(relu_mlp), "--input-shape", "1,28,28", "--calibration", str(workdir / "calib.npy"),
                "--plan-only", "--out", str(tmp_path / "m"), ok=False)
     assert both.returncode == 2 and "--out" in both.stderr and not (tmp_path / "m").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -104,6 +105,28 @@ def test_same_network_and_cost_table_give_the_same_fingerprint(convnet, convnet_
 def test_predicted_key_bundle_size_matches_the_real_bundle(convnet_compiled, convnet_client):
     real = len(convnet_client.keys.evaluation_keys().to_bytes())
     assert abs(convnet_compiled.predicted_key_bundle_bytes - real) < 0.02 * real
+
+
+def test_unmeasured_programs_are_priced_from_the_stored_table_and_their_parameters(convnet_compiled, convnet_client):
+    # the same program with nothing measured: key sizes from the parameters, latency from the stored table
+    unmeasured = replace(convnet_compiled, costs=None)
+    real = len(convnet_client.keys.evaluation_keys().to_bytes())
+    assert abs(unmeasured.predicted_key_bundle_bytes - real) < 0.02 * real
+    summary = unmeasured.summary()
+    assert summary["costs"] == "stored" and summary["key_sizes"] == "parameters"
+    measured = convnet_compiled.summary()["predicted_latency_ms"]
+    assert 0.2 < summary["predicted_latency_ms"] / measured < 5  # another machine, another load: same magnitude
+    assert "from the stored cost table, not measured on this machine" in unmeasured.report
+    assert "estimated from the parameters" in unmeasured.report
+
+
+def test_plan_of_a_too_deep_network_estimates_keys_and_latency():
+    estimate = compile(_Deep(20), (8,), estimate_only=True, measure_costs=False, bootstrapping=False)
+    summary = estimate.summary()
+    assert not estimate.runnable and estimate.costs is None
+    assert summary["key_bundle_bytes"] > 100 * 2**20  # N=2^16, 30 levels
+    assert summary["predicted_latency_ms"] > 0 and summary["costs"] == "stored"
+    assert "key bundle: 0.0 MiB" not in estimate.report and "latency None" not in estimate.report
 
 
 def test_save_load_roundtrip(tmp_path, convnet_compiled, mnist_test):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -15,7 +16,7 @@ from h33_bento.compiler.diagonals import build_diagonals
 from h33_bento.compiler.fusion import fuse_linear_chains
 from h33_bento.compiler.graph import Graph, Node
 from h33_bento.compiler.layout import grid_positions
-from h33_bento.errors import CompileError, DepthExceededError, ModelFormatError
+from h33_bento.errors import CompileError, DepthExceededError, ModelFormatError, RangeWarning
 from h33_bento import zoo
 from h33_bento.zoo import Square
 
@@ -196,6 +197,17 @@ def test_named_activation_needs_calibration_data():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(CompileError, match="calibration_data"):
         compile(model, (4,), measure_costs=False)
+
+
+def test_simulate_warns_when_an_activation_input_leaves_its_calibrated_range(mnist_train):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    x = mnist_train[0][:256]
+    compiled = compile(model, (1, 28, 28), calibration_data=x[:128], measure_costs=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RangeWarning)
+        simulate(compiled, x)  # the calibration images and held-out ones stay in range
+    with pytest.warns(RangeWarning, match=r"step '.*Relu.*': inputs span .* outside its calibrated range"):
+        simulate(compiled, 2 * x)  # a gain of 2 on the input
 
 
 def test_relu_network_compiles_to_chebyshev_and_runs_encrypted():

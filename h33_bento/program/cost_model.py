@@ -82,9 +82,8 @@ def stored_costs(params: CKKSParams, chebyshev_degrees: tuple[int, ...] = ()) ->
           if name not in ("depth", "bootstrap") and not name.startswith(CHEBYSHEV)}
     listed = sorted(int(name[len(CHEBYSHEV):]) for name in stored if name.startswith(CHEBYSHEV))
     for degree in chebyshev_degrees:
-        up = next((d for d in listed if d >= degree), None)
-        value = stored[f"{CHEBYSHEV}{up}"] if up is not None else stored[f"{CHEBYSHEV}{listed[-1]}"] * degree / listed[-1]
-        ms[f"{CHEBYSHEV}{degree}"] = value * scale
+        up = next((d for d in listed if d >= degree), listed[-1])
+        ms[f"{CHEBYSHEV}{degree}"] = stored[f"{CHEBYSHEV}{up}"] * max(degree / up, 1.0) * scale
     boot = params.bootstrapping
     if boot is not None and "bootstrap" in stored:
         ms.update({f"{BOOTSTRAP}{slots}": stored["bootstrap"] for slots in (*boot.slots, params.slots)})

@@ -159,8 +159,9 @@ def render(model: "CompiledModel") -> str:
            " (estimated from the parameters" + (", bootstrapping keys not included)" if p.bootstrapping else ")"))
         + f", predicted latency {summ['predicted_latency_ms']} ms per ciphertext ({p.lanes} inputs) on the server, "
         f"{summ['predicted_client_ms']} ms to encrypt and decrypt on the client"
-        + {"measured": "", None: f" (no costs measured, none stored for N={p.ring_dim})"}.get(
-            summ["costs"], " (from the stored cost table, not measured on this machine)"),
+        + ("" if summ["costs"] == "measured" else
+           " (from the stored cost table, not measured on this machine)" if summ["costs"] == "stored" else
+           f" (no costs measured, none stored for N={p.ring_dim})"),
         f"plaintext diagonals and biases: {summ['plaintext_bytes'] / 2**20:.0f} MiB encoded"
         + (f"; {summ['encodes_per_run']} re-encoded per run with the default "
            f"{DEFAULT_CACHE_BYTES / 2**30:.0f} GiB engine cache (included above)" if summ["encodes_per_run"] else

@@ -59,30 +59,65 @@ def _load_array(path: Path) -> np.ndarray:
         raise typer.BadParameter(f"cannot read {path} as a .npy array: {exc}") from exc
 
 
+def _degrees(values: list[str]) -> dict[str, int]:
+    """``relu=7,silu=5`` (repeatable) -> {"relu": 7, "silu": 5}, for the activations the compiler replaces."""
+    from .compiler.activations import DEFAULT_DEGREE
+
+    degrees: dict[str, int] = {}
+    for item in (part.strip() for value in values for part in value.split(",") if part.strip()):
+        kind, _, degree = item.partition("=")
+        kind = kind.strip().lower()
+        try:
+            degrees[kind] = int(degree)
+        except ValueError:
+            raise typer.BadParameter(f"expected activation=degree like relu=7, got {item!r}",
+                                     param_hint="--degrees") from None
+        if kind not in DEFAULT_DEGREE:
+            raise typer.BadParameter(f"unknown activation {kind!r} (one of {', '.join(DEFAULT_DEGREE)})",
+                                     param_hint="--degrees")
+        if degrees[kind] < 1:
+            raise typer.BadParameter(f"a degree is at least 1, got {item!r}", param_hint="--degrees")
+    return degrees
+
+
 @app.command("compile")
 def compile_cmd(
     model: str = typer.Argument(..., help="ONNX file, or package.module:Class of a torch module"),
-    out: Path = typer.Option(..., "--out", "-o", help="directory to write the compiled model to"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="directory to write the compiled model to (not with --plan-only)"),
     input_shape: str = typer.Option(..., "--input-shape", help="input shape without batch, e.g. 1,28,28"),
     weights: Optional[Path] = typer.Option(None, help="torch state_dict for a module spec"),
     calibration: Optional[Path] = typer.Option(None, help=".npy batch of inputs to calibrate activation ranges"),
     lanes: int = typer.Option(8, help="inputs per ciphertext"),
     labels: Optional[str] = typer.Option(None, help="comma-separated class labels"),
+    degrees: list[str] = typer.Option([], "--degrees",
+                                      help="Chebyshev degree per replaced activation, e.g. relu=7,silu=5 (repeatable)"),
+    margin: float = typer.Option(0.1, "--margin", min=0.0,
+                                 help="widen each calibrated activation range by this fraction of its width"),
+    plan_only: bool = typer.Option(False, "--plan-only",
+                                   help="print the plan and its estimates (stored cost table, nothing measured); "
+                                        "write nothing, even for networks too deep to run"),
 ) -> None:
     """Compile a network to a CKKS program (128-bit parameters)."""
     from .compiler import compile as compile_model
 
+    if (out is None) != plan_only:
+        raise typer.BadParameter("give --out, or --plan-only to print the plan and write nothing", param_hint="--out")
     try:
         source = _load_model_source(model, weights)
         data = _load_array(calibration) if calibration else None
         t0 = time.perf_counter()
         compiled = compile_model(source, _shape(input_shape), data, lanes=lanes,
-                                 labels=labels.split(",") if labels else None, progress=True)
-        compiled.save(out)
+                                 labels=labels.split(",") if labels else None, progress=True,
+                                 activation_degrees=_degrees(degrees) or None, range_margin=margin,
+                                 estimate_only=plan_only, measure_costs=not plan_only)
+        if not plan_only:
+            compiled.save(out)
     except H33Error as exc:
         _fail(exc)
     typer.echo(compiled.report)
-    typer.echo(f"\ncompiled in {time.perf_counter() - t0:.1f} s -> {out}")
+    typer.echo(f"\n{'planned' if plan_only else 'compiled'} in {time.perf_counter() - t0:.1f} s"
+               + ("" if plan_only else f" -> {out}"))
 
 
 @app.command()
@@ -115,7 +150,7 @@ def keygen(
         _fail(exc)
     size = chain.evaluation_keys().size_bytes
     typer.echo(f"key_id {chain.key_id}; evaluation keys {size / 2**20:.1f} MiB in {keys / EVAL_KEYS_FILE} "
-               "(upload this file; keep secret.key on this machine)")
+               "(upload this file; keep secret.key on this machine: decrypt reads it, encrypt only public.key)")
 
 
 @app.command()
@@ -126,11 +161,13 @@ def encrypt(
     out: Path = typer.Option(..., "--out", "-o"),
     min_security_level: str = _min_security(),
 ) -> None:
-    """Encrypt inputs into one envelope (up to `lanes` inputs share a ciphertext)."""
+    """Encrypt inputs into one envelope (up to `lanes` inputs share a ciphertext); reads only the public key."""
+    from .ckks.keys import KeyChain
     from .client import FHEInferenceClient
 
     try:
-        client = FHEInferenceClient(str(model_dir), keys=keys, min_security_level=min_security_level)
+        client = FHEInferenceClient(str(model_dir), keys=KeyChain.load(keys, only="public"),
+                                    min_security_level=min_security_level)
         out.write_bytes(client.encrypt(_load_array(input)).to_bytes())
     except (H33Error, ValueError) as exc:
         _fail(exc)
@@ -165,11 +202,13 @@ def decrypt(
     top_k: int = typer.Option(3, help="how many classes to show"),
     min_security_level: str = _min_security(),
 ) -> None:
-    """Decrypt a result envelope and print predictions."""
+    """Decrypt a result envelope and print predictions; reads only the secret key."""
+    from .ckks.keys import KeyChain
     from .client import FHEInferenceClient
 
     try:
-        client = FHEInferenceClient(str(model_dir), keys=keys, min_security_level=min_security_level)
+        client = FHEInferenceClient(str(model_dir), keys=KeyChain.load(keys, only="secret"),
+                                    min_security_level=min_security_level)
         preds = client.decrypt(input.read_bytes())
     except H33Error as exc:
         _fail(exc)

@@ -97,6 +97,21 @@ def test_key_bundle_for_other_params_is_refused(chain, small_params):
         EvaluationKeys.from_bytes(chain.evaluation_keys().to_bytes(), other)
 
 
+# 128-bit parameters with the fewest digits accepted; OpenFHE's default (0: three); one digit of
+# exactly 180 bits, which takes four 60-bit special primes, not three
+@pytest.mark.parametrize("depth, digits", [(None, None), (5, 0), (3, 1)])
+def test_key_sizes_estimated_from_parameters_match_openfhe(small_params, depth, digits):
+    params = small_params if depth is None else CKKSParams(**{
+        **small_params.model_dump(), "ring_dim": 8192, "multiplicative_depth": depth, "num_large_digits": digits,
+        "security_level": "HEStd_NotSet"})
+    bundle = KeyChain.generate(params, "HEStd_NotSet").evaluation_keys()
+    est = params.estimated_key_bytes()
+    rotations = len(params.rotation_indices)
+    for got, want in ((len(bundle.public_key), est["public"]), (len(bundle.mult_key), est["mult"]),
+                      (len(bundle.rotation_keys), rotations * est["rotation"])):
+        assert abs(got - want) < 0.01 * want
+
+
 def test_keychain_save_load(tmp_path, chain):
     chain.save(tmp_path / "keys")
     assert (tmp_path / "keys" / "secret.key").stat().st_mode & 0o077 == 0
@@ -106,6 +121,20 @@ def test_keychain_save_load(tmp_path, chain):
     assert np.allclose(loaded.decrypt_slots(blob)[:5], np.arange(5) / 1000.0, atol=1e-6)
     with pytest.raises(EnvelopeError, match="incomplete"):
         KeyChain.load(tmp_path / "missing")
+
+
+def test_keychain_loads_one_key_for_encrypting_or_decrypting(tmp_path, chain):
+    chain.save(tmp_path / "keys")
+    (tmp_path / "keys" / "evaluation_keys.h33k").unlink()  # neither side reads the bundle
+    public = KeyChain.load(tmp_path / "keys", only="public")
+    secret = KeyChain.load(tmp_path / "keys", only="secret")
+    assert public.key_id == secret.key_id == chain.key_id
+    blob = public.encrypt_slots(np.arange(public.params.slots) / 1000.0)  # a public-key encryption
+    assert np.allclose(secret.decrypt_slots(blob)[:5], np.arange(5) / 1000.0, atol=1e-6)
+    with pytest.raises(EnvelopeError, match="without its secret key"):
+        public.decrypt_slots(blob)
+    with pytest.raises(EnvelopeError, match="evaluation_keys.h33k is missing"):
+        secret.evaluation_keys()
 
 
 # ---------------------------------------------------------------- envelopes

@@ -52,13 +52,47 @@ def test_compile_inspect_keygen_encrypt_infer_decrypt(workdir, convnet):
     assert got == want
 
 
-def test_run_reports_accuracy_and_timing(workdir):
-    d = workdir
-    if not (d / "model").exists():
-        h33("compile", str(d / "convnet.onnx"), "--input-shape", "1,28,28", "--calibration", str(d / "calib.npy"),
-            "--out", str(d / "model"))
-    out = h33("run", str(d / "model"), "--input", str(d / "x.npy"), "--labels", str(d / "y.npy")).stdout
+@pytest.fixture
+def model_dir(workdir) -> Path:
+    """The ConvNet compiled by the CLI (by the first test, or now when it ran alone)."""
+    if not (workdir / "model").exists():
+        h33("compile", str(workdir / "convnet.onnx"), "--input-shape", "1,28,28",
+            "--calibration", str(workdir / "calib.npy"), "--out", str(workdir / "model"))
+    return workdir / "model"
+
+
+def test_run_reports_accuracy_and_timing(workdir, model_dir):
+    out = h33("run", str(model_dir), "--input", str(workdir / "x.npy"), "--labels", str(workdir / "y.npy")).stdout
     assert "ms/input amortized" in out and "accuracy" in out
+
+
+def test_encrypt_reads_only_the_public_key_and_decrypt_only_the_secret_key(workdir, model_dir, convnet):
+    d, keys = workdir, workdir / "split-keys"
+    h33("keygen", str(model_dir), "--keys", str(keys))
+    bundle = d / "uploaded.h33k"  # the server's copy: the client directory no longer has it
+    (keys / "evaluation_keys.h33k").rename(bundle)
+    hidden = d / "hidden.key"
+    (keys / "secret.key").rename(hidden)  # encrypting must not need it
+    h33("encrypt", str(model_dir), "--keys", str(keys), "--input", str(d / "x.npy"), "--out", str(d / "xs.h33"))
+    hidden.rename(keys / "secret.key")
+    h33("infer", str(model_dir), "--eval-keys", str(bundle), "--input", str(d / "xs.h33"), "--out", str(d / "ys.h33"))
+    (keys / "public.key").rename(hidden)  # decrypting must not need it
+    split = h33("decrypt", str(model_dir), "--keys", str(keys), "--input", str(d / "ys.h33")).stdout
+    hidden.rename(keys / "public.key")
+    bundle.rename(keys / "evaluation_keys.h33k")
+    full = h33("decrypt", str(model_dir), "--keys", str(keys), "--input", str(d / "ys.h33")).stdout
+    from h33_bento import zoo
+    from h33_bento.program.model import CompiledModel
+
+    def predictions(text: str) -> list[tuple[str, float]]:
+        rows = [line.split()[1:3] for line in text.splitlines() if line.startswith("[")]
+        return [(label, float(conf.strip("()"))) for label, conf in rows]
+
+    names = CompiledModel.load(model_dir).class_labels()
+    want = [names[i] for i in zoo.predict_logits(convnet, np.load(d / "x.npy")).argmax(1)]
+    assert [label for label, _ in predictions(split)] == [label for label, _ in predictions(full)] == want
+    # OpenFHE's CKKS decoding adds fresh noise to every decryption: equal up to it
+    assert np.allclose([c for _, c in predictions(split)], [c for _, c in predictions(full)], atol=2e-3)
 
 
 def test_errors_are_clear_and_exit_nonzero(workdir, tmp_path):
@@ -71,3 +105,52 @@ def test_errors_are_clear_and_exit_nonzero(workdir, tmp_path):
         junk = h33("infer", str(workdir / "model"), "--eval-keys", str(workdir / "keys" / "evaluation_keys.h33k"),
                    "--input", str(tmp_path / "junk.h33"), "--out", str(tmp_path / "o.h33"), ok=False)
         assert junk.returncode == 2 and "error:" in junk.stderr
+
+
+@pytest.fixture(scope="module")
+def relu_mlp(workdir, mnist_train) -> Path:
+    """A small ReLU network as ONNX: the compiler replaces its ReLU by a Chebyshev series."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    onnx.save(export_onnx(model, (1, 28, 28)), workdir / "mlp.onnx")
+    with torch.no_grad():  # what calibration observes at the ReLU's input
+        pre = model[1](torch.as_tensor(np.load(workdir / "calib.npy"), dtype=torch.float32).flatten(1)).numpy()
+    np.save(workdir / "mlp_relu_input_range.npy", [pre.min(), pre.max()])
+    return workdir / "mlp.onnx"
+
+
+def test_compile_degrees_and_margin_shape_the_activation(workdir, relu_mlp):
+    from h33_bento.program.model import CompiledModel
+
+    out = workdir / "mlp-d3"
+    h33("compile", str(relu_mlp), "--input-shape", "1,28,28", "--calibration", str(workdir / "calib.npy"),
+        "--degrees", "relu=3", "--margin", "0.5", "--out", str(out))
+    (poly,) = [s for s in CompiledModel.load(out).steps if s.op.value == "poly"]
+    lo, hi = np.load(workdir / "mlp_relu_input_range.npy")
+    assert len(poly.attrs["coeffs"]) == 4  # degree 3, not the default 15
+    span = hi - lo
+    assert np.allclose([poly.attrs["lower"], poly.attrs["upper"]], [lo - 0.5 * span, hi + 0.5 * span], rtol=1e-4)
+
+
+def test_compile_plan_only_prints_estimates_and_writes_nothing(workdir, relu_mlp, tmp_path):
+    res = h33("compile", str(relu_mlp), "--input-shape", "1,28,28", "--calibration", str(workdir / "calib.npy"),
+              "--degrees", "relu=7", "--plan-only")
+    assert "planned in" in res.stdout and "deg 7 on" in res.stdout
+    # nothing measured: keys from the parameters, latency from the stored table, and the report says so
+    bundle = res.stdout.split("key bundle: ")[1]
+    assert float(bundle.split()[0]) > 0 and "latency None" not in bundle
+    assert "estimated from the parameters" in bundle and "from the stored cost table" in bundle
+    both = h33("compile", str(relu_mlp), "--input-shape", "1,28,28", "--calibration", str(workdir / "calib.npy"),
+               "--plan-only", "--out", str(tmp_path / "m"), ok=False)
+    assert both.returncode == 2 and "--out" in both.stderr and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("bad, why", [("relu:7", "expected activation=degree"), ("relu=seven", "expected"),
+                                      ("swish=3", "unknown activation"), ("relu=0", "at least 1")])
+def test_compile_refuses_bad_degrees(workdir, relu_mlp, bad, why):
+    res = h33("compile", str(relu_mlp), "--input-shape", "1,28,28", "--calibration", str(workdir / "calib.npy"),
+              "--degrees", bad, "--plan-only", ok=False)
+    assert res.returncode == 2 and "--degrees" in res.stderr and why in " ".join(res.stderr.split())

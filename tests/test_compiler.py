@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from h33_bento.compiler.diagonals import build_diagonals
 from h33_bento.compiler.fusion import fuse_linear_chains
 from h33_bento.compiler.graph import Graph, Node
 from h33_bento.compiler.layout import grid_positions
-from h33_bento.errors import CompileError, DepthExceededError, ModelFormatError
+from h33_bento.errors import CompileError, DepthExceededError, ModelFormatError, RangeWarning
 from h33_bento import zoo
 from h33_bento.zoo import Square
 
@@ -106,6 +108,28 @@ def test_predicted_key_bundle_size_matches_the_real_bundle(convnet_compiled, con
     assert abs(convnet_compiled.predicted_key_bundle_bytes - real) < 0.02 * real
 
 
+def test_unmeasured_programs_are_priced_from_the_stored_table_and_their_parameters(convnet_compiled, convnet_client):
+    # the same program with nothing measured: key sizes from the parameters, latency from the stored table
+    unmeasured = replace(convnet_compiled, costs=None)
+    real = len(convnet_client.keys.evaluation_keys().to_bytes())
+    assert abs(unmeasured.predicted_key_bundle_bytes - real) < 0.02 * real
+    summary = unmeasured.summary()
+    assert summary["costs"] == "stored" and summary["key_sizes"] == "parameters"
+    measured = convnet_compiled.summary()["predicted_latency_ms"]
+    assert 0.2 < summary["predicted_latency_ms"] / measured < 5  # another machine, another load: same magnitude
+    assert "from the stored cost table, not measured on this machine" in unmeasured.report
+    assert "estimated from the parameters" in unmeasured.report
+
+
+def test_plan_of_a_too_deep_network_estimates_keys_and_latency():
+    estimate = compile(_Deep(20), (8,), estimate_only=True, measure_costs=False, bootstrapping=False)
+    summary = estimate.summary()
+    assert not estimate.runnable and estimate.costs is None
+    assert summary["key_bundle_bytes"] > 100 * 2**20  # N=2^16, 30 levels
+    assert summary["predicted_latency_ms"] > 0 and summary["costs"] == "stored"
+    assert "key bundle: 0.0 MiB" not in estimate.report and "latency None" not in estimate.report
+
+
 def test_save_load_roundtrip(tmp_path, convnet_compiled, mnist_test):
     convnet_compiled.save(tmp_path / "m")
     loaded = CompiledModel.load(tmp_path / "m")
@@ -173,6 +197,17 @@ def test_named_activation_needs_calibration_data():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(CompileError, match="calibration_data"):
         compile(model, (4,), measure_costs=False)
+
+
+def test_simulate_warns_when_an_activation_input_leaves_its_calibrated_range(mnist_train):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    x = mnist_train[0][:256]
+    compiled = compile(model, (1, 28, 28), calibration_data=x[:128], measure_costs=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RangeWarning)
+        simulate(compiled, x)  # the calibration images and held-out ones stay in range
+    with pytest.warns(RangeWarning, match=r"step '.*Relu.*': inputs span .* outside its calibrated range"):
+        simulate(compiled, 2 * x)  # a gain of 2 on the input
 
 
 def test_relu_network_compiles_to_chebyshev_and_runs_encrypted():

@@ -11,6 +11,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import openfhe
@@ -21,6 +22,7 @@ from .params import CKKSParams, SecurityLevel, check_security
 from .serialization import KEYS_MAGIC, pack_frame, unpack_frame
 
 SECRET_KEY_FILE = "secret.key"
+PUBLIC_KEY_FILE = "public.key"
 EVAL_KEYS_FILE = "evaluation_keys.h33k"
 PARAMS_FILE = "params.json"
 
@@ -127,15 +129,24 @@ class EvaluationKeys:
 
 
 class KeyChain:
-    """The client's keys.  Holds the secret key; never hand this object to a server."""
+    """The client's keys.  Holds the secret key; never hand this object to a server.
 
-    def __init__(self, params: CKKSParams, public_key: openfhe.PublicKey, secret_key: openfhe.PrivateKey) -> None:
+    ``KeyChain.load(directory, only="public")`` holds the public key alone (enough to encrypt)
+    and ``only="secret"`` the secret key alone (enough to decrypt).  A loaded chain reads the
+    evaluation-key bundle only when ``evaluation_keys()`` is first called: for a deep model it
+    is gigabytes, and neither encrypting nor decrypting needs it.
+    """
+
+    def __init__(self, params: CKKSParams, public_key: openfhe.PublicKey | None,
+                 secret_key: openfhe.PrivateKey | None, eval_keys_file: Path | None = None) -> None:
+        if public_key is None and secret_key is None:
+            raise ValueError("a key chain needs a public key, a secret key or both")
         self.params = params
         self._cc = get_context(params)
         self._public_key = public_key
         self._secret_key = secret_key
-        self._public_bytes = openfhe.Serialize(public_key, openfhe.BINARY)
-        self.key_id = key_id_for(public_key.GetKeyTag())
+        self.key_id = key_id_for(self.key_tag)
+        self._eval_keys_file = eval_keys_file
         self._eval_keys: EvaluationKeys | None = None
 
     @classmethod
@@ -158,10 +169,28 @@ class KeyChain:
 
     @property
     def key_tag(self) -> str:
-        return self._public_key.GetKeyTag()
+        """OpenFHE's tag of this key pair (the public and the secret key carry the same)."""
+        return (self._public_key if self._public_key is not None else self._secret_key).GetKeyTag()
+
+    def _key(self, which: str) -> openfhe.PublicKey | openfhe.PrivateKey:
+        key = self._public_key if which == "public" else self._secret_key
+        if key is None:
+            raise EnvelopeError(f"this key chain was loaded without its {which} key "
+                                f"(KeyChain.load(directory) loads both)")
+        return key
 
     def evaluation_keys(self) -> EvaluationKeys:
         """The bundle to upload to a server: no secret key in it."""
+        if self._eval_keys is None and self._eval_keys_file is not None:
+            try:
+                data = self._eval_keys_file.read_bytes()
+            except FileNotFoundError as exc:
+                raise EnvelopeError(f"key directory {self._eval_keys_file.parent} is incomplete: "
+                                    f"{exc.filename} is missing") from exc
+            bundle = EvaluationKeys.from_bytes(data, self.params)
+            if bundle.key_id != self.key_id:
+                raise KeyMismatchError(f"{self._eval_keys_file} holds the evaluation keys of another key pair")
+            self._eval_keys = bundle
         if self._eval_keys is None:
             tag = self.key_tag
             self._eval_keys = EvaluationKeys(
@@ -169,7 +198,7 @@ class KeyChain:
                 key_id=self.key_id,
                 key_tag=tag,
                 rotation_indices=tuple(self.params.rotation_indices),
-                public_key=self._public_bytes,
+                public_key=openfhe.Serialize(self._key("public"), openfhe.BINARY),
                 mult_key=openfhe.SerializeEvalMultKeyString(openfhe.BINARY, tag),
                 rotation_keys=openfhe.SerializeEvalAutomorphismKeyString(openfhe.BINARY, tag)
                 if self.params.rotation_indices or self.params.bootstrapping else b"",
@@ -179,45 +208,50 @@ class KeyChain:
     def encrypt_slots(self, values: np.ndarray) -> bytes:
         """Encrypt one full slot vector and return OpenFHE's BINARY serialization.
 
-        The client holds the secret key, so it encrypts with it: a fresh RLWE sample under the
-        same key, indistinguishable to the server from a public-key encryption and about a
-        quarter cheaper (no encryption of zero to compute).
+        A chain holding the secret key encrypts with it: a fresh RLWE sample under the same key,
+        indistinguishable to the server from a public-key encryption and about a quarter cheaper
+        (no encryption of zero to compute).  A public-only chain encrypts with the public key.
         """
         pt = self._cc.MakeCKKSPackedPlaintext(np.ascontiguousarray(values, dtype=np.float64))
-        return openfhe.Serialize(self._cc.Encrypt(self._secret_key, pt), openfhe.BINARY)
+        key = self._secret_key if self._secret_key is not None else self._public_key
+        return openfhe.Serialize(self._cc.Encrypt(key, pt), openfhe.BINARY)
 
     def decrypt_slots(self, blob: bytes) -> np.ndarray:
         """Decrypt one serialized ciphertext to its real slot values."""
         ct = load_ciphertext(blob, self.key_tag)
-        pt = self._cc.Decrypt(ct, self._secret_key)
+        pt = self._cc.Decrypt(ct, self._key("secret"))
         pt.SetLength(self.params.slots)
         return np.asarray(pt.GetRealPackedValue(), dtype=np.float64)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Persist the keys for this client only (secret key file mode 0600)."""
+        """Persist the keys for this client only (secret key file mode 0600), each key in its own
+        file so that encrypting and decrypting read only the key they use."""
         d = Path(directory)
+        bundle = self.evaluation_keys().to_bytes()
+        secret = openfhe.Serialize(self._key("secret"), openfhe.BINARY)
         d.mkdir(parents=True, exist_ok=True)
         (d / PARAMS_FILE).write_text(self.params.model_dump_json(indent=2))
-        secret = d / SECRET_KEY_FILE
-        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(d / SECRET_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(openfhe.Serialize(self._secret_key, openfhe.BINARY))
-        (d / "public.key").write_bytes(self._public_bytes)
-        (d / EVAL_KEYS_FILE).write_bytes(self.evaluation_keys().to_bytes())
+            fh.write(secret)
+        (d / PUBLIC_KEY_FILE).write_bytes(openfhe.Serialize(self._key("public"), openfhe.BINARY))
+        (d / EVAL_KEYS_FILE).write_bytes(bundle)
         return d
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "KeyChain":
+    def load(cls, directory: str | os.PathLike, only: Literal["public", "secret"] | None = None) -> "KeyChain":
+        """The chain saved in ``directory``; with ``only``, just that key (and the parameters)."""
         d = Path(directory)
         try:
             params = CKKSParams.model_validate_json((d / PARAMS_FILE).read_text())
-            secret = (d / SECRET_KEY_FILE).read_bytes()
-            public = (d / "public.key").read_bytes()
-            bundle = EvaluationKeys.from_bytes((d / EVAL_KEYS_FILE).read_bytes(), params)
+            get_context(params)  # deserializing keys needs the context to exist
+            public = secret = None
+            if only != "secret":
+                public = openfhe.DeserializePublicKeyString((d / PUBLIC_KEY_FILE).read_bytes(), openfhe.BINARY)
+            if only != "public":
+                secret = openfhe.DeserializePrivateKeyString((d / SECRET_KEY_FILE).read_bytes(), openfhe.BINARY)
         except FileNotFoundError as exc:
             raise EnvelopeError(f"key directory {d} is incomplete: {exc.filename} is missing") from exc
-        get_context(params)  # deserializing keys needs the context to exist
-        chain = cls(params, openfhe.DeserializePublicKeyString(public, openfhe.BINARY),
-                    openfhe.DeserializePrivateKeyString(secret, openfhe.BINARY))
-        chain._eval_keys = bundle
-        return chain
+        if public is not None and secret is not None and public.GetKeyTag() != secret.GetKeyTag():
+            raise KeyMismatchError(f"{d}: the public and the secret key belong to different key pairs")
+        return cls(params, public, secret, eval_keys_file=d / EVAL_KEYS_FILE)

@@ -24,6 +24,8 @@ SecretKeyDist = Literal["UNIFORM_TERNARY", "SPARSE_ENCAPSULATED"]
 #: Largest ring dimension we plan for; 2^17 works in OpenFHE but is too slow to be useful here.
 MAX_RING_DIM = 1 << 16
 MIN_RING_DIM = 1 << 10
+#: Bits of each special prime of hybrid key switching (OpenFHE's AUXMODSIZE).
+AUX_MOD_BITS = 60
 
 
 class BootstrapConfig(BaseModel):
@@ -106,6 +108,33 @@ class CKKSParams(BaseModel):
         """Bytes of one encoded plaintext at ``level``: 8 per coefficient per tower left.  The
         engine's plaintext cache counts its budget with this, and plans predict that cache with it."""
         return self.ring_dim * 8 * (self.multiplicative_depth + 1 - min(level, self.multiplicative_depth))
+
+    @property
+    def key_switching_digits(self) -> int:
+        """Digits of hybrid key switching: ``num_large_digits``, or OpenFHE's default for 0
+        (``ComputeNumLargeDigits``: 3 above depth 3, else 2)."""
+        if self.num_large_digits:
+            return self.num_large_digits
+        return 3 if self.multiplicative_depth > 3 else 2
+
+    def estimated_key_bytes(self) -> dict[str, int]:
+        """Serialized sizes (``public``, ``mult``, one ``rotation`` key, a ``ciphertext``) predicted
+        from the parameters alone, for plans with nothing measured.
+
+        A public key or a fresh ciphertext is two polynomials over Q's towers; a relinearization or
+        rotation key is two per digit over Q's towers and the special primes P, which must exceed
+        the widest digit: one 60-bit prime per full 60 bits of it, plus one (what OpenFHE 1.6
+        chooses).  8 bytes a coefficient, plus OpenFHE's framing: within 0.3% of what it
+        serializes (tests/test_ckks.py compares).
+        """
+        towers = [self.first_mod_bits] + [self.scale_bits] * self.multiplicative_depth
+        per_digit = -(-len(towers) // self.key_switching_digits)
+        digits = [sum(towers[i:i + per_digit]) for i in range(0, len(towers), per_digit)]
+        special = max(digits) // AUX_MOD_BITS + 1
+        poly = self.ring_dim * 8
+        switching = 2 * len(digits) * poly * (len(towers) + special)
+        return {"public": 2 * poly * len(towers), "mult": switching, "rotation": switching,
+                "ciphertext": 2 * poly * len(towers)}
 
     @property
     def modulus_bits(self) -> int:

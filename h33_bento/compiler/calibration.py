@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 
 from ..errors import CompileError, RangeWarning
-from ..program.ops import Op
+from ..program.ops import Op, range_problem
 from .activations import fit_chebyshev
 from .graph import Graph, Node
 
@@ -71,14 +71,8 @@ def check_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> list[s
     for node in graph.nodes.values():
         if node.op is not Op.POLY or node.name not in ranges:
             continue
-        lo, hi = ranges[node.name]
-        if lo < node.attrs["lower"] or hi > node.attrs["upper"]:
+        problem = range_problem(node.attrs["lower"], node.attrs["upper"], *ranges[node.name])
+        if problem:
             offenders.append(node.name)
-            warnings.warn(
-                f"inputs of polynomial activation {node.name!r} span [{lo:.3g}, {hi:.3g}], outside its "
-                f"calibrated range [{node.attrs['lower']:.3g}, {node.attrs['upper']:.3g}]; the polynomial "
-                "diverges there and predictions may be wrong",
-                RangeWarning,
-                stacklevel=3,
-            )
+            warnings.warn(f"polynomial activation {node.name!r}: {problem}", RangeWarning, stacklevel=3)
     return offenders

@@ -29,7 +29,7 @@ import numpy as np
 from ..ckks.params import CKKSParams
 from ..errors import ModelFormatError
 from ..ckks.timing import PrimitiveCosts
-from .cost_model import DEFAULT_CACHE_BYTES, CostModel
+from .cost_model import DEFAULT_CACHE_BYTES, CostModel, stored_costs
 from .diagonals import DiagonalPlan
 from .ops import OPS, Op
 
@@ -150,7 +150,9 @@ class CompiledModel:
     # ----------------------------------------------------------------- predictions and report
     @property
     def cost_model(self) -> CostModel:
-        return CostModel(self.costs, self.params.multiplicative_depth)
+        """What predictions price with: the costs measured at compile time, else the stored table."""
+        costs = self.costs if self.costs is not None else stored_costs(self.params, self.chebyshev_degrees)
+        return CostModel(costs, self.params.multiplicative_depth)
 
     def with_costs(self, costs: PrimitiveCosts) -> "CompiledModel":
         """The same program (same fingerprint) priced with other costs, e.g. measured again now."""

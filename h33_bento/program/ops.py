@@ -96,6 +96,22 @@ def _poly(item: OpItem, args: list[np.ndarray]) -> np.ndarray:
     return eval_chebyshev(a["coeffs"], a["lower"], a["upper"], args[0])
 
 
+def range_problem(lower: float, upper: float, lo: float, hi: float) -> str | None:
+    """Why inputs spanning [lo, hi] are a problem for a polynomial fitted on [lower, upper] (None: they are not)."""
+    if lower <= lo and hi <= upper:
+        return None
+    return (f"inputs span [{lo:.3g}, {hi:.3g}], outside its calibrated range [{lower:.3g}, {upper:.3g}]; "
+            "the polynomial diverges there and predictions may be wrong")
+
+
+def _poly_range(item: OpItem, args: list[np.ndarray]) -> str | None:
+    """Every slot, as for a bootstrap: unused ones hold zeros or copies of used values."""
+    x = args[0]
+    if not x.size:
+        return None
+    return range_problem(item.attrs["lower"], item.attrs["upper"], float(x.min()), float(x.max()))
+
+
 def _products(item: OpItem, blocks: int) -> dict[str, int]:
     return {"mult_cipher": blocks, "rescale": blocks}
 
@@ -152,7 +168,7 @@ OPS: dict[Op, OpSpec] = {
     ),
     Op.ACTIVATION: OpSpec(arity=1, layout=Layout.ELEMENTWISE, depth=lambda a: 0, in_program=False),
     Op.POLY: OpSpec(
-        arity=1, layout=Layout.ELEMENTWISE, depth=_poly_depth, evaluate=_poly,
+        arity=1, layout=Layout.ELEMENTWISE, depth=_poly_depth, evaluate=_poly, check=_poly_range,
         attrs=("coeffs", "lower", "upper", "replaces"),
         counts=lambda item, blocks: {f"{CHEBYSHEV}{_poly_degree(item.attrs)}": blocks},
         describe=lambda item: (f"deg {_poly_degree(item.attrs)} on "

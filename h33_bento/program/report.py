@@ -2,7 +2,9 @@
 (bootstraps included), key-bundle size and plaintext-cache use.
 
 Predictions price each step's primitive counts (its ``OpSpec.counts``) with the model's
-``PrimitiveCosts`` at the level where the step runs.  Without measured costs they are None.
+``PrimitiveCosts`` at the level where the step runs.  Without measured costs they come from the
+stored table (``cost_model.STORED_MS``, measured once on another machine), and key sizes from the
+parameters; the report says so.  For a ring the table lacks, predictions are None.
 """
 from __future__ import annotations
 
@@ -61,21 +63,25 @@ def uncached_plaintexts(model: "CompiledModel", cache_bytes: int = DEFAULT_CACHE
 def predicted_ms(model: "CompiledModel", step: "Step", cache_bytes: int = DEFAULT_CACHE_BYTES) -> float:
     """Predicted time of one step from the model's primitive costs, in the steady state of an
     engine with ``cache_bytes`` of plaintext cache (diagonals beyond it are encoded on every run)."""
-    if model.costs is None:
+    cost_model = model.cost_model
+    if not cost_model.costs:
         return float("nan")
     counts = step_counts(model, step)
     if step.linear is not None:
         counts = {**counts, "encode": uncached_plaintexts(model, cache_bytes)[step.name]}
-    return model.cost_model.total(counts, step.level)
+    return cost_model.total(counts, step.level)
+
+
+def _keys_measured(model: "CompiledModel") -> bool:
+    return model.costs is not None and bool(model.costs.key_bytes)
 
 
 def key_bundle_bytes(model: "CompiledModel") -> int:
-    """Predicted size of the evaluation-key bundle (0 when the key sizes were not measured)."""
-    ks = model.costs.key_bytes if model.costs is not None else {}
-    if not ks:
-        return 0
+    """Predicted size of the evaluation-key bundle: from the key sizes measured at compile time,
+    else from the parameters (without the bootstrapping keys, whose count is only measured)."""
+    ks = model.costs.key_bytes if _keys_measured(model) else model.params.estimated_key_bytes()
     boot = model.params.bootstrapping
-    measured = (model.costs.ms.get("bootstraps") or {}).get("keys", {})
+    measured = ((model.costs.ms.get("bootstraps") or {}) if model.costs is not None else {}).get("keys", {})
     bootstrap_keys = sum(int(measured.get(str(s), 0)) for s in boot.slots) if boot else 0
     rotations = len(model.params.rotation_indices) + bootstrap_keys  # an upper bound: the sets may overlap
     return ks.get("public", 0) + ks.get("mult", 0) + ks.get("rotation", 0) * rotations
@@ -107,6 +113,9 @@ def summary(model: "CompiledModel") -> dict[str, Any]:
         "rotations_per_run": rotations,
         "rotation_keys": len(model.params.rotation_indices),
         "key_bundle_bytes": key_bundle_bytes(model),
+        "key_sizes": "measured" if _keys_measured(model) else "parameters",
+        # where the predictions come from: "measured" at compile time, the "stored" table, or None
+        "costs": "measured" if model.costs is not None else ("stored" if c else None),
         "predicted_latency_ms": _rounded(predicted),
         "predicted_client_ms": _rounded(client),
         "plaintext_bytes": sum(size * n for s in model.steps if s.linear for size, n in plaintext_runs(model, s)),
@@ -147,9 +156,14 @@ def render(model: "CompiledModel") -> str:
         + f", rotations per run: {summ['rotations_per_run']}",
         f"rotation keys: {summ['rotation_keys']} "
         f"(indices {list(p.rotation_indices)[:12]}{' ...' if len(p.rotation_indices) > 12 else ''})",
-        f"key bundle: {summ['key_bundle_bytes'] / 2**20:.1f} MiB, predicted latency "
-        f"{summ['predicted_latency_ms']} ms per ciphertext ({p.lanes} inputs) on the server, "
-        f"{summ['predicted_client_ms']} ms to encrypt and decrypt on the client",
+        f"key bundle: {summ['key_bundle_bytes'] / 2**20:.1f} MiB"
+        + ("" if summ["key_sizes"] == "measured" else
+           " (estimated from the parameters" + (", bootstrapping keys not included)" if p.bootstrapping else ")"))
+        + f", predicted latency {summ['predicted_latency_ms']} ms per ciphertext ({p.lanes} inputs) on the server, "
+        f"{summ['predicted_client_ms']} ms to encrypt and decrypt on the client"
+        + ("" if summ["costs"] == "measured" else
+           " (from the stored cost table, not measured on this machine)" if summ["costs"] == "stored" else
+           f" (no costs measured, none stored for N={p.ring_dim})"),
         f"plaintext diagonals and biases: {summ['plaintext_bytes'] / 2**20:.0f} MiB encoded"
         + (f"; {summ['encodes_per_run']} re-encoded per run with the default "
            f"{DEFAULT_CACHE_BYTES / 2**30:.0f} GiB engine cache (included above)" if summ["encodes_per_run"] else

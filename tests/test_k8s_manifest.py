@@ -130,3 +130,28 @@ def test_grace_period_and_proxy_timeouts_outlast_the_longest_request():
     annotations = _one("Ingress")["metadata"]["annotations"]
     for name in ("proxy-read-timeout", "proxy-send-timeout"):
         assert float(annotations[f"nginx.ingress.kubernetes.io/{name}"]) > timeout, name
+
+
+def _service_options() -> dict:
+    """The literal arguments of ``@bentoml.service`` in runners/service.py (name, resources, ...)."""
+    tree = ast.parse((REPO / "runners" / "service.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "service":
+            options = {}
+            for kw in node.keywords:
+                try:
+                    options[kw.arg] = ast.literal_eval(kw.value)
+                except ValueError:  # computed, e.g. traffic={"timeout": REQUEST_TIMEOUT_S}
+                    pass
+            return options
+    raise AssertionError("runners/service.py has no @bentoml.service")
+
+
+def test_the_bentocloud_config_pins_the_same_bento_and_threads():
+    config = yaml.safe_load((REPO / "bentos" / "bentocloud.yaml").read_text())
+    options = _service_options()
+    assert config["bento"] == f"h33-inference:{_project_version()}"
+    envs = {e["name"]: e["value"] for e in config["envs"]}
+    # BentoCloud sizes the instance from the service's resources
+    assert int(envs["OMP_NUM_THREADS"]) == _cpus(options["resources"]["cpu"])
+    assert list(config["services"]) == [options["name"]]

@@ -11,7 +11,8 @@ hash shows it.  Interleave the two, e.g. against the commit before the program-f
       .venv/bin/python benchmarks/ab_engine.py
     done
 
-Prints one JSON line: which checkout, the schedule hash, the median and minimum ms per 8-image
+``--measure-costs`` compiles as ``make bench`` does, to see which schedule each checkout picks.
+Prints one JSON line: which checkout, the schedule hash, the predicted ms, the median and minimum ms per 8-image
 pass over ``--repeat`` runs, and the median per layer.
 """
 from __future__ import annotations
@@ -31,12 +32,15 @@ from h33_bento import FHEInferenceClient, compile, datasets, zoo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--measure-costs", action="store_true",
+                    help="compile with costs measured now, as make bench does (the schedule may then differ)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     x_train, y_train = datasets.mnist_train5k()
     x_test, _ = datasets.mnist_test()
     model = zoo.train(zoo.ConvNet(), x_train, y_train, epochs=3)
-    compiled = compile(model, (1, 28, 28), calibration_data=x_train[:256], measure_costs=False)
+    compiled = compile(model, (1, 28, 28), calibration_data=x_train[:256],
+                       measure_costs=args.measure_costs)
     schedule = [(s.name, s.linear.schedule()[0].tolist() if getattr(s, "linear", None) is not None else None)
                 for s in compiled.steps]
     client = FHEInferenceClient(compiled)
@@ -52,6 +56,8 @@ def main() -> None:
     print(json.dumps({
         "code": h33_bento.__file__,
         "schedule": hashlib.sha256(json.dumps(schedule).encode()).hexdigest()[:12],
+        "predicted_ms": (compiled.summary() if hasattr(compiled, "summary") else compiled.plan_summary()  # 9605b81
+                         )["predicted_latency_ms"],
         "median_ms": round(statistics.median(times), 1), "min_ms": round(min(times), 1),
         "layers": {k: round(statistics.median(r[k] for r in layers), 1) for k in layers[0]},
     }))

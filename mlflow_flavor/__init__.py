@@ -194,7 +194,7 @@ def envelope_signature(input_schema: bool = True) -> Any:
     )
 
 
-def _run_params(compiled: Any) -> dict[str, Any]:
+def _model_params(compiled: Any) -> dict[str, Any]:
     params = {f"ckks.{k}": v for k, v in compiled.params.summary().items()}
     params["ckks.num_large_digits"] = compiled.params.num_large_digits
     params["ckks.params_fingerprint"] = compiled.params.fingerprint
@@ -385,50 +385,41 @@ def log_model(
     artifact_path: str | None = None,
     **kwargs: Any,
 ) -> Any:
-    """Log a compiled model to the active run (one is started and ended around the call if none is).
+    """Log a compiled model as an MLflow 3 LoggedModel, in the active run if there is one.
 
-    Besides the model it logs the CKKS parameters as run params (``ckks.ring_dim``, ...,
-    ``ckks.params_fingerprint``, ``h33.model_fingerprint``) and, when ``accuracy`` is given, the
-    metrics ``accuracy.<kind>`` (e.g. ``accuracy={"plaintext": 0.98, "polynomial": 0.98,
-    "encrypted": 0.97}``).  MLflow copies both onto the LoggedModel.
+    Like MLflow's own flavors (``Model.log``) it needs no run, and a run may hold several models
+    (distinct ``name``s).  The CKKS parameters are params of the LoggedModel, not of the run
+    (``ckks.ring_dim``, ..., ``ckks.params_fingerprint``, ``h33.model_fingerprint``): run params
+    cannot change, and MLflow would copy one model's onto the next.  ``accuracy`` (e.g.
+    ``{"plaintext": 0.98, "polynomial": 0.98, "encrypted": 0.97}``) is logged as metrics
+    ``accuracy.<kind>`` linked to this model's ``model_id``; MLflow stores model metrics through a
+    run, so with no active run one is started and ended around the call, and only then.
 
     Args:
         h33_model: a :class:`CompiledModel`, or the directory one was saved to.
-        name: the model's name in the run (MLflow 3; ``artifact_path`` is the deprecated form).
+        name: the model's name (MLflow 3; ``artifact_path`` is the deprecated form).
         registered_model_name: also register a new version under this name.
         model_config: pyfunc configuration, e.g. ``{"key_store": DIR}`` (a default the loader or
             ``MLFLOW_PYFUNC_INFERENCE_CONFIG`` can override).
         await_registration_for: seconds to wait for the version to be READY (MLflow's default).
+        params: more LoggedModel params, next to the CKKS ones.
         signature, input_example, metadata, pip_requirements, extra_pip_requirements, conda_env,
-        code_paths, params, tags, model_type, step, model_id, kwargs: as for every MLflow flavor.
+        code_paths, tags, model_type, step, model_id, kwargs: as for every MLflow flavor.
 
     Returns:
-        MLflow's ``ModelInfo`` (``model_uri``, ``registered_model_version``, ...).
+        MLflow's ``ModelInfo`` (``model_id``, ``model_uri``, ``registered_model_version``, ...).
     """
+    from contextlib import nullcontext
+
     import mlflow
-    from mlflow.exceptions import MlflowException
     from mlflow.models import Model
     from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 
     compiled = _as_compiled(h33_model)
     metrics = _accuracy_metrics(accuracy)
     _pyfunc_model_config(model_config)  # fail before anything is logged
-    run_params = _run_params(compiled)
 
-    own_run = mlflow.active_run() is None
-    run = mlflow.start_run() if own_run else mlflow.active_run()
-    status = "FAILED"
-    try:
-        existing = mlflow.MlflowClient().get_run(run.info.run_id).data.params
-        clash = sorted(k for k, v in run_params.items() if k in existing and existing[k] != str(v))
-        if clash:
-            raise MlflowException.invalid_parameter_value(
-                f"run {run.info.run_id} already records other values for {clash}: it holds another "
-                "compiled model; log each compiled model in its own (or a nested) run"
-            )
-        mlflow.log_params(run_params)
-        if metrics:
-            mlflow.log_metrics(metrics, step=step)
+    with mlflow.start_run() if metrics and mlflow.active_run() is None else nullcontext():
         info = Model.log(
             artifact_path=artifact_path,
             name=name,
@@ -438,8 +429,7 @@ def log_model(
             await_registration_for=(DEFAULT_AWAIT_MAX_SLEEP_SECONDS if await_registration_for is None
                                     else await_registration_for),
             metadata=metadata,
-            run_id=run.info.run_id,
-            params=params,
+            params={**_model_params(compiled), **(params or {})},
             tags=tags,
             model_type=model_type,
             step=step,
@@ -455,11 +445,9 @@ def log_model(
             accuracy=accuracy,
             **kwargs,
         )
-        status = "FINISHED"
-        return info
-    finally:
-        if own_run:
-            mlflow.end_run(status=status)
+        if metrics:
+            mlflow.log_metrics(metrics, step=step, model_id=info.model_id)
+    return info
 
 
 # ----------------------------------------------------------------------------- load

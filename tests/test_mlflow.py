@@ -6,7 +6,6 @@ Encrypted results are compared with running the Engine directly on the same enve
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import os
 import shutil
@@ -255,16 +254,17 @@ def test_log_register_alias_load_and_infer(backend, convnet_compiled, convnet_cl
     uri = f"models:/{NAME}@{ALIAS}"
     assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "1"
 
-    # run params and metrics
-    data = client.get_run(run.info.run_id).data
+    # the LoggedModel's params and metrics
+    logged = client.get_logged_model(info.model_id)
+    assert logged.source_run_id == run.info.run_id
     params = convnet_compiled.params
-    assert data.params["ckks.ring_dim"] == str(params.ring_dim)
-    assert data.params["ckks.multiplicative_depth"] == str(params.multiplicative_depth)
-    assert data.params["ckks.scale_bits"] == str(params.scale_bits)
-    assert data.params["ckks.security_level"] == "HEStd_128_classic"
-    assert data.params["ckks.params_fingerprint"] == params.fingerprint
-    assert data.params["h33.model_fingerprint"] == convnet_compiled.fingerprint
-    assert {k: data.metrics[f"accuracy.{k}"] for k in accuracy} == accuracy
+    assert logged.params["ckks.ring_dim"] == str(params.ring_dim)
+    assert logged.params["ckks.multiplicative_depth"] == str(params.multiplicative_depth)
+    assert logged.params["ckks.scale_bits"] == str(params.scale_bits)
+    assert logged.params["ckks.security_level"] == "HEStd_128_classic"
+    assert logged.params["ckks.params_fingerprint"] == params.fingerprint
+    assert logged.params["h33.model_fingerprint"] == convnet_compiled.fingerprint
+    assert _model_metrics(logged) == {f"accuracy.{k}": v for k, v in accuracy.items()}
 
     # the native flavor
     loaded = mlflow.h33.load_model(uri)
@@ -394,21 +394,66 @@ def test_mlflow_models_serve_answers_an_encrypted_request(tracking_server, convn
 
 
 # ----------------------------------------------------------------------------- clear errors
-def test_log_model_outside_a_run_and_one_model_per_run(monkeypatch, tmp_path, convnet_compiled):
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    with _tracking((tmp_path / "mlruns").as_uri()) as client:
-        info = mlflow.h33.log_model(convnet_compiled, name=NAME)  # starts and ends its own run
-        assert mlflow.active_run() is None
-        run = client.get_run(info.run_id)
-        assert run.info.status == "FINISHED"
-        assert run.data.params["ckks.params_fingerprint"] == convnet_compiled.params.fingerprint
+def _model_metrics(logged) -> dict[str, float]:
+    """A LoggedModel's metrics by key, the latest value of each (as MLflow shows a run's)."""
+    latest = sorted(logged.metrics or [], key=lambda m: m.timestamp)
+    assert {m.model_id for m in latest} <= {logged.model_id}
+    return {m.key: m.value for m in latest}
 
-        other = dataclasses.replace(convnet_compiled, params=convnet_compiled.params.model_copy(update={"lanes": 4}),
-                                    _fingerprint=None)
-        with mlflow.start_run():
-            mlflow.h33.log_model(convnet_compiled, name="a")
-            with pytest.raises(mlflow.exceptions.MlflowException, match="already records other values"):
-                mlflow.h33.log_model(other, name="b")
+
+def test_log_model_needs_no_run(tracking_server, convnet_compiled):
+    """As MLflow 3's own flavors: no run is started, and the LoggedModel loads back and registers."""
+    name = f"{NAME}-no-run"
+    with _tracking(tracking_server) as client:
+        assert mlflow.active_run() is None
+        info = mlflow.h33.log_model(convnet_compiled, name=name, registered_model_name=name)
+        assert mlflow.active_run() is None and info.run_id is None
+        logged = client.get_logged_model(info.model_id)
+        assert not logged.source_run_id and logged.name == name  # the server sends "" for none
+        assert logged.params["h33.model_fingerprint"] == convnet_compiled.fingerprint
+        assert mlflow.h33.load_model(info.model_uri).fingerprint == convnet_compiled.fingerprint
+        assert str(info.registered_model_version) == "1"
+        assert mlflow.h33.load_model(f"models:/{name}/1").fingerprint == convnet_compiled.fingerprint
+
+
+def test_several_models_in_one_run(tracking_server, convnet_compiled, cnn_compiled):
+    """Two compiled models in one run: two LoggedModels, each with its own params, each loads back."""
+    with _tracking(tracking_server) as client:
+        with mlflow.start_run() as run:
+            infos = [mlflow.h33.log_model(c, name=n) for c, n in ((convnet_compiled, "convnet"), (cnn_compiled, "cnn"))]
+        assert infos[0].model_id != infos[1].model_id and {i.run_id for i in infos} == {run.info.run_id}
+        outputs = client.get_run(run.info.run_id).outputs.model_outputs
+        assert sorted(o.model_id for o in outputs) == sorted(i.model_id for i in infos)
+        for info, compiled in zip(infos, (convnet_compiled, cnn_compiled)):
+            assert mlflow.h33.load_model(info.model_uri).fingerprint == compiled.fingerprint
+            params = client.get_logged_model(info.model_id).params
+            assert params["h33.model_fingerprint"] == compiled.fingerprint
+            assert params["ckks.params_fingerprint"] == compiled.params.fingerprint
+    assert convnet_compiled.fingerprint != cnn_compiled.fingerprint
+
+
+def test_accuracy_metrics_are_linked_to_their_logged_model(tracking_server, convnet_compiled, cnn_compiled):
+    """Each model's accuracy is on its own LoggedModel, linked by model_id.
+
+    MLflow copies the metrics a run holds at a step onto every model logged later at that step,
+    so the second model is logged at its own step (docs/mlflow.md says so).
+    """
+    first, second = {"encrypted": 0.97, "plaintext": 0.98}, {"encrypted": 0.95}
+    with _tracking(tracking_server) as client:
+        with mlflow.start_run() as run:
+            a = mlflow.h33.log_model(convnet_compiled, name="convnet", accuracy=first)
+            b = mlflow.h33.log_model(cnn_compiled, name="cnn", accuracy=second, step=1)
+        assert _model_metrics(client.get_logged_model(a.model_id)) == {"accuracy.encrypted": 0.97,
+                                                                       "accuracy.plaintext": 0.98}
+        assert _model_metrics(client.get_logged_model(b.model_id)) == {"accuracy.encrypted": 0.95}
+        assert {a.run_id, b.run_id} == {run.info.run_id}
+
+        # model metrics are stored through a run: with none active, one is made for the call only
+        solo = mlflow.h33.log_model(convnet_compiled, name="solo", accuracy=second, step=3)
+        assert mlflow.active_run() is None
+        logged = client.get_logged_model(solo.model_id)
+        assert _model_metrics(logged) == {"accuracy.encrypted": 0.95} and [m.step for m in logged.metrics] == [3]
+        assert logged.source_run_id == solo.run_id and client.get_run(solo.run_id).info.status == "FINISHED"
 
 
 def test_tampered_artifacts_are_refused(monkeypatch, tmp_path, convnet_compiled):

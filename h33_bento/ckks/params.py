@@ -156,7 +156,7 @@ class CKKSParams(BaseModel):
         return self.model_copy(update={"rotation_indices": (), "bootstrapping": boot}).fingerprint
 
     def summary(self) -> dict:
-        """The flat fields that MLflow run params and model cards show."""
+        """The flat fields that MLflow LoggedModel params and model cards show."""
         return {
             "ring_dim": self.ring_dim,
             "multiplicative_depth": self.multiplicative_depth,

@@ -475,23 +475,25 @@ def _key_shapes(params: CKKSParams, scratch: Path) -> tuple[dict[str, _Shape], l
     held twice in memory), and gives the rotation keys' exact length and index set only.
     """
     cc, needed, BIN = get_context(params), list(params.rotation_indices), openfhe.BINARY
+    # a bootstrapped program's rotation keys are measured with its bootstrapping keys, below
+    shaped = needed if params.bootstrapping is None else []
 
     def generate() -> dict[str, bytes]:  # one key set, re-serialized as a bundle's keys are
         kp = cc.KeyGen()
         tag = kp.publicKey.GetKeyTag()
         cc.EvalMultKeyGen(kp.secretKey)
-        if needed:
-            cc.EvalRotateKeyGen(kp.secretKey, needed)
+        if shaped:
+            cc.EvalRotateKeyGen(kp.secretKey, shaped)
         mult = openfhe.SerializeEvalMultKeyString(BIN, tag)
-        rot = openfhe.SerializeEvalAutomorphismKeyString(BIN, tag) if needed else b""
+        rot = openfhe.SerializeEvalAutomorphismKeyString(BIN, tag) if shaped else b""
         release_evaluation_keys()
         openfhe.DeserializeEvalMultKeyString(mult, BIN)
-        if needed:
+        if shaped:
             openfhe.DeserializeEvalAutomorphismKeyString(rot, BIN)
         out = {"public key": openfhe.Serialize(openfhe.DeserializePublicKeyString(
                    openfhe.Serialize(kp.publicKey, BIN), BIN), BIN),
                "relinearization key": openfhe.SerializeEvalMultKeyString(BIN, tag),
-               "rotation keys": openfhe.SerializeEvalAutomorphismKeyString(BIN, tag) if needed else b""}
+               "rotation keys": openfhe.SerializeEvalAutomorphismKeyString(BIN, tag) if shaped else b""}
         release_evaluation_keys()
         return {k: _blank(v, tag) for k, v in out.items()}
 

@@ -1,4 +1,4 @@
-"""HTTP plumbing around the BentoML service: the gate middleware and the non-batched routes.
+"""HTTP plumbing around the BentoML service: the gate middleware and the service's routes.
 
 ``H33Gate`` (an ASGI middleware added to the service) sees every HTTP request.  In BentoML 1.4
 it runs inside BentoML's request-timeout middleware; ``service.py`` switches off BentoML's
@@ -16,12 +16,13 @@ concurrency limiter and its per-path HTTP metrics, and the gate does both jobs i
 * its body must arrive within ``body_timeout_s`` plus its size at ``body_min_rate`` (408), and may
   not outgrow the limit while it streams (413);
 * an /infer body is read and checked here (envelope framing, model and parameter fingerprints,
-  key_id ownership), so the batchable endpoint only ever sees valid requests of known tenants;
+  key_id ownership), so the /infer route only ever sees valid requests of known tenants;
   the checked ``InferItem`` travels in ``scope["h33"]["item"]``.
 
-The routes BentoML's ``@bentoml.api`` cannot express (GET, streamed uploads) live in a Starlette
-app mounted at ``/``: ``GET /model``, ``GET /health``, ``GET /metrics``, ``POST /keys``,
-``GET /keys``, ``GET|DELETE /keys/{key_id}``.
+The routes live in a Starlette app mounted at ``/`` through BentoML's public ``@bentoml.asgi_app``:
+``POST /infer`` (raw octet-stream bodies, handed to the lane packer, which does the batching:
+see docs/deploy.md for why BentoML's batcher cannot), ``GET /model``, ``GET /health``,
+``GET /metrics``, ``POST /keys`` (streamed), ``GET /keys``, ``GET|DELETE /keys/{key_id}``.
 """
 from __future__ import annotations
 
@@ -261,6 +262,17 @@ def _runtime():
     return rt
 
 
+async def infer(request: Request) -> Response:
+    """POST /infer: the gate has checked the envelope; the lane packer runs it, with up to 7 others
+    of the same tenant and key, in one engine run (see ``LanePacker``)."""
+    rt = _runtime()
+    (pending,) = rt.packer.submit([request.scope["h33"]["item"]])
+    result = await pending  # a disconnect cancels this task, and with it the future: the packer drops it
+    if result.error is not None:
+        log_error(result.error)
+    return result.response()
+
+
 async def get_model(request: Request) -> Response:
     return JSONResponse(_runtime().model_info())
 
@@ -340,6 +352,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 routes_app = Starlette(
     routes=[
+        Route("/infer", infer, methods=["POST"]),
         Route("/model", get_model, methods=["GET"]),
         Route("/health", get_health, methods=["GET"]),
         Route("/metrics", get_metrics, methods=["GET"]),

@@ -36,9 +36,6 @@ class Metrics:
                                       ["model"], buckets=LANE_BUCKETS)
         self.queue_seconds = pc.Histogram("h33_queue_seconds", "Time a request waited for its engine run",
                                           ["model"], buckets=SECONDS_BUCKETS)
-        self.dispatch_size = pc.Histogram("h33_dispatch_batch_requests",
-                                          "Requests per BentoML adaptive batch handed to the lane packer",
-                                          ["model"], buckets=COUNT_BUCKETS)
         self.requests = pc.Counter("h33_requests_total", "HTTP answers by route template, method and status",
                                    ["endpoint", "method", "status"])
         self.request_seconds = pc.Histogram("h33_request_seconds", "HTTP request duration by route template",

@@ -5,7 +5,7 @@ Bento in ``bentos/``.  Configuration comes from the environment (see ``runners/c
 
 Endpoints (contracts in ``docs/deploy.md``)::
 
-    POST /infer            octet-stream EncryptedTensor -> octet-stream EncryptedTensor  (batchable)
+    POST /infer            octet-stream EncryptedTensor -> octet-stream EncryptedTensor  (lane-packed)
     POST /keys             octet-stream evaluation-key bundle -> {"key_id", ...}
     GET  /keys, GET|DELETE /keys/{key_id}
     GET  /model            what a client needs: params, lanes, keys, labels, layout, fingerprints
@@ -13,12 +13,12 @@ Endpoints (contracts in ``docs/deploy.md``)::
     GET  /metrics          Prometheus text (public unless H33_METRICS_PUBLIC=false)
 
 Request path of ``/infer``: the ``H33Gate`` middleware authenticates the caller and checks the
-envelope; BentoML's adaptive batcher hands up to 8 such requests at a time to ``infer``; ``infer``
-groups them by (model, tenant, key_id) and queues each group on the ``LanePacker``, which packs
-up to 8 single-input requests into the lanes of one ciphertext per engine run (groups also keep
-filling across consecutive BentoML batches while the engine is busy).  ``infer`` returns one
-awaitable per request, resolved when that request's engine run finishes, so BentoML's batcher is
-never blocked behind a 1-second encrypted run.
+envelope; the route (``http.py``) queues it on the ``LanePacker`` under its (model, tenant,
+key_id) group, and the packer packs up to 8 single-input requests of a group into the lanes of
+one ciphertext per engine run (groups keep filling while the engine is busy).  Only BentoML's
+public API is used: the routes are a Starlette app mounted with ``@bentoml.asgi_app``, and the
+request body is read raw.  BentoML's adaptive batcher is not used, because it cannot group by key
+nor keep filling during a run (docs/deploy.md, "Adaptive batching into 8 lanes").
 
 Two BentoML features are switched off because the gate does their job at the right place (see
 ``http.py``): ``traffic.max_concurrency`` (BentoML's limiter runs outside every middleware a
@@ -28,58 +28,17 @@ path: a series per key id and per unknown path; the gate labels by route templat
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import typing as t
 
 import bentoml
-from _bentoml_sdk.io_models import IORootModel
-from bentoml.exceptions import InvalidArgument
 
 from .config import ServeConfig
-from .engines import InferItem, InferResult
-from .http_errors import log_error
 from .http import H33Gate, routes_app
 from .process import exit_with_parent
 from .worker_state import Runtime, current
 
 REQUEST_TIMEOUT_S = float(os.environ.get("H33_REQUEST_TIMEOUT_S", "900"))
-MAX_BATCH_SIZE = 8
-
-
-class EnvelopeInput(IORootModel[bytes]):
-    """An encrypted tensor in the h33 wire format, as the raw request body (application/octet-stream).
-
-    The H33Gate middleware has already read and checked the body; this hands the checked request
-    (tenant, key_id, envelope) to BentoML's batcher as a one-item batch.
-    """
-
-    media_type = "application/octet-stream"
-
-    @classmethod
-    async def from_http_request(cls, request: t.Any, serde: t.Any) -> list[InferItem]:  # type: ignore[override]
-        item = request.scope.get("h33", {}).get("item")
-        if not isinstance(item, InferItem):
-            raise InvalidArgument("the request did not pass the h33 gate")
-        return [item]
-
-
-EnvelopeInput.__root_input__ = True  # the body is the whole input, not a JSON object of fields
-
-
-class EnvelopeOutput(IORootModel[bytes]):
-    """The output envelope (application/octet-stream) with run facts in X-H33-* headers."""
-
-    media_type = "application/octet-stream"
-
-    @classmethod
-    async def to_http_response(cls, obj: t.Any, serde: t.Any) -> t.Any:  # type: ignore[override]
-        (pending,) = obj  # this request's slice of the batch output: one awaitable
-        result: InferResult = await pending
-        if result.error is not None:
-            log_error(result.error)
-        return result.response()
 
 
 @bentoml.asgi_app(routes_app, path="/")
@@ -109,21 +68,6 @@ class H33Inference:
     def __is_ready__(self) -> bool:
         """Ready once the model is loaded, and while a request could still be admitted (not saturated)."""
         return current() is self.runtime and not self.runtime.admission.saturated
-
-    @bentoml.api(route="/infer", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=60_000,
-                 input_spec=EnvelopeInput, output_spec=EnvelopeOutput)
-    async def infer(self, requests: list[InferItem]) -> list[asyncio.Future]:
-        """Run encrypted inference on a batch of checked requests; one awaitable answer per request."""
-        rt = self.runtime
-        rt.metrics.dispatch_size.labels(rt.metrics.model).observe(len(requests))
-        groups: dict[tuple[str, str, str], list[int]] = {}
-        for i, item in enumerate(requests):
-            groups.setdefault(item.group, []).append(i)
-        answers: list[asyncio.Future | None] = [None] * len(requests)
-        for indices in groups.values():
-            for i, fut in zip(indices, rt.packer.submit([requests[i] for i in indices])):
-                answers[i] = fut
-        return t.cast(list, answers)
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:

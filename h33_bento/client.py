@@ -241,7 +241,8 @@ class FHEInferenceClient:
                 if resp.status_code != 404:
                     self._raise_for(resp)
                 body = self.keys.evaluation_keys().to_bytes()
-                resp = self._http.post("/keys", content=body, headers={"Content-Type": "application/octet-stream"})
+                resp = self._http.post("/keys", content=body, headers={"Content-Type": "application/octet-stream",
+                                                                       "X-H33-Key-Id": key_id})  # for routers
                 del body
                 got = self._json(resp)["key_id"]
                 if got != key_id:

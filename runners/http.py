@@ -318,7 +318,7 @@ async def upload_keys(request: Request) -> Response:
             if buf:
                 await anyio.to_thread.run_sync(write, b"".join(buf))
         await anyio.to_thread.run_sync(upload.file.flush)
-        record, created = await rt.register_keys(tenant, upload.path)
+        record, created = await rt.register_keys(tenant, upload.path, request.headers.get("x-h33-key-id"))
     return JSONResponse({**record.public(), "created": created}, status_code=201 if created else 200)
 
 

@@ -231,11 +231,14 @@ class Runtime:
         return InferItem(tenant=tenant, key_id=env.key_id, envelope=env, model_fingerprint=m.fingerprint)
 
     # ----------------------------------------------------------------- /keys
-    async def register_keys(self, tenant: str, upload: Path) -> tuple[KeyRecord, bool]:
+    async def register_keys(self, tenant: str, upload: Path, claimed_key_id: str | None = None
+                            ) -> tuple[KeyRecord, bool]:
         """Validate an uploaded bundle, install it, and persist it bound to ``tenant``.
 
         A sandbox child validates the upload and writes its re-serialized form; only that form is
         installed here and stored (so the store holds bundles this process may load directly).
+        ``claimed_key_id`` is the upload's ``X-H33-Key-Id`` header, which routers hash on: a
+        bundle of another key would be stored by a replica its key's requests never reach.
         """
         with self.keystore.incoming() as canonical:  # locked against other processes' cleaning
             try:
@@ -247,6 +250,8 @@ class Runtime:
             except SandboxUnavailableError as exc:
                 raise validator_unavailable(str(exc)) from None
             keys = staged.keys
+            if claimed_key_id is not None and claimed_key_id != keys.key_id:
+                raise HTTPError(422, "invalid_bundle", "the X-H33-Key-Id header does not match the bundle's key_id")
             existing = self.keystore.get(keys.key_id)
             if existing is not None:
                 if existing.tenant != tenant:

@@ -494,6 +494,10 @@ def _bad_requests(dep: Deployment, acme: FHEInferenceClient, env: EncryptedTenso
         "key-tag-not-a-string": (lambda: post_keys(small_bundle(b"12345")), 422, "tampered"),
         "key-tag-lone-surrogate": (lambda: post_keys(small_bundle(b'"\\ud800"')), 422, "tampered"),
         "public-key-tag-not-utf8": (lambda: post_keys(public_key_tag_not_utf8()), 422, "tampered"),
+        # routers hash uploads on this header: a bundle of another key must not be stored where it lands
+        "key-id-header-of-another-key": (
+            lambda: post_keys(acme.keys.evaluation_keys().to_bytes(), {"X-H33-Key-Id": "0" * 32}),
+            422, "invalid_bundle"),
     }
 
 
@@ -502,7 +506,7 @@ BAD_CASES = ["missing-api-key", "wrong-api-key", "unknown-key-id", "tampered-cip
              "oversized-chunked-body", "key-bundle-for-other-params", "truncated-key-bundle", "infinity-in-header",
              "1e999-in-header", "huge-integer-in-header", "deeply-nested-header", "header-too-long",
              "malformed-multipart-infer", "multipart-without-boundary", "key-tag-not-a-string",
-             "key-tag-lone-surrogate", "public-key-tag-not-utf8"]
+             "key-tag-lone-surrogate", "public-key-tag-not-utf8", "key-id-header-of-another-key"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

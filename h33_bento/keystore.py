@@ -22,6 +22,11 @@ tenant, recorded in ``meta.json``: the BentoML service records the uploading ten
 a key only to it; writers without tenants (``mlflow.h33.save_evaluation_keys``) record
 ``DEFAULT_TENANT`` unless told otherwise.
 The first writer of a key_id owns it: storing it again returns the existing record unchanged.
+
+Replicas that do not share a volume share a store on object storage: with ``remote=S3Keys(...)``
+(``keystore_s3.py``) a key exists when the object store has it, and the local directory is this
+process's cache of the bundles it has used.  Lookups of a cached key ask the object store again
+after ``revalidate_s``, so a deletion through another replica shows within that time.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from .ckks.keys import EvaluationKeys
 from .ckks.params import CKKSParams
 from .ckks.sandbox import Sandbox
 from .errors import EnvelopeError, EvaluationKeysNotFoundError, KeyMismatchError
+from .keystore_s3 import S3Keys
 
 KEY_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -112,14 +118,19 @@ class KeyStore:
     """Evaluation-key bundles under ``root`` (see the module docstring for the layout).
 
     ``create=False`` opens a store for reading without touching the disk: a missing root is an
-    empty store whose lookups say it does not exist (the MLflow pyfunc's case).
+    empty store whose lookups say it does not exist (the MLflow pyfunc's case).  With ``remote``,
+    ``root`` is a local cache and the object store holds the keys (see the module docstring).
     """
 
-    def __init__(self, root: str | os.PathLike, create: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike, create: bool = True, remote: S3Keys | None = None,
+                 revalidate_s: float = 5.0) -> None:
         self.root = Path(root).resolve()
         self._lock = threading.Lock()
         self._records: dict[str, tuple[KeyRecord, tuple[int, ...]]] = {}  # key_id -> (record, stamp)
         self._writable = create
+        self.remote = remote
+        self.revalidate_s = revalidate_s
+        self._confirmed: dict[str, tuple[float, KeyRecord]] = {}  # key_id -> (when the remote said so, record)
         if create:
             self._incoming_dir()
             self._clean_incoming()
@@ -183,13 +194,32 @@ class KeyStore:
         with self._lock:
             cached = self._records.get(key_id)
         if cached is not None and stamp is not None and cached[1] == stamp:
-            return cached[0]
+            return cached[0] if self.remote is None else self._shared(key_id, cached[0])
         rec = self._read(key_id) if stamp is not None else None
         with self._lock:
             if rec is None:
                 self._records.pop(key_id, None)
             else:
                 self._records[key_id] = (rec, stamp)
+        return rec if self.remote is None else self._shared(key_id, rec)
+
+    def _shared(self, key_id: str, cached: KeyRecord | None) -> KeyRecord | None:
+        """The object store's record of ``key_id`` (asked again after ``revalidate_s``); a cached
+        copy it no longer has, or has under another record, is dropped from the cache."""
+        now = time.monotonic()
+        with self._lock:
+            seen = self._confirmed.get(key_id)
+        if seen is not None and now - seen[0] < self.revalidate_s and seen[1] == cached:
+            return seen[1]
+        meta = self.remote.meta(key_id)
+        rec = None if meta is None else KeyRecord(**{k: meta[k] for k in KeyRecord.__dataclass_fields__})
+        if cached is not None and cached != rec:
+            self._drop_local(key_id)
+        with self._lock:
+            if rec is None:
+                self._confirmed.pop(key_id, None)
+            else:
+                self._confirmed[key_id] = (now, rec)
         return rec
 
     def require(self, key_id: str) -> KeyRecord:
@@ -199,6 +229,8 @@ class KeyStore:
             return rec
         if not isinstance(key_id, str) or not KEY_ID_RE.match(key_id):
             raise EvaluationKeysNotFoundError(str(key_id), "not a valid key id (32 hex digits)")
+        if self.remote is not None:
+            raise EvaluationKeysNotFoundError(key_id, f"the key store {self.remote} has no bundle for it")
         if not self.root.is_dir():
             raise EvaluationKeysNotFoundError(key_id, f"the key store {self.root} does not exist")
         raise EvaluationKeysNotFoundError(key_id, f"the key store {self.root} has no bundle for it "
@@ -214,8 +246,10 @@ class KeyStore:
         file holds another key's bundle, and the bundle's own ``EnvelopeError`` (tampered,
         truncated, other params) with the key_id in its message.
         """
-        self.require(key_id)
+        rec = self.require(key_id)
         path = self.bundle_path(key_id)
+        if self.remote is not None and not path.is_file():
+            self._fetch(rec)
         try:
             if sandbox is None:
                 keys = EvaluationKeys.from_bytes(path.read_bytes(), params)
@@ -233,11 +267,18 @@ class KeyStore:
         return keys
 
     def for_tenant(self, tenant: str) -> list[KeyRecord]:
-        """The records of ``tenant`` this process knows, oldest first."""
-        with self._lock:
-            return sorted((r for r, _ in self._records.values() if r.tenant == tenant), key=lambda r: r.created_at)
+        """The records of ``tenant`` this process knows (with a remote: the object store has), oldest first."""
+        if self.remote is not None:
+            records = [r for r in map(self.get, self.remote.key_ids()) if r is not None]
+        else:
+            with self._lock:
+                records = [r for r, _ in self._records.values()]
+        return sorted((r for r in records if r.tenant == tenant), key=lambda r: r.created_at)
 
     def __len__(self) -> int:
+        """Bundles in the store (with a remote: in the object store)."""
+        if self.remote is not None:
+            return len(self.remote.key_ids())
         with self._lock:
             return len(self._records)
 
@@ -289,6 +330,15 @@ class KeyStore:
             return existing, False
         rec = KeyRecord(key_id=keys.key_id, tenant=tenant, params_fingerprint=keys.params_fingerprint,
                         key_tag=keys.key_tag, size_bytes=staged.path.stat().st_size, created_at=time.time())
+        if self.remote is not None:
+            other = self.remote.publish(rec, staged.path)
+            if other is not None:  # another replica stored the same key_id meanwhile
+                return self.get(keys.key_id) or rec, False
+        return self._commit_local(staged, rec)
+
+    def _commit_local(self, staged: StagedBundle, rec: KeyRecord) -> tuple[KeyRecord, bool]:
+        """Move a staged bundle into the local directory under ``rec`` (fsynced, renamed into place)."""
+        keys = staged.keys
         incoming = self._incoming_dir()
         staging, lock = _create_locked(lambda: incoming / f"{keys.key_id}.{uuid.uuid4().hex}", directory=True)
         try:
@@ -311,6 +361,20 @@ class KeyStore:
         self.get(rec.key_id)  # index it
         return rec, True
 
+    def _fetch(self, rec: KeyRecord) -> None:
+        """Copy ``rec``'s bundle from the object store into the local cache."""
+        meta = self.remote.meta(rec.key_id)
+        if meta is None:
+            raise EvaluationKeysNotFoundError(rec.key_id, f"it was removed from {self.remote}")
+        with self.incoming() as upload:
+            self.remote.download(meta, upload.file)
+            upload.file.flush()
+            staged = StagedBundle(upload.path, EvaluationKeys.from_bytes(upload.path.read_bytes()))
+            if staged.keys.key_id != rec.key_id:
+                raise KeyMismatchError(f"{self.remote} holds evaluation keys for key_id {staged.keys.key_id} "
+                                       f"under {rec.key_id}")
+            self._commit_local(staged, rec)
+
     def put(self, bundle: EvaluationKeys | bytes, tenant: str = DEFAULT_TENANT,
             params: CKKSParams | None = None) -> tuple[KeyRecord, bool]:
         """Validate and store a bundle held in memory; returns (record, created) as :meth:`commit`."""
@@ -325,16 +389,26 @@ class KeyStore:
             return self.commit(StagedBundle(upload.path, keys), tenant)
 
     def delete(self, key_id: str) -> KeyRecord:
-        """Remove ``key_id``'s bundle; returns its record."""
+        """Remove ``key_id``'s bundle (from the object store first, with a remote); returns its record."""
         rec = self.require(key_id)
+        if self.remote is not None:
+            self.remote.remove(key_id)
+            with self._lock:
+                self._confirmed.pop(key_id, None)
+        self._drop_local(key_id)
+        return rec
+
+    def _drop_local(self, key_id: str) -> None:
         key_dir = self.root / key_id
         if key_dir.is_dir():
             trash = self._incoming_dir() / f"deleted.{key_id}.{uuid.uuid4().hex}"
-            os.rename(key_dir, trash)
+            try:
+                os.rename(key_dir, trash)
+            except FileNotFoundError:  # removed meanwhile by another process
+                pass
             shutil.rmtree(trash, ignore_errors=True)
         with self._lock:
             self._records.pop(key_id, None)
-        return rec
 
 
 def _fsync_dir(path: Path) -> None:

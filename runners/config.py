@@ -9,7 +9,12 @@ Environment variables::
     H33_CONFIG              YAML/JSON file with any of the fields of ServeConfig
     H33_MODEL_URI           MLflow model URI (models:/name@alias, runs:/..., a local path)
     H33_BENTO_MODEL         BentoML model tag or alias (default "h33-model"), used when no MLflow URI
-    H33_KEY_STORE           directory for evaluation-key bundles (default ./h33-keystore)
+    H33_KEY_STORE           directory for evaluation-key bundles (default ./h33-keystore); with
+                            H33_KEY_STORE_URL, this replica's cache of them
+    H33_KEY_STORE_URL       s3://bucket[/prefix]: one key store for every replica (endpoint and
+                            credentials from boto3's AWS_* variables)
+    H33_KEY_REVALIDATE_S    with H33_KEY_STORE_URL, seconds a cached key is trusted before the
+                            object store is asked again (default 5; a deletion elsewhere shows then)
     H33_API_KEYS_FILE       YAML/JSON file {tenants: {name: [sha256, ...]}} (or {name: [sha256, ...]})
     H33_API_KEYS            inline "tenant:sha256,tenant:sha256"
     H33_MAX_INFER_BYTES     /infer body limit (default 64 MiB)
@@ -88,6 +93,9 @@ class ServeConfig(BaseModel):
     model_uri: Optional[str] = Field(default=None, description="MLflow model URI; wins over bento_model")
     bento_model: str = Field(default="h33-model", description="BentoML model tag or bentofile alias")
     key_store: Path = Path("h33-keystore")
+    key_store_url: Optional[str] = Field(default=None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+                                         description="shared key store on object storage; key_store is then a cache")
+    key_revalidate_s: float = Field(default=5.0, ge=0)
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     max_infer_bytes: int = Field(default=64 * MiB, ge=1024)
     max_key_bundle_bytes: int = Field(default=1 * GiB, ge=1024)
@@ -147,6 +155,8 @@ class ServeConfig(BaseModel):
             "H33_MODEL_URI": "model_uri",
             "H33_BENTO_MODEL": "bento_model",
             "H33_KEY_STORE": "key_store",
+            "H33_KEY_STORE_URL": "key_store_url",
+            "H33_KEY_REVALIDATE_S": "key_revalidate_s",
             "H33_MAX_INFER_BYTES": "max_infer_bytes",
             "H33_MAX_KEY_BYTES": "max_key_bundle_bytes",
             "H33_LANE_WAIT_MS": "lane_wait_ms",

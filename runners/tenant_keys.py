@@ -11,14 +11,16 @@ import os
 
 from ..errors import EvaluationKeysNotFoundError
 from ..keystore import KeyRecord, KeyStore, StagedBundle
+from ..keystore_s3 import S3Keys
 from .http_errors import HTTPError, foreign_key, unknown_key
 
 
 class TenantKeyStore(KeyStore):
     """A :class:`KeyStore` whose lookups and writes are made on behalf of an authenticated tenant."""
 
-    def __init__(self, root: str | os.PathLike, max_keys_per_tenant: int = 8) -> None:
-        super().__init__(root)
+    def __init__(self, root: str | os.PathLike, max_keys_per_tenant: int = 8, remote: S3Keys | None = None,
+                 revalidate_s: float = 5.0) -> None:
+        super().__init__(root, remote=remote, revalidate_s=revalidate_s)
         self.max_keys_per_tenant = max_keys_per_tenant
 
     def resolve(self, key_id: str, tenant: str) -> KeyRecord:

@@ -22,6 +22,7 @@ from ..ckks.serialization import WIRE_VERSION, EncryptedTensor
 from ..program.model import CompiledModel
 from ..errors import EnvelopeError, SandboxUnavailableError
 from ..keystore import KeyRecord, StagedBundle
+from ..keystore_s3 import S3Keys
 from .config import Authenticator, ServeConfig, TenantConfig
 from .engines import EngineRunner, InferItem, LanePacker
 from .http_errors import HTTPError, busy, foreign_key, from_envelope_error, validator_unavailable
@@ -96,7 +97,8 @@ class Runtime:
         if not config.metrics_public and not config.metrics_token_sha256:
             logger.warning("/metrics is not public and no scrape token is configured: it will answer 401")
         self.admission = Admission(config.max_concurrency, config.max_tenant_concurrency)
-        self.keystore = TenantKeyStore(config.key_store, config.max_keys_per_tenant)
+        remote = S3Keys.from_url(config.key_store_url) if config.key_store_url else None
+        self.keystore = TenantKeyStore(config.key_store, config.max_keys_per_tenant, remote, config.key_revalidate_s)
         self.metrics = metrics or create_metrics(compiled.fingerprint)
         # every untrusted OpenFHE byte (request ciphertexts, uploaded and stored bundles) is validated
         # in these child processes first: a malformed one can crash OpenFHE, and this process serves
@@ -111,7 +113,7 @@ class Runtime:
         self.started = time.time()
         self._model_info: dict[str, Any] | None = None
         logger.info("serving h33 model %s (%s) from %s; key store %s with %d bundles", compiled.fingerprint,
-                    compiled.params.summary(), self.source, self.keystore.root, len(self.keystore))
+                    compiled.params.summary(), self.source, self.keystore.remote or self.keystore.root, len(self.keystore))
 
     def _learn_key_shapes(self) -> None:
         """Ready the sandbox for bundles now, not on the first upload (seconds of key generation)."""

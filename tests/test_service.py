@@ -975,3 +975,74 @@ def test_the_worker_stops_when_bentoml_serve_is_killed(strict):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", strict.server.port))
         sock.listen()
+
+
+# --------------------------------------------------------------------------- one key store for two replicas
+@pytest.fixture(scope="module")
+def replicas(deployment, tmp_path_factory):
+    """Two more servers that share only a key store on S3 (moto's server on 127.0.0.1): each has its
+    own BentoML home and its own local key cache, as two pods without a shared volume."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    host, port = s3.get_host_and_port()
+    aws = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "h33-test",
+           "AWS_SECRET_ACCESS_KEY": "h33-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    bucket = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL_S3"], aws_access_key_id="h33-test",
+                          aws_secret_access_key="h33-test", region_name="us-east-1")
+    bucket.create_bucket(Bucket="h33-keys")
+    servers = []
+    for name in ("pod-a", "pod-b"):
+        root = tmp_path_factory.mktemp(name)
+        shutil.copytree(deployment.root / "bentoml" / "models", root / "bentoml" / "models")
+        env = {**deployment.env, **aws, "BENTOML_HOME": str(root / "bentoml"), "H33_KEY_STORE": str(root / "cache"),
+               "H33_KEY_STORE_URL": "s3://h33-keys/prod"}
+        servers.append(Deployment(Server("h33_bento.runners.service:H33Inference", env, root / "server.log"),
+                                  deployment.api_keys, env, root))
+    for dep in servers:
+        dep.server.start()
+    yield servers, bucket
+    for dep in servers:
+        dep.server.stop()
+    s3.stop()
+
+
+def _stored_key_ids(bucket) -> set[str]:
+    listed = bucket.list_objects_v2(Bucket="h33-keys", Prefix="prod/").get("Contents", [])
+    return {o["Key"].split("/")[1] for o in listed if o["Key"].endswith("/meta.json")}
+
+
+def test_a_key_uploaded_through_one_replica_serves_through_the_other(replicas, service_model, mnist_test):
+    (a, b), bucket = replicas
+    x, _ = mnist_test
+    with FHEInferenceClient(url=a.url, api_key=a.api_keys["acme"]) as client:
+        key_id = client.upload_keys()
+        assert _stored_key_ids(bucket) == {key_id}
+        listed = httpx.get(f"{b.url}/keys", headers=b.auth("acme"), timeout=30).json()["keys"]
+        assert [k["key_id"] for k in listed] == [key_id]
+        theirs = httpx.get(f"{b.url}/keys/{key_id}", headers=b.auth("globex"), timeout=30)
+        assert theirs.status_code == 403  # the tenant binding travels with the key
+        resp = post_infer(b.url, b.api_keys["acme"], client.encrypt(x[0]).to_bytes())
+        assert resp.status_code == 200, resp.text[:300]
+        assert client.decrypt(resp.content).index == int(simulate(service_model, x[:1]).argmax(1)[0])
+        gone = httpx.delete(f"{a.url}/keys/{key_id}", headers=a.auth("acme"), timeout=30)
+        assert gone.status_code == 200 and _stored_key_ids(bucket) == set()
+
+
+def test_a_replica_killed_mid_upload_leaves_no_visible_key(replicas, service_model):
+    (a, b), bucket = replicas
+    chain = KeyChain.generate(service_model.params)
+    bundle = chain.evaluation_keys().to_bytes()
+    sock = raw_request(a.server.port, f"POST /keys HTTP/1.1\nHost: h33\nContent-Type: application/octet-stream\n"
+                                      f"Authorization: Bearer {a.api_keys['acme']}\nContent-Length: {len(bundle)}\n",
+                       bundle[: len(bundle) // 2])
+    time.sleep(1.0)  # the first half is being written to the pod's cache
+    os.killpg(a.server.proc.pid, signal.SIGKILL)
+    sock.close()
+    a.server.proc.wait(timeout=60)
+    a.server.proc = None
+    assert chain.key_id not in _stored_key_ids(bucket)
+    unknown = httpx.get(f"{b.url}/keys/{chain.key_id}", headers=b.auth("acme"), timeout=30)
+    assert unknown.status_code == 404 and error_code(unknown) == "unknown_key"

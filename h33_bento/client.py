@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -117,6 +118,13 @@ class FHEInferenceClient:
     or a local model's, are refused with ``InsecureParametersError`` before any key is made or
     anything is sent; a level the parameters only claim is checked with OpenFHE.  Opting out is
     explicit: ``min_security_level="HEStd_NotSet"``.
+
+    Long runs go through the server's task routes: for a model whose predicted latency (``GET
+    /model``) exceeds ``task_threshold_s`` (default 60 s), ``infer`` submits the envelope to
+    ``POST /tasks``, polls ``GET /tasks/{id}`` (a tqdm bar of the program's steps, unless
+    ``progress=False``) and fetches the result, so no single HTTP request has to outlast the run;
+    it gives up after ``task_timeout_s`` (default: ``http_timeout`` or three times the prediction,
+    whichever is longer) with ``TimeoutError``.  Shorter runs post to ``/infer`` and are lane-packed.
     """
 
     #: seconds to wait for one HTTP answer at least (an upload of a ~0.5 GB key bundle, or a queued
@@ -126,10 +134,16 @@ class FHEInferenceClient:
     def __init__(self, model: CompiledModel | str | os.PathLike | None = None, url: str | None = None,
                  api_key: str | None = None, keys: KeyChain | str | os.PathLike | None = None,
                  min_security_level: SecurityLevel = "HEStd_128_classic",
-                 weight_mode: WeightMode = "plaintext") -> None:
+                 weight_mode: WeightMode = "plaintext", task_threshold_s: float = 60.0,
+                 task_timeout_s: float | None = None, progress: bool = True) -> None:
         if weight_mode not in ("plaintext", "encrypted"):
             raise ValueError(f"weight_mode must be 'plaintext' or 'encrypted', not {weight_mode!r}")
         self.url, self.api_key, self.weight_mode = url, api_key, weight_mode
+        self.task_threshold_s, self.task_timeout_s, self.progress = task_threshold_s, task_timeout_s, progress
+        #: whether ``infer`` runs as a server task (the served model's predicted latency > task_threshold_s)
+        self.uses_tasks = False
+        #: the last task's final status (task_id, state, done, total, timestamps), from GET /tasks/{id}
+        self.last_task: dict[str, Any] = {}
         self._weights: EncryptedWeights | bytes | None = None  # the local engine's, in encrypted-weight mode
         self._owner_model: CompiledModel | None = None  # a full model given in encrypted mode: provisions locally
         self._http: Any = None
@@ -164,8 +178,12 @@ class FHEInferenceClient:
                                   timeout=httpx.Timeout(self.http_timeout, connect=30.0))
         self.server_info = self._json(self._http.get("/model"))
         predicted = ((self.server_info.get("model") or {}).get("summary") or {}).get("predicted_latency_ms")
-        if isinstance(predicted, (int, float)) and 3 * predicted / 1000.0 > self.http_timeout:
-            self._http.timeout = httpx.Timeout(3 * predicted / 1000.0, connect=30.0)
+        predicted_s = predicted / 1000.0 if isinstance(predicted, (int, float)) else 0.0
+        if 3 * predicted_s > self.http_timeout:
+            self._http.timeout = httpx.Timeout(3 * predicted_s, connect=30.0)
+        self.uses_tasks = predicted_s > self.task_threshold_s
+        if self.task_timeout_s is None:
+            self.task_timeout_s = max(self.http_timeout, 3 * predicted_s)
 
     @staticmethod
     def _raise_for(resp: Any) -> None:
@@ -250,19 +268,53 @@ class FHEInferenceClient:
             self._uploaded_key_id = key_id
             return key_id
 
-    def _infer_remote(self, enc: EncryptedTensor) -> EncryptedTensor:
+    def _post_envelope(self, path: str, enc: EncryptedTensor) -> Any:
+        """POST an envelope to /infer or /tasks; re-uploads the keys once if the server lost them."""
         self.upload_keys()
         body = enc.to_bytes()
         headers = {"Content-Type": "application/octet-stream", "X-H33-Key-Id": enc.key_id}
-        resp = self._http.post("/infer", content=body, headers=headers)
+        resp = self._http.post(path, content=body, headers=headers)
         if resp.status_code == 404 and enc.key_id == self.keys.key_id:  # the server lost our keys: re-upload once
             self._uploaded_key_id = None
             self.upload_keys()
-            resp = self._http.post("/infer", content=body, headers=headers)
+            resp = self._http.post(path, content=body, headers=headers)
+        self._raise_for(resp)
+        return resp
+
+    def _answer(self, resp: Any) -> EncryptedTensor:
+        """The output envelope of an /infer or task-result answer; its run facts go to ``last_run``."""
         self._raise_for(resp)
         self.last_run = {k[len("x-h33-"):].replace("-", "_"): v for k, v in resp.headers.items()
                          if k.lower().startswith("x-h33-")}
         return EncryptedTensor.from_bytes(resp.content)
+
+    def _infer_task(self, enc: EncryptedTensor) -> EncryptedTensor:
+        """Submit to POST /tasks, poll its progress until it finishes, fetch the result."""
+        from tqdm.auto import tqdm
+
+        task = self._post_envelope("/tasks", enc).json()
+        task_id = task["task_id"]
+        headers = {"X-H33-Key-Id": enc.key_id}  # routers hash on it: the replica holding the task
+        deadline = time.monotonic() + (self.task_timeout_s or self.http_timeout)
+        wait = 0.1
+        with tqdm(total=task["total"], desc=f"h33 task {task_id[:8]}", unit="step",
+                  disable=None if self.progress else True) as bar:
+            while task["state"] not in ("completed", "failed"):
+                if time.monotonic() + wait > deadline:
+                    raise TimeoutError(f"task {task_id} did not finish within {self.task_timeout_s:.0f} s "
+                                       f"({task['done']} of {task['total']} steps done)")
+                time.sleep(wait)
+                wait = min(2 * wait, 1.0)
+                task = self._json(self._http.get(f"/tasks/{task_id}", headers=headers))
+                bar.total = task["total"]
+                bar.update(task["done"] - bar.n)
+        self.last_task = task
+        return self._answer(self._http.get(f"/tasks/{task_id}/result", headers=headers))
+
+    def _infer_remote(self, enc: EncryptedTensor) -> EncryptedTensor:
+        if self.uses_tasks:
+            return self._infer_task(enc)
+        return self._answer(self._post_envelope("/infer", enc))
 
     def close(self) -> None:
         if self._http is not None:

@@ -3,6 +3,7 @@
 * ``service``  -- ``H33Inference``, the ``@bentoml.service`` (``bentoml serve h33_bento.runners.service:H33Inference``)
 * ``engines``  -- ``EngineRunner`` (executes programs, one engine per key) and ``LanePacker`` (8-lane batching)
 * ``runtime``  -- per-worker state; ``http`` -- auth/limits gate and the /model, /keys, /health routes
+* ``tasks``    -- long runs as tasks: submitted, polled for progress, fetched later
 * ``config``   -- ``ServeConfig`` (pydantic) and API-key helpers; ``keystore`` -- tenants and quota on the key store
 * ``source``   -- loading the model from MLflow or the BentoML store, and storing it there
 

@@ -34,6 +34,9 @@ Environment variables::
     H33_MAX_INSTALLED_KEYS  distinct keys installed per worker before its OpenFHE key state is flushed (default 16)
     H33_SANDBOX_PROCESSES   processes validating untrusted ciphertexts (default 2)
     H33_SANDBOX_TIMEOUT_S   time limit for validating one request's ciphertexts (default 30 s)
+    H33_TASK_TTL_S          how long a finished task's result is kept (default 3600 s)
+    H33_MAX_TASKS           tasks kept per worker, finished ones included (default 64)
+    H33_MAX_TENANT_TASKS    unfinished tasks per tenant and worker (default 8)
 """
 from __future__ import annotations
 
@@ -114,6 +117,9 @@ class ServeConfig(BaseModel):
                                     "OpenFHE key state is flushed and reloaded lazily (bounds worker memory)")
     sandbox_processes: int = Field(default=2, ge=1, description="child processes validating untrusted ciphertexts")
     sandbox_timeout_s: float = Field(default=30.0, gt=0, description="limit for validating one request's ciphertexts")
+    task_ttl_s: float = Field(default=3600.0, gt=0, description="how long a finished task's result is kept")
+    max_tasks: int = Field(default=64, ge=1, description="tasks kept per worker (queued, running and finished)")
+    max_tenant_tasks: int = Field(default=8, ge=1, description="unfinished tasks per tenant and worker")
 
     @field_validator("metrics_token_sha256", mode="before")
     @classmethod
@@ -140,6 +146,8 @@ class ServeConfig(BaseModel):
     def _check(self) -> "ServeConfig":
         if self.lane_max_wait_ms < self.lane_wait_ms:
             raise ValueError("lane_max_wait_ms must be at least lane_wait_ms")
+        if self.max_tenant_tasks > self.max_tasks:
+            raise ValueError("max_tenant_tasks must be at most max_tasks")
         if self.max_installed_keys < self.max_engines:
             raise ValueError("max_installed_keys must be at least max_engines (every cached engine's keys are installed)")
         return self
@@ -173,6 +181,9 @@ class ServeConfig(BaseModel):
             "H33_MAX_INSTALLED_KEYS": "max_installed_keys",
             "H33_SANDBOX_PROCESSES": "sandbox_processes",
             "H33_SANDBOX_TIMEOUT_S": "sandbox_timeout_s",
+            "H33_TASK_TTL_S": "task_ttl_s",
+            "H33_MAX_TASKS": "max_tasks",
+            "H33_MAX_TENANT_TASKS": "max_tenant_tasks",
         }
         for var, field in simple.items():
             if env.get(var):
@@ -203,7 +214,8 @@ class ServeConfig(BaseModel):
     def public_limits(self) -> dict[str, float]:
         return {"max_infer_bytes": self.max_infer_bytes, "max_key_bundle_bytes": self.max_key_bundle_bytes,
                 "body_timeout_s": self.body_timeout_s, "body_min_rate": self.body_min_rate,
-                "max_tenant_concurrency": self.max_tenant_concurrency}
+                "max_tenant_concurrency": self.max_tenant_concurrency, "task_ttl_s": self.task_ttl_s,
+                "max_tenant_tasks": self.max_tenant_tasks}
 
     def body_seconds(self, size: int) -> float:
         """How long a body of ``size`` bytes may take to arrive."""

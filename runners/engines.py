@@ -47,13 +47,18 @@ logger = logging.getLogger("h33_bento.runners")
 
 @dataclass
 class InferItem:
-    """One authenticated, validated /infer request: who sent it and the envelope it carries."""
+    """One authenticated, validated /infer request: who sent it and the envelope it carries.
+
+    ``progress`` (a task's, see ``runners/tasks.py``) hears ``(steps done, steps total)`` from the
+    engine thread while the run holding this request executes.
+    """
 
     tenant: str
     key_id: str
     envelope: EncryptedTensor
     model_fingerprint: str
     received: float = field(default_factory=time.monotonic)
+    progress: Callable[[int, int], None] | None = None
 
     @property
     def lanes(self) -> int:
@@ -252,7 +257,8 @@ class EngineRunner:
                 merged = ready[0][3]
             else:
                 merged = engine.pack_lanes([(lane, cts) for _, _, lane, cts in ready])
-            outs = engine.run_ciphertexts(merged)
+            listeners = [item.progress for _, item, _, _ in ready if item.progress is not None]
+            outs = engine.run_ciphertexts(merged, _fan_out(listeners) if listeners else None)
             blobs = [openfhe.Serialize(ct, openfhe.BINARY) for ct in outs]
         except Exception as exc:  # an OpenFHE failure must not take the worker down
             logger.exception("engine run %s failed", run_id)
@@ -281,6 +287,18 @@ class EngineRunner:
             results[i] = InferResult(body=out.to_bytes(), lane=lane, run_id=run_id, requests_in_run=len(ready),
                                      lanes_in_run=lanes_used, engine_ms=engine_ms)
         return results  # type: ignore[return-value]
+
+
+def _fan_out(listeners: list[Callable[[int, int], None]]) -> Callable[[int, int], None]:
+    """One progress callback for a run that serves several tasks."""
+    if len(listeners) == 1:
+        return listeners[0]
+
+    def progress(done: int, total: int) -> None:
+        for listener in listeners:
+            listener(done, total)
+
+    return progress
 
 
 @dataclass

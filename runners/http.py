@@ -7,22 +7,24 @@ concurrency limiter and its per-path HTTP metrics, and the gate does both jobs i
 * every request gets a request id (``X-Request-Id`` on the answer, ``request_id`` in error
   bodies, in every log line about it) and is counted in ``h33_requests_total`` /
   ``h33_request_seconds`` under its route template; any exception becomes a JSON answer;
-* ``/infer``, ``/keys...``, ``/model`` need ``Authorization: Bearer h33_pk_...``, checked before a
+* ``/infer``, ``/tasks...``, ``/keys...``, ``/model`` need ``Authorization: Bearer h33_pk_...``, checked before a
   byte of the body is read; so is the declared ``Content-Length`` against the route's limit
-  (``max_infer_bytes`` for /infer, ``max_key_bundle_bytes`` for POST /keys, 64 KiB elsewhere).
+  (``max_infer_bytes`` for /infer and POST /tasks, ``max_key_bundle_bytes`` for POST /keys, 64 KiB elsewhere).
   401, 413, 429 and 503 are answered at once with ``Connection: close``, the body unread;
 * an authenticated request then takes an in-flight slot of its tenant and of the worker
   (:class:`~h33_bento.runners.worker_state.Admission`, 429 when none is free), held until it is answered;
 * its body must arrive within ``body_timeout_s`` plus its size at ``body_min_rate`` (408), and may
   not outgrow the limit while it streams (413);
-* an /infer body is read and checked here (envelope framing, model and parameter fingerprints,
-  key_id ownership), so the /infer route only ever sees valid requests of known tenants;
-  the checked ``InferItem`` travels in ``scope["h33"]["item"]``.
+* an /infer (or ``POST /tasks``) body is read and checked here (envelope framing, model and
+  parameter fingerprints, key_id ownership), so those routes only ever see valid requests of known
+  tenants; the checked ``InferItem`` travels in ``scope["h33"]["item"]``.
 
 The routes live in a Starlette app mounted at ``/`` through BentoML's public ``@bentoml.asgi_app``:
 ``POST /infer`` (raw octet-stream bodies, handed to the lane packer, which does the batching:
 see docs/deploy.md for why BentoML's batcher cannot), ``GET /model``, ``GET /health``,
-``GET /metrics``, ``POST /keys`` (streamed), ``GET /keys``, ``GET|DELETE /keys/{key_id}``.
+``GET /metrics``, ``POST /keys`` (streamed), ``GET /keys``, ``GET|DELETE /keys/{key_id}``, and the
+task routes of long runs, ``POST /tasks``, ``GET /tasks/{task_id}``, ``GET /tasks/{task_id}/result``
+(``tasks.py``; docs/deploy.md says why they are not BentoML's ``@bentoml.task``).
 """
 from __future__ import annotations
 
@@ -51,28 +53,32 @@ logger = logging.getLogger("h33_bento.runners")
 SMALL_BODY = 64 * 1024
 ENVELOPE_FIELD = "envelope"
 BUNDLE_FIELD = "bundle"
-_ROUTES = frozenset({"/infer", "/keys", "/model", "/health", "/metrics", "/livez", "/readyz", "/healthz"})
+_ROUTES = frozenset({"/infer", "/keys", "/tasks", "/model", "/health", "/metrics", "/livez", "/readyz", "/healthz"})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def route_template(path: str) -> str:
-    """The route a request path belongs to: one of a fixed set, never a key id or an unknown path."""
+    """The route a request path belongs to: one of a fixed set, never a key or task id or an unknown path."""
     path = path.rstrip("/") or "/"
     if path in _ROUTES:
         return path
     if path.startswith("/keys/") and path.count("/") == 2:
         return "/keys/{key_id}"
+    if path.startswith("/tasks/") and path.count("/") == 2:
+        return "/tasks/{task_id}"
+    if path.startswith("/tasks/") and path.count("/") == 3 and path.endswith("/result"):
+        return "/tasks/{task_id}/result"
     return "other"
 
 
 def _kind(method: str, route: str, metrics_public: bool) -> str | None:
     """What the gate does with a request: None (public), "metrics", "infer", "upload" or "protected"."""
-    if route == "/infer":
+    if route in ("/infer", "/tasks"):
         return "infer" if method == "POST" else "protected"
     if route == "/keys":
         return "upload" if method == "POST" else "protected"
-    if route in ("/keys/{key_id}", "/model"):
+    if route in ("/keys/{key_id}", "/model", "/tasks/{task_id}", "/tasks/{task_id}/result"):
         return "protected"
     if route == "/metrics" and not metrics_public:
         return "metrics"
@@ -273,6 +279,35 @@ async def infer(request: Request) -> Response:
     return result.response()
 
 
+async def submit_task(request: Request) -> Response:
+    """POST /tasks: the same checked envelope as /infer, queued on the lane packer; 202 at once."""
+    rt = _runtime()
+    item = request.scope["h33"]["item"]
+    task = rt.tasks.create(item.tenant, item.key_id, len(rt.compiled.steps))
+    item.progress = task.progress
+    (pending,) = rt.packer.submit([item])
+    rt.tasks.watch(task, pending)
+    return JSONResponse(task.public(rt.tasks.ttl_s), status_code=202,
+                        headers={"Location": f"/tasks/{task.task_id}"})
+
+
+async def get_task(request: Request) -> Response:
+    """GET /tasks/{task_id}: state and steps done of steps total (the error, once a run failed)."""
+    rt = _runtime()
+    task = rt.tasks.get(request.path_params["task_id"], _tenant(request))
+    return JSONResponse(task.public(rt.tasks.ttl_s))
+
+
+async def get_task_result(request: Request) -> Response:
+    """GET /tasks/{task_id}/result: what /infer would have answered; 409 while the task runs."""
+    rt = _runtime()
+    task = rt.tasks.get(request.path_params["task_id"], _tenant(request))
+    if task.result is None:
+        raise HTTPError(409, "task_not_finished", f"task {task.task_id} is {task.state}: {task.done} of "
+                                                  f"{task.total} steps done", {"Retry-After": "1"})
+    return task.result.response()
+
+
 async def get_model(request: Request) -> Response:
     return JSONResponse(_runtime().model_info())
 
@@ -360,6 +395,9 @@ routes_app = Starlette(
         Route("/keys", list_keys, methods=["GET"]),
         Route("/keys/{key_id}", get_key, methods=["GET"]),
         Route("/keys/{key_id}", delete_key, methods=["DELETE"]),
+        Route("/tasks", submit_task, methods=["POST"]),
+        Route("/tasks/{task_id}", get_task, methods=["GET"]),
+        Route("/tasks/{task_id}/result", get_task_result, methods=["GET"]),
     ],
     exception_handlers={HTTPError: _http_error, Exception: _unexpected},
 )

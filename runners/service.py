@@ -8,6 +8,8 @@ Endpoints (contracts in ``docs/deploy.md``)::
     POST /infer            octet-stream EncryptedTensor -> octet-stream EncryptedTensor  (lane-packed)
     POST /keys             octet-stream evaluation-key bundle -> {"key_id", ...}
     GET  /keys, GET|DELETE /keys/{key_id}
+    POST /tasks            the /infer body -> 202 {"task_id", ...}: a long run, answered later (tasks.py)
+    GET  /tasks/{task_id}  state and steps done of steps total; GET /tasks/{task_id}/result: /infer's answer
     GET  /model            what a client needs: params, lanes, keys, labels, layout, fingerprints
     GET  /health           liveness + counters (BentoML also serves /livez, /readyz)
     GET  /metrics          Prometheus text (public unless H33_METRICS_PUBLIC=false)

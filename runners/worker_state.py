@@ -1,4 +1,4 @@
-"""The per-worker server state: model, tenants, key store, engines and lane packer.
+"""The per-worker server state: model, tenants, key store, engines, lane packer and tasks.
 
 The BentoML service constructs one ``Runtime`` per worker process and registers it here, so the
 ASGI gate and the mounted routes (which BentoML builds before the service instance exists) can
@@ -26,6 +26,7 @@ from ..keystore_s3 import S3Keys
 from .config import Authenticator, ServeConfig, TenantConfig
 from .engines import EngineRunner, InferItem, LanePacker
 from .http_errors import HTTPError, busy, foreign_key, from_envelope_error, validator_unavailable
+from .tasks import TaskStore
 from .tenant_keys import TenantKeyStore
 from .metrics import Metrics, create as create_metrics
 from .source import load_compiled
@@ -110,6 +111,7 @@ class Runtime:
         threading.Thread(target=self._learn_key_shapes, name="h33-key-shapes", daemon=True).start()
         self.packer = LanePacker(self.runner, config.lane_wait_ms / 1000.0, config.lane_max_wait_ms / 1000.0,
                                  self.metrics)
+        self.tasks = TaskStore(config.task_ttl_s, config.max_tasks, config.max_tenant_tasks)
         self.started = time.time()
         self._model_info: dict[str, Any] | None = None
         logger.info("serving h33 model %s (%s) from %s; key store %s with %d bundles", compiled.fingerprint,
@@ -188,6 +190,8 @@ class Runtime:
             "engines_loaded": self.runner.engines_loaded,
             "engine_runs": self.runner.runs,
             "pending_requests": self.packer.pending,
+            "tasks_kept": len(self.tasks),
+            "tasks_unfinished": self.tasks.unfinished,
             "requests_in_flight": self.admission.in_flight,
             "max_concurrency": self.admission.max_total,
             "worker_pid": os.getpid(),

@@ -414,6 +414,156 @@ def test_two_tenants_at_once_are_never_packed_together(deployment, acme, globex,
     assert replay.status_code == 403 and error_code(replay) == "forbidden_key"
 
 
+# --------------------------------------------------------------------------- tasks (long runs)
+def _poll_task(url: str, api_key: str, task_id: str, timeout: float = 300.0) -> list[dict]:
+    """Every status GET /tasks/{task_id} answered, polled back to back until the task finishes."""
+    seen: list[dict] = []
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as http:
+        while time.monotonic() < deadline:
+            resp = http.get(f"/tasks/{task_id}")
+            assert resp.status_code == 200, resp.text
+            seen.append(resp.json())
+            if seen[-1]["state"] in ("completed", "failed"):
+                return seen
+    raise AssertionError(f"task {task_id} did not finish in {timeout} s: {seen[-1:]}")
+
+
+def test_a_task_reports_progress_and_returns_the_encrypted_answer(deployment, acme, service_model, mnist_test):
+    x, _ = mnist_test
+    image = x[300]
+    acme.upload_keys()
+    key = deployment.api_keys["acme"]
+    steps = len(service_model.steps)
+    submitted = httpx.post(f"{deployment.url}/tasks", content=acme.encrypt(image).to_bytes(), timeout=60,
+                           headers={**deployment.auth("acme"), "Content-Type": "application/octet-stream"})
+    assert submitted.status_code == 202, submitted.text
+    task = submitted.json()
+    task_id = task["task_id"]
+    assert task["state"] == "queued" and (task["done"], task["total"]) == (0, steps)
+    assert submitted.headers["location"] == f"/tasks/{task_id}"
+    seen = _poll_task(deployment.url, key, task_id)
+    done = [s["done"] for s in seen]
+    assert seen[-1]["state"] == "completed" and done[-1] == steps, seen[-1]
+    assert done == sorted(done), done  # progress never goes back
+    assert any(0 < d < steps and s["state"] == "running" for d, s in zip(done, seen)), \
+        f"no poll of {len(seen)} saw the run between its first and last step: {done}"
+    result = httpx.get(f"{deployment.url}/tasks/{task_id}/result", headers=deployment.auth("acme"), timeout=60)
+    assert result.status_code == 200 and result.headers["content-type"] == "application/octet-stream"
+    assert result.headers["x-h33-engine-run"]
+    out = EncryptedTensor.from_bytes(result.content)
+    assert_logits_close(acme.decrypt_logits(out)[0], simulate(service_model, image[None])[0])
+    assert acme.decrypt(out).index == int(simulate(service_model, image[None]).argmax())
+    again = httpx.get(f"{deployment.url}/tasks/{task_id}/result", headers=deployment.auth("acme"), timeout=60)
+    assert again.status_code == 200 and again.content == result.content  # kept until it expires
+    # bound to its tenant; unknown ids are a clear 404; the gate's authentication comes first
+    for path in (f"/tasks/{task_id}", f"/tasks/{task_id}/result"):
+        theirs = httpx.get(f"{deployment.url}{path}", headers=deployment.auth("globex"), timeout=30)
+        assert theirs.status_code == 403 and error_code(theirs) == "forbidden_task", theirs.text
+        anon = httpx.get(f"{deployment.url}{path}", timeout=30)
+        assert anon.status_code == 401 and error_code(anon) == "unauthorized"
+    for unknown in ("0" * 32, "not-a-task"):
+        resp = httpx.get(f"{deployment.url}/tasks/{unknown}", headers=deployment.auth("acme"), timeout=30)
+        assert resp.status_code == 404 and error_code(resp) == "unknown_task", resp.text
+        assert "POST /tasks" in resp.json()["error"]["message"]
+    # a bad envelope is refused at submission, with /infer's status and code
+    tampered = bytearray(acme.encrypt(image).to_bytes())
+    tampered[len(tampered) // 2] ^= 0xFF
+    refused = httpx.post(f"{deployment.url}/tasks", content=bytes(tampered), timeout=60,
+                         headers={**deployment.auth("acme"), "Content-Type": "application/octet-stream"})
+    assert refused.status_code == 422 and error_code(refused) == "tampered"
+    health = httpx.get(f"{deployment.url}/health", timeout=30).json()
+    assert health["tasks_kept"] >= 1 and health["tasks_unfinished"] == 0
+
+
+def test_a_task_whose_run_fails_reports_the_error_infer_would_answer(deployment, acme, service_model, mnist_test):
+    """The task's keys are deleted before its run (queued behind a full 8-image run of another key, and
+    waiting for lane filling): the run answers 404 unknown_key, as /infer would."""
+    x, _ = mnist_test
+    with FHEInferenceClient(url=deployment.url, api_key=deployment.api_keys["acme"],
+                            keys=KeyChain.generate(service_model.params)) as client, cf.ThreadPoolExecutor(1) as pool:
+        key_id = client.upload_keys()
+        acme.upload_keys()
+        busy = pool.submit(post_infer, deployment.url, deployment.api_keys["acme"], acme.encrypt(x[302:310]).to_bytes())
+        time.sleep(0.1)
+        submitted = httpx.post(f"{deployment.url}/tasks", content=client.encrypt(x[301]).to_bytes(), timeout=60,
+                               headers={**deployment.auth("acme"), "Content-Type": "application/octet-stream"})
+        assert submitted.status_code == 202, submitted.text
+        deleted = httpx.delete(f"{deployment.url}/keys/{key_id}", headers=deployment.auth("acme"), timeout=30)
+        assert deleted.status_code == 200
+        seen = _poll_task(deployment.url, deployment.api_keys["acme"], submitted.json()["task_id"])
+        assert busy.result().status_code == 200
+    assert seen[-1]["state"] == "failed" and seen[-1]["error"]["code"] == "unknown_key", seen[-1]
+    result = httpx.get(f"{deployment.url}/tasks/{seen[-1]['task_id']}/result", headers=deployment.auth("acme"),
+                       timeout=30)
+    assert result.status_code == 404 and error_code(result) == "unknown_key"
+
+
+def test_the_client_runs_models_predicted_slow_as_tasks(deployment, acme, service_model, mnist_test):
+    """With the threshold below the model's predicted latency the client polls a task; the default
+    threshold (60 s) keeps this model on /infer, where its requests are lane-packed."""
+    x, _ = mnist_test
+    images = x[310:313]
+    assert acme.uses_tasks is False
+    with FHEInferenceClient(url=deployment.url, api_key=deployment.api_keys["acme"], keys=acme.keys,
+                            task_threshold_s=0.0) as client:
+        assert client.uses_tasks is True
+        preds = client.infer_batch(images)
+        assert [p.index for p in preds] == simulate(service_model, images).argmax(1).tolist()
+        assert client.last_task["state"] == "completed"
+        assert client.last_task["done"] == client.last_task["total"] == len(service_model.steps)
+        assert client.last_run["run_lanes"] == "3"
+    with FHEInferenceClient(url=deployment.url, api_key=deployment.api_keys["acme"], keys=acme.keys,
+                            task_threshold_s=0.0, task_timeout_s=0.05, progress=False) as impatient:
+        with pytest.raises(TimeoutError, match="did not finish within"):
+            impatient.predict(images[0])
+
+
+def test_task_store_expires_evicts_and_binds_tasks():
+    """The store's bounds, on a clock the test moves: TTL after finishing, count, per-tenant cap."""
+    import asyncio
+
+    from h33_bento.runners.engines import InferResult
+    from h33_bento.runners.http_errors import HTTPError
+    from h33_bento.runners.tasks import TaskStore
+
+    now = [0.0]
+    store = TaskStore(ttl_s=10, max_tasks=2, max_tenant_tasks=1, clock=lambda: now[0])
+
+    async def finish(task, result):
+        fut = asyncio.get_running_loop().create_future()
+        store.watch(task, fut)
+        fut.set_result(result)
+        await asyncio.sleep(0)
+
+    def status(fn, *args):
+        with pytest.raises(HTTPError) as err:
+            fn(*args)
+        return err.value.status, err.value.code, err.value.message
+
+    a = store.create("acme", "k1", 3)
+    assert status(store.create, "acme", "k1", 3)[:2] == (429, "too_many_tasks")  # one unfinished per tenant
+    b = store.create("globex", "k2", 3)
+    assert status(store.create, "initech", "k3", 3)[:2] == (429, "too_many_tasks")  # two kept, none finished
+    assert status(store.get, a.task_id, "globex")[:2] == (403, "forbidden_task")
+    a.progress(1, 3)
+    assert (store.get(a.task_id, "acme").state, a.done) == ("running", 1)
+    asyncio.run(finish(a, InferResult(error=HTTPError(404, "unknown_key", "gone"))))
+    assert a.state == "failed" and a.public(10)["error"]["code"] == "unknown_key"
+    c = store.create("initech", "k3", 3)  # evicts a, the only finished task
+    assert status(store.get, a.task_id, "acme")[:2] == (410, "task_expired")
+    assert "evicted" in status(store.get, a.task_id, "acme")[2]
+    assert status(store.get, a.task_id, "globex")[:2] == (403, "forbidden_task")
+    now[0] = 5.0
+    asyncio.run(finish(b, InferResult(body=b"out")))
+    now[0] = 14.5
+    assert store.get(b.task_id, "globex").state == "completed"
+    now[0] = 15.5
+    assert status(store.get, b.task_id, "globex")[:2] == (410, "task_expired")
+    assert "kept for 10 s" in status(store.get, b.task_id, "globex")[2]
+    assert len(store) == 1 and store.unfinished == 1 and store.get(c.task_id, "initech") is c
+
+
 # --------------------------------------------------------------------------- bad inputs
 def _other_params_bundle() -> bytes:
     return KeyChain.generate(select_params(1, 1024, lanes=8, rotation_indices=(1, 2))).evaluation_keys().to_bytes()

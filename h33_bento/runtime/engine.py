@@ -181,15 +181,25 @@ class Engine:
         return self.cc.EvalAdd(zero, ct)
 
     # ----------------------------------------------------------------- program
-    def run_ciphertexts(self, inputs: Sequence[openfhe.Ciphertext]) -> list[openfhe.Ciphertext]:
-        """Execute every step; returns the output blocks."""
+    def run_ciphertexts(self, inputs: Sequence[openfhe.Ciphertext],
+                        progress: Callable[[int, int], None] | None = None) -> list[openfhe.Ciphertext]:
+        """Execute every step; returns the output blocks.
+
+        ``progress(done, total)`` is called with 0 before the first step and after each step (on
+        this thread, so it must be quick): how a long run reports how far it got.
+        """
         with self._lock:
             values: dict[str, list[openfhe.Ciphertext]] = {self.model.input_name: list(inputs)}
             timings: dict[str, float] = {}
-            for step in self.model.steps:
+            total = len(self.model.steps)
+            if progress is not None:
+                progress(0, total)
+            for done, step in enumerate(self.model.steps, 1):
                 t0 = time.perf_counter()
                 values[step.name] = self.EVALUATORS[step.op](self, step, [values[i] for i in step.inputs])
                 timings[step.name] = (time.perf_counter() - t0) * 1000.0
+                if progress is not None:
+                    progress(done, total)
             self.last_timings = timings
             return values[self.model.output]
 

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import os
 import shutil
+import subprocess
 
 import httpx
 import numpy as np
@@ -28,7 +29,7 @@ from h33_bento.runtime.weights import provision_weights  # noqa: E402
 
 from conftest import assert_logits_close  # noqa: E402
 from test_encrypted_weights import _found, _windows  # noqa: E402
-from test_service import TENANTS, Server, error_code, raw_request, read_answer, reframe  # noqa: E402
+from test_service import PYTHON, REPO, TENANTS, Server, error_code, raw_request, read_answer, reframe  # noqa: E402
 from test_service import service_model  # noqa: E402,F401  (the module-scoped fixture)
 
 MAX_WEIGHTS_BYTES = 256 << 20
@@ -187,3 +188,18 @@ def test_bad_weight_uploads_get_a_clear_4xx_and_the_server_keeps_serving(
     x = mnist_test[0][40:48]
     got = acme.decrypt_logits(acme.infer(acme.encrypt(x)))
     assert (got.argmax(1) == simulate(service_model, x).argmax(1)).all()
+
+
+def test_h33_provision_uploads_a_clients_weights(weightless_deployment, service_model, tenants, mnist_test, tmp_path):
+    """The model owner's command line, run as a user would, provisions the tenant left without weights."""
+    server, api_keys, _ = weightless_deployment
+    globex = tenants["globex"]
+    service_model.save(tmp_path / "model")
+    done = subprocess.run([PYTHON, "-m", "h33_bento.cli", "provision", str(tmp_path / "model"),
+                           "--public-key", _public_half(globex, tmp_path), "--url", server.url],
+                          cwd=REPO, env={**os.environ, "H33_API_KEY": api_keys["globex"]},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"key_id {globex.keys.key_id}" in done.stdout and "weight ciphertexts" in done.stdout
+    x = mnist_test[0][48:56]
+    assert (globex.decrypt_logits(globex.infer(globex.encrypt(x))).argmax(1) == simulate(service_model, x).argmax(1)).all()

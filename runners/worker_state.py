@@ -271,7 +271,7 @@ class Runtime:
 
     # ----------------------------------------------------------------- /keys/{key_id}/weights
     def check_weights_upload(self, tenant: str, key_id: str) -> None:
-        """Refuse a weights upload before its body is read: the served model must be weightless and
+        """Refuse a weights upload before its body is stored: the served model must be weightless and
         ``key_id`` the tenant's (404 unknown, 403 another tenant's)."""
         if self.compiled.weight_mode != "encrypted":
             raise HTTPError(409, "plaintext_weights", "this server's model holds its weights in the clear; it takes "

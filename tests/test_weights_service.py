@@ -76,10 +76,19 @@ def _public_half(client: FHEInferenceClient, tmp_path) -> str:
 
 
 def test_the_service_serves_the_weightless_mlflow_model(weightless_deployment, service_model, tenants):
+    from h33_bento import mlflow_flavor
+    from h33_bento.mlflow_flavor import ModelFingerprintMismatchError
+
     server, api_keys, root = weightless_deployment
     mlmodel = yaml.safe_load((root / "mlflow-model" / "MLmodel").read_text())["flavors"]["h33"]
     weightless = service_model.without_weights()
     assert mlmodel["weight_mode"] == "encrypted" and mlmodel["weights_id"] == weightless.weights_id
+    edited = root / "mlflow-edited"  # an MLmodel claiming plaintext weights for it is refused
+    shutil.copytree(root / "mlflow-model", edited)
+    (edited / "MLmodel").write_text((edited / "MLmodel").read_text().replace("weight_mode: encrypted",
+                                                                             "weight_mode: plaintext"))
+    with pytest.raises(ModelFingerprintMismatchError, match="weight_mode"):
+        mlflow_flavor.load_model(str(edited))
     info = httpx.get(f"{server.url}/model", headers={"Authorization": f"Bearer {api_keys['acme']}"}, timeout=30).json()
     assert info["model"]["fingerprint"] == weightless.fingerprint and info["model"]["weight_mode"] == "encrypted"
     assert info["limits"]["max_weights_bytes"] == MAX_WEIGHTS_BYTES

@@ -25,6 +25,7 @@ _EXPORTS = {
     "Engine": "h33_bento.runtime.engine",
     "FHEInferenceClient": "h33_bento.client",
     "Prediction": "h33_bento.client",
+    "ModelOwner": "h33_bento.client",
     "KeyChain": "h33_bento.ckks.keys",
     "EvaluationKeys": "h33_bento.ckks.keys",
     "KeyStore": "h33_bento.keystore",

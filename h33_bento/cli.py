@@ -1,7 +1,8 @@
-"""The ``h33`` command line: compile, inspect, keygen, encrypt, infer, decrypt, run.
+"""The ``h33`` command line: compile, inspect, keygen, encrypt, infer, decrypt, run, provision.
 
 The split mirrors the deployment: ``keygen``/``encrypt``/``decrypt`` are the data owner's and use
-the secret key; ``infer`` is the server's and reads only the evaluation-key bundle.
+the secret key; ``infer`` is the server's and reads only the evaluation-key bundle; ``provision``
+is the model owner's (encrypted-weight mode) and reads only the data owner's public key.
 """
 from __future__ import annotations
 
@@ -214,6 +215,36 @@ def decrypt(
         _fail(exc)
     for i, p in enumerate(preds if isinstance(preds, list) else [preds]):
         typer.echo(f"[{i}] {p.label} ({p.confidence:.3f})  top-{top_k}: {p.top_k(top_k)}")
+
+
+@app.command()
+def provision(
+    model_dir: Path = typer.Argument(..., help="the full compiled model (with its weights)"),
+    public_key: Path = typer.Option(..., "--public-key",
+                                    help="the client's key directory, or a copy of its params.json and public.key"),
+    url: Optional[str] = typer.Option(None, "--url", help="the server serving the weightless model"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="H33_API_KEY",
+                                          help="an API key of the client's tenant (or H33_API_KEY)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the encrypted weights here instead"),
+) -> None:
+    """Model owner: encrypt the weights under a client's public key and upload them to the server
+    (POST /keys/{key_id}/weights), or write them to --out."""
+    from .client import ModelOwner
+
+    if (url is None) == (out is None):
+        raise typer.BadParameter("give --url to upload the weights, or --out to write them", param_hint="--url")
+    try:
+        owner = ModelOwner(model_dir, url, api_key)
+        if out is not None:
+            weights = owner.encrypt_weights(public_key)
+            out.write_bytes(weights.to_bytes())
+            typer.echo(f"key_id {weights.key_id}: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+            return
+        answer = owner.provision(public_key)
+    except (H33Error, ValueError) as exc:
+        _fail(exc)
+    typer.echo(f"key_id {answer['key_id']}: {answer['ciphertexts']} weight ciphertexts "
+               f"({answer['size_bytes'] / 2**20:.1f} MiB) stored for model {answer['model_fingerprint']}")
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""The data owner's side: keys, lane packing, encryption, decryption and predictions.
+"""The client roles: the data owner (``FHEInferenceClient``: keys, lane packing, encryption,
+decryption, predictions) and, in encrypted-weight mode, the model owner (``ModelOwner``).
 
 Up to ``lanes`` inputs share one ciphertext (slot = position * lanes + lane), so eight images
 cost one encrypted pass.  Softmax is applied here, after decryption: the server only ever
@@ -29,6 +30,7 @@ from .errors import (
     TamperedDataError,
     TruncatedDataError,
     UnsupportedVersionError,
+    WeightsNotProvisionedError,
 )
 
 if TYPE_CHECKING:
@@ -92,6 +94,7 @@ _REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     "unsupported_version": _remote_error_class(UnsupportedVersionError),
     "invalid_envelope": _RemoteEnvelopeError,
     "invalid_bundle": _RemoteEnvelopeError,
+    "weights_missing": _remote_error_class(WeightsNotProvisionedError),
 }
 
 
@@ -105,7 +108,9 @@ class FHEInferenceClient:
     whose fingerprint the envelopes then carry) with weights the model owner encrypted under this
     client's key (``runtime.weights.provision_weights``).  Locally, a full model's weights are
     provisioned by this client itself (it holds them anyway); a weightless model's come from its
-    owner through :meth:`install_weights`.
+    owner through :meth:`install_weights`.  Against a server the model owner uploads them
+    (:class:`ModelOwner`); until then ``infer`` raises ``WeightsNotProvisionedError`` (HTTP 409
+    ``weights_missing``).
 
     With ``url`` (an h33 BentoML service) and ``api_key`` the client fetches ``GET /model``,
     generates keys for the served parameters if ``keys`` is not given, uploads the evaluation keys
@@ -203,6 +208,10 @@ class FHEInferenceClient:
     def _remote_model(self, model: CompiledModel | str | os.PathLike | None) -> CompiledModel:
         info = self.server_info or {}
         served_fp = info["model"]["fingerprint"]
+        served_mode = info["model"].get("weight_mode", "plaintext")
+        if served_mode != self.weight_mode:
+            raise ValueError(f"the server at {self.url} serves its model with {served_mode} weights: "
+                             f"use weight_mode={served_mode!r}")
         if model is not None:
             local = self._local_model(model)
             if local.fingerprint != served_fp:
@@ -403,3 +412,58 @@ class FHEInferenceClient:
         for start in range(0, len(batch), self.lanes):
             preds.extend(self.decrypt(self.infer(self.encrypt(batch[start:start + self.lanes]))))
         return preds
+
+
+class ModelOwner:
+    """The model owner's side of encrypted-weight mode: it holds the full model, encrypts its
+    weights under a client's public key and uploads them to the server for that client's key.
+
+    The public key comes from the client (the directory ``h33 keygen`` wrote, read with
+    ``only="public"``, or its ``KeyChain``), not from the server: the server is the party the
+    weights are hidden from, and a public key it handed out could be its own.  ``api_key`` is an
+    API key of the client's tenant (weights are stored only for a key of the uploading tenant), and
+    the client uploads its evaluation keys first (``FHEInferenceClient.upload_keys``).
+    """
+
+    def __init__(self, model: CompiledModel | str | os.PathLike, url: str | None = None,
+                 api_key: str | None = None) -> None:
+        self.model = model if isinstance(model, CompiledModel) else CompiledModel.load(model)
+        if self.model.weight_mode != "plaintext":
+            raise ValueError("a model owner holds the full model (with its weights), not a weightless artifact")
+        self.weightless = self.model.without_weights()
+        self.url, self.api_key = url, api_key
+
+    def encrypt_weights(self, public: KeyChain | str | os.PathLike) -> EncryptedWeights:
+        """The model's weights encrypted under the client's public key (a ``KeyChain`` or its directory)."""
+        from .runtime.weights import provision_weights
+
+        if not isinstance(public, KeyChain):
+            public = KeyChain.load(public, only="public")
+        return provision_weights(self.model, public)
+
+    def provision(self, public: KeyChain | str | os.PathLike) -> dict[str, Any]:
+        """Encrypt the weights for ``public`` and upload them to ``POST /keys/{key_id}/weights``;
+        returns the server's answer (``key_id``, ``model_fingerprint``, ``size_bytes``, ``ciphertexts``)."""
+        import httpx
+
+        if self.url is None:
+            raise RuntimeError("provision needs a server url (encrypt_weights makes the weights alone)")
+        if not isinstance(public, KeyChain):
+            public = KeyChain.load(public, only="public")
+        headers = {"User-Agent": "h33-bento-model-owner", "Content-Type": "application/octet-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        with httpx.Client(base_url=self.url.rstrip("/"), headers=headers,
+                          timeout=httpx.Timeout(FHEInferenceClient.http_timeout, connect=30.0)) as http:
+            resp = http.get("/model")
+            FHEInferenceClient._raise_for(resp)
+            served = resp.json()["model"]["fingerprint"]
+            if served != self.weightless.fingerprint:
+                raise ModelMismatchError(f"the server at {self.url} serves model {served}, not this model's "
+                                         f"weightless artifact ({self.weightless.fingerprint})")
+            weights = self.encrypt_weights(public)
+            body = weights.to_bytes()
+            del weights
+            resp = http.post(f"/keys/{public.key_id}/weights", content=body)
+            FHEInferenceClient._raise_for(resp)
+            return resp.json()

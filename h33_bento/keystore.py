@@ -4,6 +4,9 @@ Layout::
 
     <root>/<key_id>/bundle.h33k   EvaluationKeys.to_bytes(), exactly as received (public material only)
     <root>/<key_id>/meta.json     {"key_id", "tenant", "params_fingerprint", "key_tag", "size_bytes", "created_at"}
+    <root>/<key_id>/weights/<model_fingerprint>.h33w
+                                  encrypted weights of a weightless model under this key
+                                  (``EncryptedWeights.to_bytes()``, ciphertexts only)
     <root>/.incoming/             uploads and key directories being written
 
 One directory per key, so that several processes (service replicas on a shared volume, an
@@ -22,6 +25,11 @@ tenant, recorded in ``meta.json``: the BentoML service records the uploading ten
 a key only to it; writers without tenants (``mlflow.h33.save_evaluation_keys``) record
 ``DEFAULT_TENANT`` unless told otherwise.
 The first writer of a key_id owns it: storing it again returns the existing record unchanged.
+
+Encrypted weights live in their key's directory, so deleting a key deletes them.  A weights file
+is written under ``.incoming`` and renamed into place like a bundle; its contents are checked by
+whoever stores and loads it (``runtime.weights.load_weights``), the store only names the files.
+They are kept in the local directory only, not on object storage.
 
 Replicas that do not share a volume share a store on object storage: with ``remote=S3Keys(...)``
 (``keystore_s3.py``) a key exists when the object store has it, and the local directory is this
@@ -54,6 +62,8 @@ TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: The tenant recorded for bundles stored without one.
 DEFAULT_TENANT = "default"
 BUNDLE_FILE = "bundle.h33k"
+WEIGHTS_DIR = "weights"
+MODEL_FINGERPRINT_RE = re.compile(r"^[0-9a-f]{16,64}$")
 META_FILE = "meta.json"
 INCOMING = ".incoming"
 
@@ -163,6 +173,28 @@ class KeyStore:
     def bundle_path(self, key_id: str) -> Path:
         """Where ``key_id``'s bundle is."""
         return self.root / key_id / BUNDLE_FILE
+
+    def weights_path(self, key_id: str, model_fingerprint: str) -> Path:
+        """Where ``key_id``'s encrypted weights for model ``model_fingerprint`` are (or would be)."""
+        if not KEY_ID_RE.match(key_id) or not MODEL_FINGERPRINT_RE.match(model_fingerprint):
+            raise ValueError("a key id is 32 hex digits and a model fingerprint 16 to 64")
+        return self.root / key_id / WEIGHTS_DIR / f"{model_fingerprint}.h33w"
+
+    def put_weights(self, key_id: str, model_fingerprint: str, upload: Path) -> None:
+        """Move a checked upload (from :meth:`incoming`) into place as ``key_id``'s weights for
+        the model, replacing what was there; ``EvaluationKeysNotFoundError`` if the key is gone."""
+        if Path(upload).resolve().parent != self.root / INCOMING:
+            raise ValueError(f"{upload} is not an upload of this store; write it in incoming()")
+        rec = self.require(key_id)
+        target = self.weights_path(rec.key_id, model_fingerprint)
+        with open(upload, "rb") as fh:
+            os.fsync(fh.fileno())
+        try:
+            target.parent.mkdir(exist_ok=True)
+            os.replace(upload, target)
+        except FileNotFoundError:  # the key was deleted meanwhile
+            raise EvaluationKeysNotFoundError(key_id, f"it was removed from {self.root}") from None
+        _fsync_dir(target.parent)
 
     def _stamp(self, key_id: str) -> tuple[int, ...] | None:
         """Identity of what is stored for ``key_id`` now: the stat of its meta.json."""

@@ -15,7 +15,8 @@ An MLflow model written by this flavor holds
   (``manifest.json`` + ``arrays.npz``, never pickle);
 * ``MLmodel``: an ``h33`` flavor section recording the format version, the CKKS parameters, the
   lanes, the params and model fingerprints, the evaluation-key requirements, the input and
-  output shapes, the labels and the plan summary, and a ``python_function`` section whose
+  output shapes, the labels and the plan summary (and, for a weightless model,
+  ``weight_mode: encrypted`` and its ``weights_id``), and a ``python_function`` section whose
   ``loader_module`` is this module, so ``mlflow.pyfunc.load_model`` and ``mlflow models serve``
   work without importing ``h33_bento`` first.
 
@@ -152,6 +153,9 @@ def flavor_metadata(compiled: Any) -> dict[str, Any]:
     """The ``h33`` section of the MLmodel file for ``compiled``: descriptive, never key material."""
     from h33_bento.program.model import FORMAT_VERSION
 
+    # a weightless artifact (encrypted-weight mode) says so; a plaintext model's section is unchanged
+    weights = ({"weight_mode": "encrypted", "weights_id": compiled.weights_id}
+               if compiled.weight_mode == "encrypted" else {})
     return _plain({
         "format_version": FLAVOR_FORMAT_VERSION,
         "h33_bento_version": _H33_VERSION,
@@ -167,6 +171,7 @@ def flavor_metadata(compiled: Any) -> dict[str, Any]:
         "labels": compiled.class_labels(),
         "runnable": compiled.runnable,
         "summary": compiled.summary(),
+        **weights,
     })
 
 
@@ -481,6 +486,9 @@ def _load_verified(model_dir: str | os.PathLike, conf: dict[str, Any]) -> Any:
     if conf.get("model_fingerprint") != compiled.fingerprint:
         raise ModelFingerprintMismatchError("model_fingerprint", conf.get("model_fingerprint"),
                                             compiled.fingerprint, where)
+    if conf.get("weight_mode", "plaintext") != compiled.weight_mode:
+        raise ModelFingerprintMismatchError("weight_mode", conf.get("weight_mode", "plaintext"),
+                                            compiled.weight_mode, where)
     return compiled
 
 
@@ -670,11 +678,27 @@ class _H33PyfuncModel:
                     self._sandbox = Sandbox(self.compiled.params)
                 keys = self.key_store.load(key_id, self.compiled.params, sandbox=self._sandbox)
                 engine = self._engines[key_id] = Engine(self.compiled, keys, cache=self.cache,
-                                                        keep_serialized_keys=False, sandbox=self._sandbox)
+                                                        keep_serialized_keys=False, sandbox=self._sandbox,
+                                                        weights=self._weights(keys))
                 while len(self._engines) > MAX_CACHED_ENGINES:
                     self._engines.popitem(last=False)
             self._engines.move_to_end(key_id)
             return engine
+
+    def _weights(self, keys: Any) -> Any:
+        """A weightless model's encrypted weights for ``keys`` from the key store (stored there by the
+        service's ``POST /keys/{key_id}/weights``), validated in the sandbox; None for a plaintext model."""
+        from h33_bento.errors import WeightsNotProvisionedError
+        from h33_bento.runtime.weights import load_weights
+
+        if self.compiled.weight_mode == "plaintext":
+            return None
+        try:
+            data = self.key_store.weights_path(keys.key_id, self.compiled.fingerprint).read_bytes()
+        except FileNotFoundError:
+            raise WeightsNotProvisionedError(f"the key store holds no encrypted weights of model "
+                                             f"{self.compiled.fingerprint} for key {keys.key_id}") from None
+        return load_weights(data, self.compiled, keys.key_id, keys.key_tag, self._sandbox)
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         """Run envelopes (``mode="encrypted"``) or plaintext inputs (``mode="simulate"``).

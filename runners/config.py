@@ -19,6 +19,7 @@ Environment variables::
     H33_API_KEYS            inline "tenant:sha256,tenant:sha256"
     H33_MAX_INFER_BYTES     /infer body limit (default 64 MiB)
     H33_MAX_KEY_BYTES       /keys body limit (default 1 GiB)
+    H33_MAX_WEIGHTS_BYTES   /keys/{key_id}/weights body limit (default 4 GiB; encrypted-weight mode)
     H33_LANE_WAIT_MS        lane-fill idle window (default 20 ms)
     H33_LANE_MAX_WAIT_MS    lane-fill maximum wait (default 200 ms)
     H33_MAX_ENGINES         engines (key bundles) kept installed per worker (default 8)
@@ -102,6 +103,7 @@ class ServeConfig(BaseModel):
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     max_infer_bytes: int = Field(default=64 * MiB, ge=1024)
     max_key_bundle_bytes: int = Field(default=1 * GiB, ge=1024)
+    max_weights_bytes: int = Field(default=4 * GiB, ge=1024, description="encrypted-weights upload limit")
     lane_wait_ms: float = Field(default=20.0, ge=0, description="run a partly filled group after this idle gap")
     lane_max_wait_ms: float = Field(default=200.0, ge=0, description="never hold a request longer than this")
     max_engines: int = Field(default=8, ge=1)
@@ -167,6 +169,7 @@ class ServeConfig(BaseModel):
             "H33_KEY_REVALIDATE_S": "key_revalidate_s",
             "H33_MAX_INFER_BYTES": "max_infer_bytes",
             "H33_MAX_KEY_BYTES": "max_key_bundle_bytes",
+            "H33_MAX_WEIGHTS_BYTES": "max_weights_bytes",
             "H33_LANE_WAIT_MS": "lane_wait_ms",
             "H33_LANE_MAX_WAIT_MS": "lane_max_wait_ms",
             "H33_MAX_ENGINES": "max_engines",
@@ -213,6 +216,7 @@ class ServeConfig(BaseModel):
 
     def public_limits(self) -> dict[str, float]:
         return {"max_infer_bytes": self.max_infer_bytes, "max_key_bundle_bytes": self.max_key_bundle_bytes,
+                "max_weights_bytes": self.max_weights_bytes,
                 "body_timeout_s": self.body_timeout_s, "body_min_rate": self.body_min_rate,
                 "max_tenant_concurrency": self.max_tenant_concurrency, "task_ttl_s": self.task_ttl_s,
                 "max_tenant_tasks": self.max_tenant_tasks}

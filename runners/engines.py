@@ -39,7 +39,8 @@ from ..program.model import CompiledModel
 from ..errors import EnvelopeError, EvaluationKeysNotFoundError, SandboxUnavailableError
 from ..keystore import KeyStore
 from ..runtime.engine import DEFAULT_CACHE_BYTES, Engine, PlaintextCache
-from .http_errors import HTTPError, from_envelope_error, unknown_key, validator_unavailable
+from ..runtime.weights import EncryptedWeights, load_weights
+from .http_errors import HTTPError, from_envelope_error, unknown_key, validator_unavailable, weights_missing
 from .metrics import Metrics, NullMetrics
 
 logger = logging.getLogger("h33_bento.runners")
@@ -116,6 +117,9 @@ class EngineRunner:
     were installed since the last flush, installing another first *recycles* the key state
     (:meth:`recycle`: every key and engine dropped, memory returned to the OS), and the keys still
     in use are installed again from the key store on their next request.
+
+    A weightless model (encrypted-weight mode) runs each key with the encrypted weights stored next
+    to its bundle, validated by the sandbox like the bundle (``runtime.weights.load_weights``).
     """
 
     def __init__(self, compiled: CompiledModel, keystore: KeyStore, sandbox: Sandbox, max_engines: int = 8,
@@ -184,11 +188,12 @@ class EngineRunner:
         engine = self._engines.get(keys.key_id)
         if engine is not None:
             return engine
+        weights = self._weights(keys.key_id, keys.key_tag)
         if keys.key_tag not in self._loaded_tags and len(self._loaded_tags) >= self.max_installed_keys:
             self.recycle()
         # once OpenFHE's maps hold the keys the engine drops its serialized copy (hundreds of MB
         # per bundle); plaintext diagonals do not depend on the key, so all engines share a cache
-        engine = Engine(self.compiled, keys, cache=self.cache, keep_serialized_keys=False)
+        engine = Engine(self.compiled, keys, cache=self.cache, keep_serialized_keys=False, weights=weights)
         self._loaded_tags.add(keys.key_tag)
         self._installed[keys.key_id] = engine.keys
         self._engines[keys.key_id] = engine
@@ -197,6 +202,17 @@ class EngineRunner:
         self.metrics.key_installs.labels(self.metrics.model).inc()
         self._observe_memory()
         return engine
+
+    def _weights(self, key_id: str, key_tag: str) -> EncryptedWeights | None:
+        """The key's encrypted weights for the served weightless model, validated; None in plaintext
+        mode, 409 ``weights_missing`` if none are stored."""
+        if self.compiled.weight_mode == "plaintext":
+            return None
+        try:
+            data = self.keystore.weights_path(key_id, self.compiled.fingerprint).read_bytes()
+        except FileNotFoundError:
+            raise weights_missing(key_id) from None
+        return load_weights(data, self.compiled, key_id, key_tag, self.sandbox)
 
     def recycle(self) -> None:
         """Flush OpenFHE's key state: every key and engine goes, engines reload lazily from the store."""
@@ -233,7 +249,7 @@ class EngineRunner:
             err = validator_unavailable(str(exc))
             return [InferResult(error=err) for _ in assignments]
         except EnvelopeError as exc:
-            err = HTTPError(500, "key_store_error", f"the stored bundle for {key_id} is unusable: {exc}")
+            err = HTTPError(500, "key_store_error", f"the stored bundle or weights for {key_id} are unusable: {exc}")
             return [InferResult(error=err) for _ in assignments]
         ready = []
         for i, (item, lane) in enumerate(assignments):

@@ -9,7 +9,8 @@ concurrency limiter and its per-path HTTP metrics, and the gate does both jobs i
   ``h33_request_seconds`` under its route template; any exception becomes a JSON answer;
 * ``/infer``, ``/tasks...``, ``/keys...``, ``/model`` need ``Authorization: Bearer h33_pk_...``, checked before a
   byte of the body is read; so is the declared ``Content-Length`` against the route's limit
-  (``max_infer_bytes`` for /infer and POST /tasks, ``max_key_bundle_bytes`` for POST /keys, 64 KiB elsewhere).
+  (``max_infer_bytes`` for /infer and POST /tasks, ``max_key_bundle_bytes`` for POST /keys,
+  ``max_weights_bytes`` for POST /keys/{key_id}/weights, 64 KiB elsewhere).
   401, 413, 429 and 503 are answered at once with ``Connection: close``, the body unread;
 * an authenticated request then takes an in-flight slot of its tenant and of the worker
   (:class:`~h33_bento.runners.worker_state.Admission`, 429 when none is free), held until it is answered;
@@ -22,7 +23,8 @@ concurrency limiter and its per-path HTTP metrics, and the gate does both jobs i
 The routes live in a Starlette app mounted at ``/`` through BentoML's public ``@bentoml.asgi_app``:
 ``POST /infer`` (raw octet-stream bodies, handed to the lane packer, which does the batching:
 see docs/deploy.md for why BentoML's batcher cannot), ``GET /model``, ``GET /health``,
-``GET /metrics``, ``POST /keys`` (streamed), ``GET /keys``, ``GET|DELETE /keys/{key_id}``, and the
+``GET /metrics``, ``POST /keys`` (streamed), ``GET /keys``, ``GET|DELETE /keys/{key_id}``, for
+a model served in encrypted-weight mode ``POST /keys/{key_id}/weights`` (streamed), and the
 task routes of long runs, ``POST /tasks``, ``GET /tasks/{task_id}``, ``GET /tasks/{task_id}/result``
 (``tasks.py``; docs/deploy.md says why they are not BentoML's ``@bentoml.task``).
 """
@@ -69,15 +71,20 @@ def route_template(path: str) -> str:
         return "/tasks/{task_id}"
     if path.startswith("/tasks/") and path.count("/") == 3 and path.endswith("/result"):
         return "/tasks/{task_id}/result"
+    if path.startswith("/keys/") and path.count("/") == 3 and path.endswith("/weights"):
+        return "/keys/{key_id}/weights"
     return "other"
 
 
 def _kind(method: str, route: str, metrics_public: bool) -> str | None:
-    """What the gate does with a request: None (public), "metrics", "infer", "upload" or "protected"."""
+    """What the gate does with a request: None (public), "metrics", "infer", "upload", "weights" or
+    "protected"."""
     if route in ("/infer", "/tasks"):
         return "infer" if method == "POST" else "protected"
     if route == "/keys":
         return "upload" if method == "POST" else "protected"
+    if route == "/keys/{key_id}/weights":
+        return "weights" if method == "POST" else "protected"
     if route in ("/keys/{key_id}", "/model", "/tasks/{task_id}", "/tasks/{task_id}/result"):
         return "protected"
     if route == "/metrics" and not metrics_public:
@@ -236,8 +243,8 @@ class H33Gate:
         if tenant is None:
             raise unauthorized()
         config = rt.config
-        limit = (config.max_infer_bytes if kind == "infer"
-                 else config.max_key_bundle_bytes if kind == "upload" else SMALL_BODY)
+        limit = {"infer": config.max_infer_bytes, "upload": config.max_key_bundle_bytes,
+                 "weights": config.max_weights_bytes}.get(kind, SMALL_BODY)
         declared = _content_length(headers)
         if declared > limit:
             raise too_large(limit, "the request body")
@@ -342,19 +349,42 @@ async def upload_keys(request: Request) -> Response:
             finally:
                 await form.close()
         else:
-            buf: list[bytes] = []
-            size = 0
-            async for chunk in request.stream():
-                buf.append(chunk)
-                size += len(chunk)
-                if size >= 8 << 20:
-                    await anyio.to_thread.run_sync(write, b"".join(buf))
-                    buf, size = [], 0
-            if buf:
-                await anyio.to_thread.run_sync(write, b"".join(buf))
+            await _stream_body(request, write)
         await anyio.to_thread.run_sync(upload.file.flush)
         record, created = await rt.register_keys(tenant, upload.path, request.headers.get("x-h33-key-id"))
     return JSONResponse({**record.public(), "created": created}, status_code=201 if created else 200)
+
+
+async def _stream_body(request: Request, write: Any) -> None:
+    """Write a raw body to a file in 8 MiB pieces, off the event loop (the gate bounds its size)."""
+    buf: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        buf.append(chunk)
+        size += len(chunk)
+        if size >= 8 << 20:
+            await anyio.to_thread.run_sync(write, b"".join(buf))
+            buf, size = [], 0
+    if buf:
+        await anyio.to_thread.run_sync(write, b"".join(buf))
+
+
+async def upload_weights(request: Request) -> Response:
+    """POST /keys/{key_id}/weights: encrypted weights (octet-stream) of the served weightless model
+    under the tenant's key ``key_id``, made by the model owner (``ModelOwner.provision``)."""
+    rt = _runtime()
+    tenant, key_id = _tenant(request), request.path_params["key_id"]
+    try:
+        rt.check_weights_upload(tenant, key_id)  # nothing of the body is stored for a refused upload
+    except HTTPError:
+        async for _ in request.stream():  # read to its end (the gate bounds it), so the client gets the answer
+            pass
+        raise
+    with rt.keystore.incoming() as upload:
+        await _stream_body(request, upload.file.write)
+        await anyio.to_thread.run_sync(upload.file.flush)
+        answer = await rt.register_weights(tenant, key_id, upload.path)
+    return JSONResponse(answer, status_code=201)
 
 
 async def list_keys(request: Request) -> Response:
@@ -398,6 +428,7 @@ routes_app = Starlette(
         Route("/tasks", submit_task, methods=["POST"]),
         Route("/tasks/{task_id}", get_task, methods=["GET"]),
         Route("/tasks/{task_id}/result", get_task_result, methods=["GET"]),
+        Route("/keys/{key_id}/weights", upload_weights, methods=["POST"]),
     ],
     exception_handlers={HTTPError: _http_error, Exception: _unexpected},
 )

@@ -109,6 +109,13 @@ def unknown_key(key_id: str) -> HTTPError:
                                          "upload them to POST /keys first")
 
 
+def weights_missing(key_id: str) -> HTTPError:
+    """409: the model runs with encrypted weights and none were provisioned for this key yet."""
+    return HTTPError(409, "weights_missing", f"this model runs with encrypted weights and none were provisioned "
+                                             f"for key_id {key_id!r}; its model owner uploads them to "
+                                             f"POST /keys/{key_id}/weights (h33 provision)")
+
+
 def foreign_key(key_id: str) -> HTTPError:
     return HTTPError(403, "forbidden_key", f"key_id {key_id!r} belongs to another tenant")
 

@@ -20,12 +20,14 @@ from ..ckks.context import rss_bytes
 from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import WIRE_VERSION, EncryptedTensor
 from ..program.model import CompiledModel
-from ..errors import EnvelopeError, SandboxUnavailableError
+from ..errors import EnvelopeError, EvaluationKeysNotFoundError, SandboxUnavailableError
 from ..keystore import KeyRecord, StagedBundle
 from ..keystore_s3 import S3Keys
+from ..runtime.weights import load_weights
 from .config import Authenticator, ServeConfig, TenantConfig
 from .engines import EngineRunner, InferItem, LanePacker
-from .http_errors import HTTPError, busy, foreign_key, from_envelope_error, validator_unavailable
+from .http_errors import (HTTPError, busy, foreign_key, from_envelope_error, unknown_key, validator_unavailable,
+                          weights_missing)
 from .tasks import TaskStore
 from .tenant_keys import TenantKeyStore
 from .metrics import Metrics, create as create_metrics
@@ -146,6 +148,7 @@ class Runtime:
             self._model_info = {
                 "model": {
                     "fingerprint": m.fingerprint,
+                    "weight_mode": m.weight_mode,
                     "input_name": m.input_name,
                     "input_shape": list(m.input_shape),
                     "output_shape": list(m.output_shape),
@@ -214,6 +217,8 @@ class Runtime:
         if key_id_header and key_id_header != env.key_id:
             raise HTTPError(422, "invalid_envelope", "the X-H33-Key-Id header does not match the envelope's key_id")
         record = self.keystore.resolve(env.key_id, tenant)  # 404 unknown / 403 another tenant's
+        if m.weight_mode == "encrypted" and not self.keystore.weights_path(env.key_id, m.fingerprint).is_file():
+            raise weights_missing(env.key_id)
         shape = tuple(m.input_shape)
         problems = []
         if not 1 <= env.lanes_used <= m.lanes:
@@ -264,8 +269,43 @@ class Runtime:
                     raise foreign_key(keys.key_id)
                 return existing, False
             self.keystore.check_quota(tenant)
-            await self.runner.call(self.runner.install, keys)
+            if self.compiled.weight_mode == "plaintext":  # a weightless model's engine waits for its weights
+                await self.runner.call(self.runner.install, keys)
             return await anyio.to_thread.run_sync(self.keystore.register, staged, tenant)
+
+    # ----------------------------------------------------------------- /keys/{key_id}/weights
+    def check_weights_upload(self, tenant: str, key_id: str) -> None:
+        """Refuse a weights upload before its body is stored: the served model must be weightless and
+        ``key_id`` the tenant's (404 unknown, 403 another tenant's)."""
+        if self.compiled.weight_mode != "encrypted":
+            raise HTTPError(409, "plaintext_weights", "this server's model holds its weights in the clear; it takes "
+                                                      "no encrypted weights (serve its weightless artifact for that)")
+        if self.keystore.remote is not None:
+            raise HTTPError(501, "weights_not_shared", "encrypted weights are not stored on a shared (S3) key store "
+                                                       "yet; serve encrypted-weight models from a local key store")
+        self.keystore.resolve(key_id, tenant)
+
+    async def register_weights(self, tenant: str, key_id: str, upload: Path) -> dict[str, Any]:
+        """Check uploaded encrypted weights (frame, model, key, every ciphertext in the sandbox) and
+        store them next to ``key_id``'s bundle, replacing earlier ones; the key's engine reloads."""
+        record = self.keystore.resolve(key_id, tenant)
+        try:
+            data = await anyio.to_thread.run_sync(upload.read_bytes)
+            weights = await anyio.to_thread.run_sync(load_weights, data, self.compiled, key_id, record.key_tag,
+                                                     self.sandbox)
+        except EnvelopeError as exc:
+            raise from_envelope_error(exc) from None
+        except SandboxUnavailableError as exc:
+            raise validator_unavailable(str(exc)) from None
+        size = len(data)
+        del data
+        try:
+            await anyio.to_thread.run_sync(self.keystore.put_weights, key_id, self.compiled.fingerprint, upload)
+        except EvaluationKeysNotFoundError:  # deleted while the weights were checked
+            raise unknown_key(key_id) from None
+        await self.runner.call(self.runner.forget, key_id)
+        return {"key_id": key_id, "model_fingerprint": self.compiled.fingerprint, "size_bytes": size,
+                "ciphertexts": sum(len(w.diagonals) + len(w.biases) for w in weights.steps.values())}
 
     async def delete_keys(self, tenant: str, key_id: str) -> KeyRecord:
         rec = await anyio.to_thread.run_sync(self.keystore.unregister, key_id, tenant)

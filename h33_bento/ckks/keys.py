@@ -172,6 +172,11 @@ class KeyChain:
         """OpenFHE's tag of this key pair (the public and the secret key carry the same)."""
         return (self._public_key if self._public_key is not None else self._secret_key).GetKeyTag()
 
+    @property
+    def public_key(self) -> openfhe.PublicKey:
+        """The public key: what a model owner encrypts this client's weights under (``provision_weights``)."""
+        return self._key("public")
+
     def _key(self, which: str) -> openfhe.PublicKey | openfhe.PrivateKey:
         key = self._public_key if which == "public" else self._secret_key
         if key is None:

@@ -20,6 +20,10 @@ and the other requests never notice.
   the blob (which EvalAdd refuses if it belongs to another context), so equality means the blob
   carries this context, reduced coefficients, and no trailing or re-encoded bytes.  An honest
   client's ciphertext passes unchanged, so the child does not send it back.
+* Encrypted weights (:meth:`Sandbox.canonical_weights`) are ciphertexts too, checked the same way
+  at the level each one sits at (its step's, a bias one below), against ``zero`` level-reduced to
+  it; they go in groups of at most ``WEIGHT_BATCH`` blobs, so one call stays within the child's
+  memory and time limits whatever the model's size.
 * Key bundles (:meth:`Sandbox.canonical_bundle`) are checked by a fresh child per bundle (OpenFHE's
   key maps cannot drop one key, so no child accumulates keys): the public key, relinearization key
   and rotation keys must carry the bundle's tag and no other; the rotation keys must be exactly
@@ -86,6 +90,8 @@ _ERRORS: dict[str, type[EnvelopeError]] = {cls.__name__: cls for cls in (
     EnvelopeError, TamperedDataError, TruncatedDataError, KeyMismatchError, ParamsMismatchError,
     UnsupportedVersionError)}
 GiB = 1 << 30
+#: weight ciphertexts checked per child call (about 1 MB each at N=2^14)
+WEIGHT_BATCH = 64
 
 
 # --------------------------------------------------------------------------------------- protocol
@@ -226,20 +232,21 @@ class Sandbox:
         self._closed = False
         self._bundles = threading.Lock()  # one bundle child at a time: each may need gigabytes
         self._shapes: tuple[dict[str, Any], list[bytes]] | None = None
-        self._canonical: set[bytes] = set()  # frame digests of bundles a child wrote or confirmed
+        self._canonical: set[bytes] = set()  # frame digests of bundles (and weights) a child wrote or confirmed
         for _ in range(processes):
             self._replace()
 
     # ------------------------------------------------------------------ ciphertexts
-    def canonical_ciphertexts(self, blobs: Sequence[bytes], key_tag: str) -> list[bytes]:
-        """The blobs, once a child has found each one a canonical fresh ciphertext under ``key_tag``.
+    def canonical_ciphertexts(self, blobs: Sequence[bytes], key_tag: str, level: int = 0) -> list[bytes]:
+        """The blobs, once a child has found each one a canonical ciphertext under ``key_tag`` at
+        ``level`` with scale degree 1 (a fresh input: level 0).
 
         Raises ``KeyMismatchError`` (another key) or ``TamperedDataError`` (anything else, the
         child's crash included); ``SandboxUnavailableError`` if no child could be started.
         """
         child = self._checkout()
         try:
-            reply, _ = child.call({"key_tag": key_tag}, blobs, self.timeout_s)
+            reply, _ = child.call({"key_tag": key_tag, "level": level}, blobs, self.timeout_s)
         except _ChildFailed as exc:
             self._lost(child, exc.reason, "a ciphertext")
             raise TamperedDataError(f"the ciphertext made its validator fail ({exc.reason}); it was refused") from None
@@ -249,6 +256,17 @@ class Sandbox:
             self._idle.put(child)
         _raise_reply(reply)
         return list(blobs)
+
+    def canonical_weights(self, digest: bytes, groups: Sequence[tuple[int, Sequence[bytes]]], key_tag: str) -> None:
+        """Check encrypted-weight ciphertexts, each group's at its level, unless a child of this
+        sandbox already passed the frame whose SHA-256 is ``digest``; raises as
+        :meth:`canonical_ciphertexts`."""
+        if digest in self._canonical:
+            return
+        for level, blobs in groups:
+            for at in range(0, len(blobs), WEIGHT_BATCH):
+                self.canonical_ciphertexts(blobs[at:at + WEIGHT_BATCH], key_tag, level)
+        self._canonical.add(digest)
 
     def _checkout(self) -> _Child:
         try:
@@ -379,8 +397,13 @@ class Sandbox:
 
 
 # --------------------------------------------------------------------------------------- child side
-class _CiphertextChecker:
-    """What a ciphertext child holds: the served context and its trivial encryption of zero."""
+class CiphertextChecker:
+    """What a ciphertext child holds: the served context and its trivial encryption of zero.
+
+    A model owner uses it too (``provision_weights``): a ciphertext made with a deserialized public
+    key encodes its ring elements apart from the context's, so it is written in the canonical
+    encoding (:meth:`canonical`) that the children compare uploads with.
+    """
 
     def __init__(self, params: CKKSParams) -> None:
         self.params = params
@@ -388,8 +411,18 @@ class _CiphertextChecker:
         throwaway = self.cc.KeyGen()  # only to let the context make a ciphertext; never used otherwise
         x = self.cc.Encrypt(throwaway.publicKey, self.cc.MakeCKKSPackedPlaintext(np.zeros(params.slots)))
         self.zero = self.cc.EvalSub(x, x)  # both elements 0: adding it changes no coefficient
+        self._zeros = {0: self.zero}  # level -> zero reduced to it
 
-    def check(self, blob: bytes, key_tag: str) -> None:
+    def canonical(self, ct: openfhe.Ciphertext, level: int = 0) -> bytes:
+        """``Serialize(EvalAdd(zero, ct))`` with ``zero`` at ``level`` under ``ct``'s key tag: every field
+        the context's, the coefficients ``ct``'s."""
+        if level not in self._zeros:
+            self._zeros[level] = self.cc.LevelReduce(self.zero, None, level)
+        zero = self._zeros[level].Clone()
+        zero.SetKeyTag(ct.GetKeyTag())
+        return openfhe.Serialize(self.cc.EvalAdd(zero, ct), openfhe.BINARY)
+
+    def check(self, blob: bytes, key_tag: str, level: int = 0) -> None:
         p = self.params
         try:
             ct = openfhe.DeserializeCiphertextString(blob, openfhe.BINARY)  # the step that may crash
@@ -399,14 +432,16 @@ class _CiphertextChecker:
             raise TamperedDataError("ciphertext could not be deserialized")
         if ct.GetKeyTag() != key_tag:
             raise KeyMismatchError("ciphertext was encrypted under another key")
-        if (ct.GetCryptoContext().GetRingDimension() != p.ring_dim or ct.GetLevel() != 0
+        if not 0 <= level <= p.multiplicative_depth:
+            raise TamperedDataError(f"no ciphertext of this model sits at level {level}")
+        if (ct.GetCryptoContext().GetRingDimension() != p.ring_dim or ct.GetLevel() != level
                 or ct.GetNoiseScaleDeg() != 1 or ct.GetSlots() != p.slots):
             raise TamperedDataError("ciphertext does not have the ring dimension, level, scale degree and slot "
-                                    "count of a fresh input for this model")
-        zero = self.zero.Clone()
-        zero.SetKeyTag(key_tag)
+                                    "count of a fresh input for this model" if level == 0 else
+                                    f"weight ciphertext does not have the ring dimension, level {level}, scale "
+                                    "degree and slot count its step needs")
         try:
-            canonical = openfhe.Serialize(self.cc.EvalAdd(zero, ct), openfhe.BINARY)
+            canonical = self.canonical(ct, level)
         except Exception as exc:  # e.g. the ciphertext belongs to another context
             raise TamperedDataError(f"ciphertext does not belong to the model's parameters: {exc}") from None
         if canonical != blob:
@@ -618,7 +653,7 @@ def _serve(mode: str, memory_bytes: int) -> None:
     inp = sys.stdin.buffer
     header, _ = _recv(inp)
     params = CKKSParams.model_validate(header["params"])
-    checker = _CiphertextChecker(params) if mode == "ciphertexts" else None
+    checker = CiphertextChecker(params) if mode == "ciphertexts" else None
     _send(out, {"ok": True})
     if mode == "shapes":
         header, _ = _recv(inp)
@@ -635,7 +670,7 @@ def _serve(mode: str, memory_bytes: int) -> None:
         try:
             if checker is not None:
                 for blob in blobs:
-                    checker.check(blob, header["key_tag"])
+                    checker.check(blob, header["key_tag"], int(header.get("level", 0)))
             else:
                 reference = header["shapes"]
                 shapes = {kind: _Shape.from_blobs(reference["key_lengths"][kind], *blobs[3 * i:3 * i + 3])

@@ -5,7 +5,10 @@ The model owner keeps the full ``CompiledModel``; the server runs its weightless
 for that client's public key.  Every diagonal is encoded exactly as plaintext mode encodes it
 (``encode``, ``diagonal``: lane-expanded, rolled by its giant step, at the level of the step) and
 then encrypted, so the engine's ciphertext x ciphertext products sit at the same level and scale
-as its ciphertext x plaintext products.  Biases are encrypted one level down, where they are added
+as its ciphertext x plaintext products.  Each ciphertext is written in the canonical encoding a
+server's sandbox checks uploads against (``ckks.sandbox.CiphertextChecker``; the public key is
+usually deserialized, which changes the encoding but not the ciphertext), and a server takes
+weights only through ``load_weights``.  Biases are encrypted one level down, where they are added
 after the rescale, for every output block (a zero bias is not told apart from another one).
 
 The frame (``ckks.serialization``, magic ``H33W``) names the weightless model's fingerprint, the
@@ -19,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import openfhe
 
-from ..ckks.context import get_context
-from ..ckks.keys import EvaluationKeys
+from ..ckks.keys import EvaluationKeys, KeyChain, key_id_for
 from ..ckks.params import CKKSParams
+from ..ckks.sandbox import CiphertextChecker, Sandbox
 from ..ckks.serialization import WEIGHTS_MAGIC, pack_frame, unpack_frame
 from ..errors import KeyMismatchError, ModelMismatchError, ParamsMismatchError, TamperedDataError
 from ..program.diagonals import DiagonalPlan
@@ -103,13 +106,14 @@ class EncryptedWeights:
                                     "of the model they name")
 
 
-def _encrypt_step(cc: openfhe.CryptoContext, params: CKKSParams, public: openfhe.PublicKey,
+def _encrypt_step(checker: CiphertextChecker, params: CKKSParams, public: openfhe.PublicKey,
                   step: Step) -> StepWeights:
     plan = step.linear
     _, giants = plan.schedule()
+    cc = checker.cc
 
-    def encrypt(values: np.ndarray, level: int) -> bytes:
-        return openfhe.Serialize(cc.Encrypt(public, encode(cc, params, values, level)), openfhe.BINARY)
+    def encrypt(values: np.ndarray, level: int) -> bytes:  # canonical: what the server's sandbox accepts
+        return checker.canonical(cc.Encrypt(public, encode(cc, params, values, level)), level)
 
     return StepWeights(
         level=step.level,
@@ -118,18 +122,37 @@ def _encrypt_step(cc: openfhe.CryptoContext, params: CKKSParams, public: openfhe
     )
 
 
-def provision_weights(compiled: CompiledModel, keys: EvaluationKeys) -> EncryptedWeights:
-    """The model owner's step: encrypt the full ``compiled`` model's weights under the public key in
-    ``keys`` (a client's bundle; only its public key is read), for the server running
-    ``compiled.without_weights()``."""
+def provision_weights(compiled: CompiledModel, keys: EvaluationKeys | KeyChain) -> EncryptedWeights:
+    """The model owner's step: encrypt the full ``compiled`` model's weights under a client's public
+    key, for the server running ``compiled.without_weights()``.
+
+    ``keys``: the client's bundle (only its public key is read) or a ``KeyChain`` holding at least
+    the public key (``KeyChain.load(directory, only="public")``: what a client hands its model owner).
+    """
     if compiled.weight_mode != "plaintext" or not compiled.runnable:
         raise ValueError("provisioning needs the model owner's full, runnable artifact (it holds the weights)")
-    if keys.params_fingerprint != compiled.params.fingerprint:
-        raise ParamsMismatchError(f"the key was made for CKKS params {keys.params_fingerprint}, "
+    checker = CiphertextChecker(compiled.params)  # builds the context, which deserializing the key needs
+    if isinstance(keys, KeyChain):
+        params_fingerprint, public = keys.params.fingerprint, keys.public_key
+    else:
+        params_fingerprint = keys.params_fingerprint
+        public = openfhe.DeserializePublicKeyString(keys.public_key, openfhe.BINARY)
+        if public is None or public.GetKeyTag() != keys.key_tag:
+            raise TamperedDataError("the public key does not carry the key tag its bundle names")
+    if params_fingerprint != compiled.params.fingerprint:
+        raise ParamsMismatchError(f"the key was made for CKKS params {params_fingerprint}, "
                                   f"the model uses {compiled.params.fingerprint}")
-    cc = get_context(compiled.params)
-    public = openfhe.DeserializePublicKeyString(keys.public_key, openfhe.BINARY)
-    if public is None or public.GetKeyTag() != keys.key_tag:
-        raise TamperedDataError("the public key does not carry the key tag its bundle names")
-    steps = {s.name: _encrypt_step(cc, compiled.params, public, s) for s in compiled.steps if s.op is Op.LINEAR}
-    return EncryptedWeights(compiled.without_weights().fingerprint, compiled.params.fingerprint, keys.key_id, steps)
+    steps = {s.name: _encrypt_step(checker, compiled.params, public, s) for s in compiled.steps if s.op is Op.LINEAR}
+    return EncryptedWeights(compiled.without_weights().fingerprint, compiled.params.fingerprint,
+                            key_id_for(public.GetKeyTag()), steps)
+
+
+def load_weights(data: bytes, model: CompiledModel, key_id: str, key_tag: str, sandbox: Sandbox) -> EncryptedWeights:
+    """Untrusted weight bytes (an upload, a stored file) -> the ``EncryptedWeights`` of weightless
+    ``model`` under ``key_id``, safe for ``Engine`` in a serving process: the frame and its header
+    are checked here, every ciphertext in ``sandbox``'s children at its level."""
+    weights = EncryptedWeights.from_bytes(data)
+    weights.check(model, key_id)
+    groups = [g for w in weights.steps.values() for g in ((w.level, w.diagonals), (w.level + 1, w.biases))]
+    sandbox.canonical_weights(data[-32:], groups, key_tag)  # the frame's digest, checked by from_bytes
+    return weights

@@ -582,7 +582,8 @@ def _decode_envelope(value: Any, row: int) -> tuple[bytes, bool]:
         text = raw  # base64 text delivered as bytes (MLflow's "inputs" JSON path casts str -> bytes)
     else:
         raise EnvelopeError(f"input row {row}: expected an encrypted envelope as bytes or a base64 string, "
-                            f"got {type(value).__name__}")
+                            f"got {type(value).__name__}; plaintext runs with params={{'mode': 'simulate'}}, and "
+                            "mlflow.models.evaluate takes evaluators='h33' for this flavor")
     try:
         decoded = base64.b64decode(text, validate=False)
     except (binascii.Error, ValueError) as exc:

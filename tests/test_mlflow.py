@@ -435,6 +435,7 @@ def test_logged_model_ships_a_wheel_of_this_source(saved_model, convnet_compiled
         (dist_info,) = {n.split("/")[0] for n in zf.namelist() if n.split("/")[0].endswith(".dist-info")}
         entry_points = zf.read(f"{dist_info}/entry_points.txt").decode()
         metadata = zf.read(f"{dist_info}/METADATA").decode()
+    assert "[mlflow.model_evaluator]\nh33 = h33_bento.mlflow_flavor.evaluate:H33Evaluator" in entry_points
     assert "[mlflow.run_context_provider]" in entry_points
     torch_reqs = [ln for ln in metadata.splitlines() if ln.startswith("Requires-Dist: torch")]
     assert torch_reqs and all("extra ==" in ln for ln in torch_reqs), torch_reqs
@@ -544,6 +545,59 @@ def test_mlflow_models_predict_in_the_model_environment(venv_served, convnet_cli
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (out,) = json.loads((root / "output.json").read_text())["predictions"]
     _assert_same_logits(convnet_client.decrypt_logits(base64.b64decode(out)), direct_logits)
+
+
+# ----------------------------------------------------------------------------- mlflow.models.evaluate
+@pytest.fixture(scope="module")
+def h33_evaluator():
+    """The evaluator the package's `mlflow.model_evaluator` entry point names (pyproject.toml).
+
+    An install made before the entry point existed lacks it until `pip install -e .` runs again;
+    then it is registered here from the same declaration."""
+    import importlib
+
+    from mlflow.models.evaluation.evaluator_registry import _model_evaluation_registry as registry
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    declared = read_configuration(SOURCE / "pyproject.toml")["project"]["entry-points"]["mlflow.model_evaluator"]
+    module, attr = declared["h33"].split(":")
+    evaluator = getattr(importlib.import_module(module), attr)
+    if not registry.is_registered("h33"):
+        registry.register("h33", evaluator)
+    assert type(registry.get_evaluator("h33")) is evaluator
+    return evaluator
+
+
+def test_mlflow_models_evaluate_logs_h33_metrics(tracking_server, h33_evaluator, convnet_compiled, mnist_test,
+                                                 direct_logits):
+    """`mlflow.models.evaluate(uri, evaluators="h33")`: plaintext program on the whole set, the first
+    ciphertext's worth encrypted; metrics on the run and the LoggedModel equal an independent count."""
+    x, y = mnist_test[0][:256], mnist_test[1][:256]
+    name = f"{NAME}-evaluated"
+    with _tracking(tracking_server) as client:
+        info = mlflow.h33.log_model(convnet_compiled, name=name)
+        result = mlflow.models.evaluate(info.model_uri, x.reshape(len(x), -1), targets=y, model_type="classifier",
+                                        evaluators="h33")
+        run_metrics = client.get_run(result.run_id).data.metrics
+        logged = client.get_logged_model(info.model_id)
+        with pytest.raises(ValueError, match="encrypted_samples"):
+            mlflow.models.evaluate(info.model_uri, x.reshape(len(x), -1), targets=y, model_type="classifier",
+                                   evaluators="h33", evaluator_config={"encrypted_samples": -1})
+
+    plain = simulate(convnet_compiled, x).argmax(1)
+    encrypted = direct_logits.argmax(1)  # the same 8 images, encrypted under the fixture's keys
+    m = result.metrics
+    assert m["accuracy.polynomial"] == float(np.mean(plain == y))
+    assert m["encrypted.samples"] == convnet_compiled.lanes == 8
+    assert m["accuracy.encrypted"] == float(np.mean(encrypted == y[:8]))
+    assert m["agreement.encrypted"] == float(np.mean(encrypted == plain[:8]))
+    span = float(direct_logits.max() - direct_logits.min())
+    assert 0 < m["error.encrypted_max_logit"] < 1e-3 * span  # CKKS noise: it really ran encrypted
+    assert 50 < m["latency.encrypted_ms_per_ciphertext"] < 120_000 and m["latency.simulate_ms_per_input"] > 0
+    assert run_metrics == m
+    assert _model_metrics(logged) == m
+    (digest,) = {metric.dataset_digest for metric in logged.metrics}  # linked to the evaluation dataset
+    assert digest
 
 
 # ----------------------------------------------------------------------------- clear errors

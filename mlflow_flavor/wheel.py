@@ -61,8 +61,12 @@ def source_root() -> Path | None:
 
 def _build_inputs(root: Path) -> list[Path]:
     """The files a wheel build reads: pyproject.toml, the readme and the package directories."""
-    from setuptools.config.pyprojecttoml import read_configuration
-
+    try:
+        from setuptools.config.pyprojecttoml import read_configuration
+    except ImportError:
+        raise WheelBuildError(f"h33-bento runs from the source checkout {root}; bundling a wheel of it into the "
+                              "model needs setuptools and wheel (pip install setuptools wheel), or pass "
+                              "pip_requirements=[...]") from None
     config = read_configuration(root / "pyproject.toml")
     files = [root / "pyproject.toml"]
     readme = config["project"].get("readme")

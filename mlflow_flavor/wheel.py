@@ -13,7 +13,8 @@ with ``--find-links wheels/<digest>`` and ``h33-bento==<version>``:
   wheel path resolves against the current directory and fails there;
 * ``<digest>`` is the source content's, so MLflow, which names the environments it creates after
   the requirement lines, builds a new one when the code changes rather than reusing a stale one;
-* for equal versions pip prefers the ``--find-links`` wheel to an index's.
+* pip ranks local files before index files of the same version and tags (``PackageFinder``), so
+  an index's ``h33-bento`` of that version is not taken instead (one with a build tag would be).
 
 An installed (non-source) h33-bento returns ``None``: the model then pins ``h33-bento==<version>``
 from the package index, as other flavors pin their library.

@@ -89,7 +89,7 @@ def _digest(root: Path, files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def build(root: Path) -> tuple[Path, str]:
+def _build(root: Path) -> tuple[Path, str]:
     """A wheel of the checkout at ``root`` and its source digest (built once per content)."""
     global _workdir
     files = _build_inputs(root)
@@ -125,7 +125,7 @@ def bundle(model_dir: str | os.PathLike) -> list[str] | None:
     root = source_root()
     if root is None:
         return None
-    wheel, digest = build(root)
+    wheel, digest = _build(root)
     version = wheel.name.split("-")[1]
     target = Path(model_dir, WHEELS_DIR, digest)
     target.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
-"""The ``mlflow.h33`` flavor against a real MLflow tracking server, a local file store and
-``mlflow models serve``, on the benchmark ConvNet (N = 2^14) and real MNIST images.
+"""The ``mlflow.h33`` flavor against a real MLflow tracking server, a local file store,
+``mlflow models serve`` (in this environment and in the virtualenv MLflow builds from the model's
+requirements), ``mlflow models predict``, ``generate-dockerfile`` and ``mlflow.models.evaluate``,
+on the benchmark ConvNet (N = 2^14) and real MNIST images.
 
 Encrypted results are compared with running the Engine directly on the same envelope.
 """

@@ -124,6 +124,8 @@ class H33Evaluator(ModelEvaluator):
 
         if model is None or FLAVOR_NAME not in (getattr(model.metadata, "flavors", None) or {}):
             return None
+        if extra_metrics or custom_artifacts:
+            raise ValueError("the h33 evaluator logs its own metrics; it takes no extra_metrics or custom_artifacts")
         if dataset.labels_data is None:
             raise ValueError("the h33 evaluator needs targets: mlflow.models.evaluate(..., targets=...)")
         metrics = _measure(model.get_raw_model(), dataset.features_data, dataset.labels_data, evaluator_config or {})

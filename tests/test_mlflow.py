@@ -586,6 +586,9 @@ def test_mlflow_models_evaluate_logs_h33_metrics(tracking_server, h33_evaluator,
         with pytest.raises(ValueError, match="encrypted_samples"):
             mlflow.models.evaluate(info.model_uri, x.reshape(len(x), -1), targets=y, model_type="classifier",
                                    evaluators="h33", evaluator_config={"encrypted_samples": -1})
+        with pytest.raises(ValueError, match="no extra_metrics"):
+            mlflow.models.evaluate(info.model_uri, x.reshape(len(x), -1), targets=y, model_type="classifier",
+                                   evaluators="h33", extra_metrics=[mlflow.metrics.mae()])
 
     plain = simulate(convnet_compiled, x).argmax(1)
     encrypted = direct_logits.argmax(1)  # the same 8 images, encrypted under the fixture's keys

@@ -18,7 +18,10 @@ An MLflow model written by this flavor holds
   output shapes, the labels and the plan summary (and, for a weightless model,
   ``weight_mode: encrypted`` and its ``weights_id``), and a ``python_function`` section whose
   ``loader_module`` is this module, so ``mlflow.pyfunc.load_model`` and ``mlflow models serve``
-  work without importing ``h33_bento`` first.
+  work without importing ``h33_bento`` first;
+* ``requirements.txt`` (mlflow, h33-bento, openfhe, numpy, pydantic) and, when h33-bento runs from a
+  source checkout, ``wheels/<digest>/`` with a wheel of it (``wheel.py``), so MLflow's virtualenv
+  and Docker tools install the model where no package index has h33-bento.
 
 It never holds key material.  The pyfunc model runs encrypted envelopes with evaluation keys
 taken from a *key store* (``h33_bento.keystore.KeyStore``, the layout the BentoML service uses
@@ -248,16 +251,22 @@ def _pyfunc_model_config(model_config: dict[str, Any] | None) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- environment
-def get_default_pip_requirements() -> list[str]:
-    """Pip requirements of models written by this flavor (mlflow itself is added by MLflow)."""
+def _runtime_requirements() -> list[str]:
+    """What the pyfunc imports besides h33-bento and mlflow (never torch: only compiling needs it)."""
     from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-    return [
-        _get_pinned_requirement("h33-bento", module="h33_bento"),
-        _get_pinned_requirement("openfhe"),
-        _get_pinned_requirement("numpy"),
-        _get_pinned_requirement("pydantic"),
-    ]
+    return [_get_pinned_requirement(name) for name in ("openfhe", "numpy", "pydantic")]
+
+
+def get_default_pip_requirements() -> list[str]:
+    """Pip requirements of models written by this flavor (mlflow itself is added by MLflow).
+
+    ``save_model`` replaces the ``h33-bento`` pin by the wheel it bundles when h33-bento runs
+    from a source checkout (see ``wheel.py``).
+    """
+    from mlflow.utils.requirements_utils import _get_pinned_requirement
+
+    return [_get_pinned_requirement("h33-bento", module="h33_bento"), *_runtime_requirements()]
 
 
 def get_default_conda_env() -> dict[str, Any]:
@@ -313,6 +322,8 @@ def save_model(
     from mlflow.utils.file_utils import get_total_file_size, write_to
     from mlflow.utils.model_utils import _validate_and_copy_code_paths, _validate_and_prepare_target_save_path
 
+    from h33_bento.mlflow_flavor.wheel import bundle as bundle_wheel
+
     compiled = _as_compiled(h33_model)
     config = _pyfunc_model_config(model_config)
     metrics = _accuracy_metrics(accuracy)
@@ -333,6 +344,10 @@ def save_model(
         mlflow_model.metadata = metadata
 
     compiled.save(os.path.join(path, MODEL_DATA_SUBPATH))
+    default_reqs = None
+    if conda_env is None and pip_requirements is None:
+        bundled = bundle_wheel(path)  # before the size is taken: the wheel is part of the model
+        default_reqs = [*bundled, *_runtime_requirements()] if bundled else get_default_pip_requirements()
 
     pyfunc.add_to_model(
         mlflow_model,
@@ -354,7 +369,6 @@ def save_model(
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
     if conda_env is None:
-        default_reqs = get_default_pip_requirements() if pip_requirements is None else None
         conda_env, pip_requirements, pip_constraints = _process_pip_requirements(
             default_reqs, pip_requirements, extra_pip_requirements
         )
@@ -576,7 +590,8 @@ def _decode_envelope(value: Any, row: int) -> tuple[bytes, bool]:
         text = raw  # base64 text delivered as bytes (MLflow's "inputs" JSON path casts str -> bytes)
     else:
         raise EnvelopeError(f"input row {row}: expected an encrypted envelope as bytes or a base64 string, "
-                            f"got {type(value).__name__}")
+                            f"got {type(value).__name__}; plaintext runs with params={{'mode': 'simulate'}}, and "
+                            "mlflow.models.evaluate takes evaluators='h33' for this flavor")
     try:
         decoded = base64.b64decode(text, validate=False)
     except (binascii.Error, ValueError) as exc:

@@ -1,5 +1,7 @@
-"""The ``mlflow.h33`` flavor against a real MLflow tracking server, a local file store and
-``mlflow models serve``, on the benchmark ConvNet (N = 2^14) and real MNIST images.
+"""The ``mlflow.h33`` flavor against a real MLflow tracking server, a local file store,
+``mlflow models serve`` (in this environment and in the virtualenv MLflow builds from the model's
+requirements), ``mlflow models predict``, ``generate-dockerfile`` and ``mlflow.models.evaluate``,
+on the benchmark ConvNet (N = 2^14) and real MNIST images.
 
 Encrypted results are compared with running the Engine directly on the same envelope.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +29,7 @@ mlflow = pytest.importorskip("mlflow")
 httpx = pytest.importorskip("httpx")
 pd = pytest.importorskip("pandas")
 
+import h33_bento  # noqa: E402
 from h33_bento import mlflow_flavor as flavor  # noqa: E402
 from h33_bento import simulate  # noqa: E402
 from h33_bento.errors import EnvelopeError, KeyMismatchError, ModelFormatError, TamperedDataError  # noqa: E402
@@ -33,6 +37,8 @@ from h33_bento.keystore import DEFAULT_TENANT  # noqa: E402
 from h33_bento.runtime.engine import Engine  # noqa: E402
 
 BIN = Path(sys.executable).parent
+#: Where the h33_bento under test was imported from: subprocesses import the same code.
+SOURCE = Path(h33_bento.__file__).resolve().parents[1]
 NAME = "mnist-fhe"
 ALIAS = "champion"
 
@@ -45,15 +51,25 @@ def _free_port() -> int:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    """This environment with the venv's bin first on PATH (mlflow runs `uvicorn` from PATH)."""
+    """This environment with the venv's bin first on PATH (mlflow runs `uvicorn` from PATH) and the
+    source under test first on PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE), os.environ.get("PYTHONPATH")]))
     return {**env, **extra}
 
 
-def _start(args: list[str], log: Path, **env: str) -> subprocess.Popen:
+def _bare_env(**extra: str) -> dict[str, str]:
+    """What a machine with only MLflow has: the dev venv's mlflow and pyenv, no PYTHONPATH into this
+    checkout, so a model environment MLflow creates imports only what it installed."""
+    env = _env(**extra)
+    del env["PYTHONPATH"]
+    return env
+
+
+def _start(args: list[str], log: Path, bare: bool = False, **env: str) -> subprocess.Popen:
     with open(log, "wb") as fh:
-        return subprocess.Popen([str(BIN / "mlflow"), *args], env=_env(**env), stdout=fh,
+        return subprocess.Popen([str(BIN / "mlflow"), *args], env=(_bare_env if bare else _env)(**env), stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=log.parent)
 
 
@@ -391,6 +407,203 @@ def test_mlflow_models_serve_answers_an_encrypted_request(tracking_server, convn
         assert refused.status_code == 400 and "EnvelopeError" in refused.text
     finally:
         _stop(proc)
+
+
+# ----------------------------------------------------------------------------- portable models
+RUNTIME_REQUIREMENTS = {"mlflow", "h33-bento", "openfhe", "numpy", "pydantic"}
+
+
+def _requirements(model_dir: Path) -> tuple[dict[str, str], list[str]]:
+    """requirements.txt as {name: pin} and its option lines."""
+    lines = [ln.strip() for ln in (model_dir / "requirements.txt").read_text().splitlines() if ln.strip()]
+    options = [ln for ln in lines if ln.startswith("-")]
+    pins = dict(ln.partition("==")[::2] for ln in lines if not ln.startswith("-"))
+    return pins, options
+
+
+def test_logged_model_ships_a_wheel_of_this_source(saved_model, convnet_compiled, tmp_path):
+    """The model installs without an index carrying h33-bento: a wheel of the code under test rides along."""
+    import zipfile
+
+    pins, options = _requirements(saved_model)
+    assert set(pins) == RUNTIME_REQUIREMENTS, pins  # no torch, no onnx, no bentoml
+    (find_links,) = options
+    assert find_links.startswith("--find-links wheels/")
+    (wheel,) = (saved_model / find_links.split(maxsplit=1)[1]).glob("*.whl")
+    assert wheel.name == f"h33_bento-{pins['h33-bento']}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read("h33_bento/mlflow_flavor/__init__.py") == Path(flavor.__file__).read_bytes()
+        assert zf.read("h33_bento/runtime/engine.py") == (SOURCE / "h33_bento/runtime/engine.py").read_bytes()
+        (dist_info,) = {n.split("/")[0] for n in zf.namelist() if n.split("/")[0].endswith(".dist-info")}
+        entry_points = zf.read(f"{dist_info}/entry_points.txt").decode()
+        metadata = zf.read(f"{dist_info}/METADATA").decode()
+    assert "[mlflow.model_evaluator]\nh33 = h33_bento.mlflow_flavor.evaluate:H33Evaluator" in entry_points
+    assert "[mlflow.run_context_provider]" in entry_points
+    torch_reqs = [ln for ln in metadata.splitlines() if ln.startswith("Requires-Dist: torch")]
+    assert torch_reqs and all("extra ==" in ln for ln in torch_reqs), torch_reqs
+
+    # same source, same wheel folder: MLflow names the environments it creates after these lines
+    flavor.save_model(convnet_compiled, tmp_path / "again")
+    assert _requirements(tmp_path / "again")[1] == options
+    # requirements of the user's own replace the bundle
+    flavor.save_model(convnet_compiled, tmp_path / "own", pip_requirements=["h33-bento==0.1.0", "openfhe"])
+    assert not (tmp_path / "own" / "wheels").exists() and _requirements(tmp_path / "own")[1] == []
+
+
+def test_pyfunc_never_imports_torch(saved_model, mnist_test, tmp_path):
+    """Serving needs no torch (6 GB), ONNX or BentoML: load the pyfunc and run it in a fresh interpreter."""
+    np.save(tmp_path / "x.npy", mnist_test[0][:2])
+    code = textwrap.dedent(f"""
+        import sys, mlflow, numpy as np, pandas as pd
+        model = mlflow.pyfunc.load_model({str(saved_model)!r})
+        logits = model.predict(pd.Series(list(np.load({str(tmp_path / "x.npy")!r}))), params={{"mode": "simulate"}})
+        assert logits.shape == (2, 10)
+        imported = [m for m in ("torch", "onnx", "bentoml") if m in sys.modules]
+        assert not imported, f"the pyfunc path imported {{imported}}"
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_generated_dockerfile_installs_libgomp_and_the_wheel(saved_model, tmp_path):
+    """`mlflow models generate-dockerfile`: libgomp1 (openfhe links it) is installed, and the image's
+    `pip install -r /opt/ml/model/requirements.txt`, run from another directory, finds the wheel."""
+    out = tmp_path / "docker"
+    proc = subprocess.run([str(BIN / "mlflow"), "models", "generate-dockerfile", "-m", str(saved_model), "-d", str(out)],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dockerfile = (out / "Dockerfile").read_text()
+    copy = dockerfile.index("COPY model_dir/")
+    assert dockerfile.index("RUN apt-get install -y --no-install-recommends libgomp1") > copy, dockerfile
+    (requirements,) = (out / "model_dir").glob("*/requirements.txt")
+
+    # what C._install_pyfunc_deps(env_manager="local") runs in the image, resolved but not installed
+    elsewhere = tmp_path / "workdir"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--force-reinstall",
+                           "-r", str(requirements)], cwd=elsewhere, env=_bare_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"Processing \S*model_dir/[^/]+/wheels/[0-9a-f]{16}/h33_bento-\S+\.whl", proc.stdout), proc.stdout[-3000:]
+
+
+@pytest.fixture(scope="module")
+def venv_served(tracking_server, convnet_compiled, key_store, tmp_path_factory):
+    """A registered model behind `mlflow models serve --env-manager virtualenv`: MLflow builds the
+    model's environment from its requirements alone (pyenv's Python, PyPI, the bundled wheel)."""
+    name = f"{NAME}-portable"
+    with _tracking(tracking_server) as client:
+        info = mlflow.h33.log_model(convnet_compiled, name=name, registered_model_name=name)
+        client.set_registered_model_alias(name, "prod", info.registered_model_version)
+    root = tmp_path_factory.mktemp("venv-serve")
+    env = {"MLFLOW_TRACKING_URI": tracking_server, "MLFLOW_ENV_ROOT": str(root / "envs"),
+           "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps({"key_store": str(key_store)})}
+    port = _free_port()
+    log = root / "serve.log"
+    started = time.monotonic()
+    proc = _start(["models", "serve", "-m", f"models:/{name}@prod", "--env-manager", "virtualenv",
+                   "-h", "127.0.0.1", "-p", str(port), "-t", "600"], log, bare=True, **env)
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/ping", proc, log, timeout=1500)
+        print(f"virtualenv created and model served in {time.monotonic() - started:.0f} s")
+        (env_dir,) = (root / "envs").iterdir()
+        yield {"url": f"http://127.0.0.1:{port}", "uri": f"models:/{name}@prod", "env": env, "env_dir": env_dir,
+               "root": root}
+    finally:
+        _stop(proc)
+
+
+def test_virtualenv_served_model_round_trip(venv_served, convnet_compiled, convnet_client, envelope,
+                                            direct_logits, mnist_test):
+    """Client encrypts, the server in MLflow's virtualenv answers an envelope, the client decrypts."""
+    answer = httpx.post(f"{venv_served['url']}/invocations", json={"inputs": [_b64(envelope)]}, timeout=600)
+    assert answer.status_code == 200, answer.text[-3000:]
+    (out,) = answer.json()["predictions"]
+    logits = convnet_client.decrypt_logits(base64.b64decode(out))
+    _assert_same_logits(logits, direct_logits)
+    np.testing.assert_array_equal(logits.argmax(1), simulate(convnet_compiled, mnist_test[0][:8]).argmax(1))
+
+    # the environment holds the bundled wheel's h33_bento and no torch
+    python = venv_served["env_dir"] / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import importlib.util as u, h33_bento; "
+                            "print(h33_bento.__file__); print(u.find_spec('torch'))"],
+                           cwd=venv_served["root"], env=_bare_env(), capture_output=True, text=True, timeout=120)
+    where, torch_spec = probe.stdout.split()
+    assert where.startswith(str(venv_served["env_dir"])) and torch_spec == "None", probe.stdout + probe.stderr
+
+
+def test_mlflow_models_predict_in_the_model_environment(venv_served, convnet_client, envelope, direct_logits):
+    """`mlflow models predict` on an encrypted input, run by the MLflow that the model's environment
+    installed from its requirements (`--env-manager virtualenv` would build CPython from source in
+    a fresh pyenv root for each call: see docs/mlflow.md)."""
+    root, bin_dir = venv_served["root"], venv_served["env_dir"] / "bin"
+    (root / "input.json").write_text(json.dumps({"inputs": [_b64(envelope)]}))
+    env = _bare_env(**venv_served["env"])
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run([str(bin_dir / "mlflow"), "models", "predict", "-m", venv_served["uri"], "--env-manager",
+                           "local", "-i", str(root / "input.json"), "-o", str(root / "output.json"), "-t", "json"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (out,) = json.loads((root / "output.json").read_text())["predictions"]
+    _assert_same_logits(convnet_client.decrypt_logits(base64.b64decode(out)), direct_logits)
+
+
+# ----------------------------------------------------------------------------- mlflow.models.evaluate
+@pytest.fixture(scope="module")
+def h33_evaluator():
+    """The evaluator the package's `mlflow.model_evaluator` entry point names (pyproject.toml).
+
+    An install made before the entry point existed lacks it until `pip install -e .` runs again;
+    then it is registered here from the same declaration."""
+    import importlib
+
+    from mlflow.models.evaluation.evaluator_registry import _model_evaluation_registry as registry
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    declared = read_configuration(SOURCE / "pyproject.toml")["project"]["entry-points"]["mlflow.model_evaluator"]
+    module, attr = declared["h33"].split(":")
+    evaluator = getattr(importlib.import_module(module), attr)
+    if not registry.is_registered("h33"):
+        registry.register("h33", evaluator)
+    assert type(registry.get_evaluator("h33")) is evaluator
+    return evaluator
+
+
+def test_mlflow_models_evaluate_logs_h33_metrics(tracking_server, h33_evaluator, convnet_compiled, mnist_test,
+                                                 direct_logits):
+    """`mlflow.models.evaluate(uri, evaluators="h33")`: plaintext program on the whole set, the first
+    ciphertext's worth encrypted; metrics on the run and the LoggedModel equal an independent count."""
+    x, y = mnist_test[0][:256], mnist_test[1][:256]
+    name = f"{NAME}-evaluated"
+    with _tracking(tracking_server) as client:
+        info = mlflow.h33.log_model(convnet_compiled, name=name)
+        result = mlflow.models.evaluate(info.model_uri, x.reshape(len(x), -1), targets=y, model_type="classifier",
+                                        evaluators="h33")
+        run_metrics = client.get_run(result.run_id).data.metrics
+        logged = client.get_logged_model(info.model_id)
+        with pytest.raises(ValueError, match="encrypted_samples"):
+            mlflow.models.evaluate(info.model_uri, x.reshape(len(x), -1), targets=y, model_type="classifier",
+                                   evaluators="h33", evaluator_config={"encrypted_samples": -1})
+        with pytest.raises(ValueError, match="no extra_metrics"):
+            mlflow.models.evaluate(info.model_uri, x.reshape(len(x), -1), targets=y, model_type="classifier",
+                                   evaluators="h33", extra_metrics=[mlflow.metrics.mae()])
+
+    plain = simulate(convnet_compiled, x).argmax(1)
+    encrypted = direct_logits.argmax(1)  # the same 8 images, encrypted under the fixture's keys
+    m = result.metrics
+    assert m["accuracy.polynomial"] == float(np.mean(plain == y))
+    assert m["encrypted.samples"] == convnet_compiled.lanes == 8
+    assert m["accuracy.encrypted"] == float(np.mean(encrypted == y[:8]))
+    assert m["agreement.encrypted"] == float(np.mean(encrypted == plain[:8]))
+    span = float(direct_logits.max() - direct_logits.min())
+    assert 0 < m["error.encrypted_max_logit"] < 1e-3 * span  # CKKS noise: it really ran encrypted
+    assert 50 < m["latency.encrypted_ms_per_ciphertext"] < 120_000 and m["latency.simulate_ms_per_input"] > 0
+    assert run_metrics == m
+    assert _model_metrics(logged) == m
+    (digest,) = {metric.dataset_digest for metric in logged.metrics}  # linked to the evaluation dataset
+    assert digest
 
 
 # ----------------------------------------------------------------------------- clear errors

@@ -169,3 +169,17 @@ def test_the_mlflow_pyfunc_refuses_a_crashing_ciphertext_and_keeps_serving(convn
         model.predict([bad.to_bytes()])
     (out,) = model.predict([envelope.to_bytes()])
     assert_logits_close(convnet_client.decrypt_logits(out), simulate(convnet_compiled, mnist_test[0][:8]), rel=1e-3)
+
+
+def test_a_client_holding_only_its_public_key_encrypts_what_the_sandbox_accepts(tmp_path):
+    """``h33 encrypt`` and public-only clients encrypt with a deserialized public key, which OpenFHE
+    writes apart from the context's encoding; the sandbox refused every such ciphertext."""
+    params = select_params(1, 1024, lanes=8, rotation_indices=(1, 2))
+    owner = KeyChain.generate(params)
+    owner.save(tmp_path)
+    public = KeyChain.load(tmp_path, only="public")
+    x = np.random.default_rng(0).normal(size=params.slots)
+    blob = public.encrypt_slots(x)
+    with Sandbox(params, processes=1) as sb:
+        assert sb.canonical_ciphertexts([blob], owner.key_tag) == [blob]
+    np.testing.assert_allclose(owner.decrypt_slots(blob), x, atol=1e-3)

@@ -17,6 +17,7 @@ import numpy as np
 import openfhe
 
 from ..errors import EnvelopeError, KeyMismatchError, ParamsMismatchError, TamperedDataError
+from .canonical import CiphertextChecker
 from .context import get_context
 from .params import CKKSParams, SecurityLevel, check_security
 from .serialization import KEYS_MAGIC, pack_frame, unpack_frame
@@ -148,6 +149,7 @@ class KeyChain:
         self.key_id = key_id_for(self.key_tag)
         self._eval_keys_file = eval_keys_file
         self._eval_keys: EvaluationKeys | None = None
+        self._canonical: CiphertextChecker | None = None
 
     @classmethod
     def generate(cls, params: CKKSParams, min_security_level: SecurityLevel = "HEStd_128_classic") -> "KeyChain":
@@ -218,8 +220,11 @@ class KeyChain:
         (no encryption of zero to compute).  A public-only chain encrypts with the public key.
         """
         pt = self._cc.MakeCKKSPackedPlaintext(np.ascontiguousarray(values, dtype=np.float64))
-        key = self._secret_key if self._secret_key is not None else self._public_key
-        return openfhe.Serialize(self._cc.Encrypt(key, pt), openfhe.BINARY)
+        if self._secret_key is not None:
+            return openfhe.Serialize(self._cc.Encrypt(self._secret_key, pt), openfhe.BINARY)
+        if self._canonical is None:  # a public-key encryption is written as the server's sandbox accepts it
+            self._canonical = CiphertextChecker(self.params)
+        return self._canonical.canonical(self._cc.Encrypt(self._public_key, pt))
 
     def decrypt_slots(self, blob: bytes) -> np.ndarray:
         """Decrypt one serialized ciphertext to its real slot values."""

@@ -78,6 +78,7 @@ import numpy as np
 import openfhe
 
 from .context import bootstrap_context, get_context, release_evaluation_keys, rss_bytes
+from .canonical import CiphertextChecker
 from .keys import EvaluationKeys
 from .params import CKKSParams
 
@@ -397,58 +398,6 @@ class Sandbox:
 
 
 # --------------------------------------------------------------------------------------- child side
-class CiphertextChecker:
-    """What a ciphertext child holds: the served context and its trivial encryption of zero.
-
-    A model owner uses it too (``provision_weights``): a ciphertext made with a deserialized public
-    key encodes its ring elements apart from the context's, so it is written in the canonical
-    encoding (:meth:`canonical`) that the children compare uploads with.
-    """
-
-    def __init__(self, params: CKKSParams) -> None:
-        self.params = params
-        self.cc = get_context(params)
-        throwaway = self.cc.KeyGen()  # only to let the context make a ciphertext; never used otherwise
-        x = self.cc.Encrypt(throwaway.publicKey, self.cc.MakeCKKSPackedPlaintext(np.zeros(params.slots)))
-        self.zero = self.cc.EvalSub(x, x)  # both elements 0: adding it changes no coefficient
-        self._zeros = {0: self.zero}  # level -> zero reduced to it
-
-    def canonical(self, ct: openfhe.Ciphertext, level: int = 0) -> bytes:
-        """``Serialize(EvalAdd(zero, ct))`` with ``zero`` at ``level`` under ``ct``'s key tag: every field
-        the context's, the coefficients ``ct``'s."""
-        if level not in self._zeros:
-            self._zeros[level] = self.cc.LevelReduce(self.zero, None, level)
-        zero = self._zeros[level].Clone()
-        zero.SetKeyTag(ct.GetKeyTag())
-        return openfhe.Serialize(self.cc.EvalAdd(zero, ct), openfhe.BINARY)
-
-    def check(self, blob: bytes, key_tag: str, level: int = 0) -> None:
-        p = self.params
-        try:
-            ct = openfhe.DeserializeCiphertextString(blob, openfhe.BINARY)  # the step that may crash
-        except Exception as exc:
-            raise TamperedDataError(f"ciphertext could not be deserialized: {exc}") from None
-        if ct is None:
-            raise TamperedDataError("ciphertext could not be deserialized")
-        if ct.GetKeyTag() != key_tag:
-            raise KeyMismatchError("ciphertext was encrypted under another key")
-        if not 0 <= level <= p.multiplicative_depth:
-            raise TamperedDataError(f"no ciphertext of this model sits at level {level}")
-        if (ct.GetCryptoContext().GetRingDimension() != p.ring_dim or ct.GetLevel() != level
-                or ct.GetNoiseScaleDeg() != 1 or ct.GetSlots() != p.slots):
-            raise TamperedDataError("ciphertext does not have the ring dimension, level, scale degree and slot "
-                                    "count of a fresh input for this model" if level == 0 else
-                                    f"weight ciphertext does not have the ring dimension, level {level}, scale "
-                                    "degree and slot count its step needs")
-        try:
-            canonical = self.canonical(ct, level)
-        except Exception as exc:  # e.g. the ciphertext belongs to another context
-            raise TamperedDataError(f"ciphertext does not belong to the model's parameters: {exc}") from None
-        if canonical != blob:
-            raise TamperedDataError("ciphertext is not the canonical encoding of a fresh encryption under the model's "
-                                    "parameters (trailing bytes, or fields that differ from one)")
-
-
 _KINDS = ("public key", "relinearization key", "rotation keys")
 
 

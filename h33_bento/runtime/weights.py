@@ -6,7 +6,7 @@ for that client's public key.  Every diagonal is encoded exactly as plaintext mo
 (``encode``, ``diagonal``: lane-expanded, rolled by its giant step, at the level of the step) and
 then encrypted, so the engine's ciphertext x ciphertext products sit at the same level and scale
 as its ciphertext x plaintext products.  Each ciphertext is written in the canonical encoding a
-server's sandbox checks uploads against (``ckks.sandbox.CiphertextChecker``; the public key is
+server's sandbox checks uploads against (``ckks.canonical.CiphertextChecker``; the public key is
 usually deserialized, which changes the encoding but not the ciphertext), and a server takes
 weights only through ``load_weights``.  Biases are encrypted one level down, where they are added
 after the rescale, for every output block (a zero bias is not told apart from another one).
@@ -24,7 +24,8 @@ import openfhe
 
 from ..ckks.keys import EvaluationKeys, KeyChain, key_id_for
 from ..ckks.params import CKKSParams
-from ..ckks.sandbox import CiphertextChecker, Sandbox
+from ..ckks.canonical import CiphertextChecker
+from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import WEIGHTS_MAGIC, pack_frame, unpack_frame
 from ..errors import KeyMismatchError, ModelMismatchError, ParamsMismatchError, TamperedDataError
 from ..program.diagonals import DiagonalPlan

@@ -90,12 +90,16 @@ def main(argv: list[str] | None = None) -> None:
     save = sub.add_parser("save", help="store a saved CompiledModel directory")
     save.add_argument("compiled_dir")
     save.add_argument("--name", default=DEFAULT_MODEL_NAME)
+    save.add_argument("--weightless", action="store_true",
+                      help="store the model without its weights, to serve it in encrypted-weight mode "
+                           "(the model owner keeps the full directory and provisions each tenant's weights)")
     imp = sub.add_parser("import-mlflow", help="store a model logged with the h33 MLflow flavor")
     imp.add_argument("model_uri")
     imp.add_argument("--name", default=DEFAULT_MODEL_NAME)
     args = parser.parse_args(argv)
     if args.cmd == "save":
-        model = save_to_bentoml(CompiledModel.load(args.compiled_dir), args.name)
+        compiled = CompiledModel.load(args.compiled_dir)
+        model = save_to_bentoml(compiled.without_weights() if args.weightless else compiled, args.name)
     else:
         model = import_from_mlflow(args.model_uri, args.name)
     print(model.tag)

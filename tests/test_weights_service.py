@@ -212,3 +212,17 @@ def test_h33_provision_uploads_a_clients_weights(weightless_deployment, service_
     assert f"key_id {globex.keys.key_id}" in done.stdout and "weight ciphertexts" in done.stdout
     x = mnist_test[0][48:56]
     assert (globex.decrypt_logits(globex.infer(globex.encrypt(x))).argmax(1) == simulate(service_model, x).argmax(1)).all()
+
+
+def test_runners_source_stores_the_weightless_artifact_for_bentoml(service_model, tmp_path):
+    service_model.save(tmp_path / "compiled")
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+    for name, flag in (("full", []), ("weightless", ["--weightless"])):
+        subprocess.run([PYTHON, "-m", "h33_bento.runners.source", "save", str(tmp_path / "compiled"),
+                        "--name", name, *flag], env=env, check=True, capture_output=True, timeout=300, cwd=REPO)
+    code = ("import bentoml, sys; from h33_bento.runners.source import load_from_bento_model as load; "
+            "print(load(bentoml.models.get('full')).weight_mode, load(bentoml.models.get('weightless')).weight_mode, "
+            "load(bentoml.models.get('weightless')).fingerprint)")
+    out = subprocess.run([PYTHON, "-c", code], env=env, check=True, capture_output=True, text=True, timeout=300,
+                         cwd=REPO).stdout.split()
+    assert out == ["plaintext", "encrypted", service_model.without_weights().fingerprint]

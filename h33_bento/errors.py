@@ -106,8 +106,9 @@ class InsufficientMemoryError(H33Error):
 
     def __init__(self, what: str, predicted: int, available: int, override: str) -> None:
         super().__init__(
-            f"{what} is predicted to need {predicted / 2**30:.1f} GiB at its peak, but only "
-            f"{available / 2**30:.1f} GiB is available here (cgroup limit or MemAvailable); use a machine "
+            f"{what} is predicted to need {predicted / 2**30:.2f} GiB at its peak, but only "
+            f"{available / 2**30:.2f} GiB more is available here (cgroup limit, MemAvailable or "
+            f"H33_MEMORY_LIMIT_BYTES); use a machine "
             f"with more memory, or {override} to try anyway"
         )
         self.predicted, self.available = predicted, available

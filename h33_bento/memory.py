@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .ckks.context import rss_bytes
 from .errors import InsufficientMemoryError
+from .program.report import PROCESS_BYTES
 
 #: caps the memory h33 assumes available (bytes); for a share of a machine, or to test the refusal
 LIMIT_ENV = "H33_MEMORY_LIMIT_BYTES"
@@ -67,10 +67,8 @@ def available_memory_bytes() -> int | None:
 
 
 def check_memory(what: str, predicted_peak: int, override: str) -> None:
-    """Raise ``InsufficientMemoryError`` if ``predicted_peak`` (this process's RSS at the step's peak)
-    exceeds what it holds now plus what is available."""
+    """Raise ``InsufficientMemoryError`` if a step whose peak RSS is predicted at ``predicted_peak``
+    (a fresh process's, ``PROCESS_BYTES`` included) needs more beyond that baseline than is available."""
     available = available_memory_bytes()
-    if available is None:
-        return
-    if predicted_peak > rss_bytes() + available:
-        raise InsufficientMemoryError(what, predicted_peak, rss_bytes() + available, override)
+    if available is not None and predicted_peak - PROCESS_BYTES > available:
+        raise InsufficientMemoryError(what, predicted_peak, available, override)

@@ -53,7 +53,7 @@ def key_id_for(key_tag: str) -> str:
     return hashlib.sha256(f"h33-key:{key_tag}".encode()).hexdigest()[:32]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EvaluationKeys:
     """Public key + relinearization key + exactly the rotation keys the program uses.
 
@@ -71,6 +71,15 @@ class EvaluationKeys:
     mult_key: bytes
     rotation_keys: tuple[bytes, ...]
     source: FrameFile | None = field(default=None, compare=False, repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        """The same bundle, wherever its rotation keys are (memory or file)."""
+        if not isinstance(other, EvaluationKeys):
+            return NotImplemented
+        return ((self._header(), self.public_key, self.mult_key) == (other._header(), other.public_key, other.mult_key)
+                and tuple(self.rotation_chunks()) == tuple(other.rotation_chunks()))
+
+    __hash__ = None  # type: ignore[assignment]  # holds bytes it compares by value, like a list
 
     def _header(self) -> dict[str, Any]:
         return {"params_fingerprint": self.params_fingerprint, "key_id": self.key_id, "key_tag": self.key_tag,

@@ -15,6 +15,13 @@ Headers are untrusted too.  Each magic has a strict pydantic model of its header
 ``NaN``/``Infinity``, no lone surrogates or invalid UTF-8, integers of bounded size) and validated
 field by field (exact types, bounded integers and lengths, no unknown fields).  Every fault is an
 ``EnvelopeError``.
+
+A key bundle (``H33K``) is gigabytes for a deep model, so it can also be written and read as a
+stream: :class:`FrameWriter` appends blobs to a temporary file and frames them at the end,
+:class:`FrameFile` validates a file (length, header, digest) and yields its blobs one at a time.
+Its blobs are the public key, the relinearization key, then one or more rotation-key chunks; a
+bundle with a single chunk is the layout of every earlier bundle, so the version stays 1 (a build
+before chunking refuses a bundle of several chunks: "has N parts, expected 3").
 """
 from __future__ import annotations
 

@@ -130,3 +130,20 @@ def test_available_memory_honours_the_tightest_figure(monkeypatch):
         assert available_memory_bytes() == free // 4  # the tighter figure wins
         monkeypatch.setenv(LIMIT_ENV, str(free * 4))
         assert available_memory_bytes() < free * 2  # a cap above the machine's figure is not what counts
+
+
+def test_a_bundle_outlives_the_chain_that_generated_it():
+    """Without a directory the bundle goes to a temporary file, removed once neither the chain nor
+    a bundle read from it is left."""
+    import gc
+
+    from h33_bento.ckks.params import select_params
+
+    params = select_params(2, 512)
+    bundle = KeyChain.generate(params).evaluation_keys()
+    gc.collect()
+    folder = bundle.source.path.parent
+    assert EvaluationKeys.from_bytes(bundle.to_bytes(), params) == bundle
+    del bundle
+    gc.collect()
+    assert not folder.exists()

@@ -11,7 +11,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -260,6 +259,7 @@ class KeyChain:
         self._secret_key = secret_key
         self.key_id = key_id_for(self.key_tag)
         self._eval_keys_file = eval_keys_file
+        self._tmpdir: tempfile.TemporaryDirectory | None = None
         self._eval_keys: EvaluationKeys | None = None
 
     @classmethod
@@ -283,9 +283,8 @@ class KeyChain:
             d = chain._save_keys(directory)
             bundle = d / EVAL_KEYS_FILE
         else:
-            tmp = tempfile.mkdtemp(prefix="h33-keys-")
-            weakref.finalize(chain, shutil.rmtree, tmp, True)
-            bundle = Path(tmp) / EVAL_KEYS_FILE
+            chain._tmpdir = tempfile.TemporaryDirectory(prefix="h33-keys-")  # removed once nothing holds it
+            bundle = Path(chain._tmpdir.name) / EVAL_KEYS_FILE
         _write_bundle(params, keypair, bundle)
         chain._eval_keys_file = bundle
         return chain
@@ -320,6 +319,7 @@ class KeyChain:
                                     f"{exc.filename} is missing") from exc
             if bundle.key_id != self.key_id:
                 raise KeyMismatchError(f"{self._eval_keys_file} holds the evaluation keys of another key pair")
+            bundle.source.owner = self._tmpdir  # a temporary bundle file lives as long as either needs it
             self._eval_keys = bundle
         return self._eval_keys
 

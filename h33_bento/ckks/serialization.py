@@ -200,6 +200,8 @@ class FrameFile:
 
     def __init__(self, path: str | os.PathLike, magic: bytes, what: str) -> None:
         self.path, self.what = Path(path), what
+        #: what owns the file (a temporary directory), kept alive as long as this object
+        self.owner: object = None
         with open(self.path, "rb") as fh:
             prefix = fh.read(_PREFIX.size)
             head_end = _header_end(prefix, magic, what)

@@ -210,14 +210,15 @@ def _write_bundle(params: CKKSParams, keypair: openfhe.KeyPair, path: Path) -> N
         out.add(openfhe.Serialize(keypair.publicKey, BIN))
         out.add(openfhe.SerializeEvalMultKeyString(BIN, tag))
 
-        def flush() -> None:
+        def flush() -> None:  # the keys in the map become one chunk
             if not cc.GetExistingEvalAutomorphismKeyIndices(tag):
                 return
             if not openfhe.CryptoContext.SerializeEvalAutomorphismKey(chunk_file, BIN, tag):
                 raise RuntimeError(f"OpenFHE could not serialize rotation keys to {chunk_file}")
             out.add_file(chunk_file)
             os.unlink(chunk_file)
-            release_rotation_keys()
+            if alone:
+                release_rotation_keys()
 
         covered: set[int] = set()
         for slots in params.bootstrapping.slots if params.bootstrapping is not None else ():
@@ -231,10 +232,8 @@ def _write_bundle(params: CKKSParams, keypair: openfhe.KeyPair, path: Path) -> N
             cc.EvalRotateKeyGen(keypair.secretKey, todo[i:i + per_chunk])
             if alone:
                 flush()
-        if not alone and cc.GetExistingEvalAutomorphismKeyIndices(tag):
-            if not openfhe.CryptoContext.SerializeEvalAutomorphismKey(chunk_file, BIN, tag):
-                raise RuntimeError(f"OpenFHE could not serialize rotation keys to {chunk_file}")
-            out.add_file(chunk_file)
+        if not alone:
+            flush()
         out.commit({"params_fingerprint": params.fingerprint, "key_id": key_id_for(tag), "key_tag": tag,
                     "rotation_indices": list(params.rotation_indices)})
 

@@ -137,19 +137,24 @@ def keygen(
     model_dir: Path = typer.Argument(..., help="compiled model directory"),
     keys: Path = typer.Option(..., "--keys", help="directory for this client's keys (holds the secret key)"),
     min_security_level: str = _min_security(),
+    ignore_memory_check: bool = typer.Option(False, "--ignore-memory-check",
+                                             help="generate even if the predicted peak memory exceeds what is available"),
 ) -> None:
-    """Generate a key pair and the evaluation-key bundle the model needs."""
+    """Generate a key pair and the evaluation-key bundle the model needs, written a chunk at a time."""
     from .ckks.keys import EVAL_KEYS_FILE, KeyChain
+    from .memory import check_memory
     from .program.model import CompiledModel
+    from .program.report import peak_memory
 
     try:
         compiled = CompiledModel.load(model_dir)
+        if not ignore_memory_check:
+            check_memory("generating this model's keys", peak_memory(compiled)["keygen"], "--ignore-memory-check")
         with tqdm(total=1, desc="keygen", leave=False):
-            chain = KeyChain.generate(compiled.params, min_security_level)
-        chain.save(keys)
+            chain = KeyChain.generate(compiled.params, min_security_level, directory=keys)
     except H33Error as exc:
         _fail(exc)
-    size = chain.evaluation_keys().size_bytes
+    size = (keys / EVAL_KEYS_FILE).stat().st_size
     typer.echo(f"key_id {chain.key_id}; evaluation keys {size / 2**20:.1f} MiB in {keys / EVAL_KEYS_FILE} "
                "(upload this file; keep secret.key on this machine: decrypt reads it, encrypt only public.key)")
 
@@ -182,12 +187,15 @@ def infer(
     input: Path = typer.Option(..., "--input", help="encrypted envelope"),
     out: Path = typer.Option(..., "--out", "-o"),
 ) -> None:
-    """Server side: run the program on an encrypted envelope with evaluation keys only."""
+    """Server side: run the program on an encrypted envelope with evaluation keys only (installed
+    from the bundle file a chunk at a time)."""
+    from .ckks.keys import EvaluationKeys
     from .program.model import CompiledModel
     from .runtime.engine import Engine
 
     try:
-        engine = Engine(CompiledModel.load(model_dir), eval_keys.read_bytes())
+        compiled = CompiledModel.load(model_dir)
+        engine = Engine(compiled, EvaluationKeys.from_file(eval_keys, compiled.params))
         t0 = time.perf_counter()
         out.write_bytes(engine.run(input.read_bytes()).to_bytes())
     except H33Error as exc:

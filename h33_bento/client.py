@@ -19,8 +19,10 @@ import numpy as np
 from .ckks.keys import KeyChain
 from .ckks.params import CKKSParams, SecurityLevel, check_security
 from .ckks.serialization import EncryptedTensor
+from .memory import check_memory
 from .program.model import CompiledModel, WeightMode
 from .program.packing import pack
+from .program.report import peak_memory
 from .errors import (
     EnvelopeError,
     H33Error,
@@ -130,6 +132,10 @@ class FHEInferenceClient:
     ``progress=False``) and fetches the result, so no single HTTP request has to outlast the run;
     it gives up after ``task_timeout_s`` (default: ``http_timeout`` or three times the prediction,
     whichever is longer) with ``TimeoutError``.  Shorter runs post to ``/infer`` and are lane-packed.
+
+    Generating keys (no ``keys`` given) is refused with ``InsufficientMemoryError`` when the plan's
+    predicted peak (``program.report.peak_memory``) exceeds the memory available to this process
+    (its cgroup's limit, else ``MemAvailable``); ``ignore_memory_check=True`` generates anyway.
     """
 
     #: seconds to wait for one HTTP answer at least (an upload of a ~0.5 GB key bundle, or a queued
@@ -140,7 +146,8 @@ class FHEInferenceClient:
                  api_key: str | None = None, keys: KeyChain | str | os.PathLike | None = None,
                  min_security_level: SecurityLevel = "HEStd_128_classic",
                  weight_mode: WeightMode = "plaintext", task_threshold_s: float = 60.0,
-                 task_timeout_s: float | None = None, progress: bool = True) -> None:
+                 task_timeout_s: float | None = None, progress: bool = True,
+                 ignore_memory_check: bool = False) -> None:
         if weight_mode not in ("plaintext", "encrypted"):
             raise ValueError(f"weight_mode must be 'plaintext' or 'encrypted', not {weight_mode!r}")
         self.url, self.api_key, self.weight_mode = url, api_key, weight_mode
@@ -167,6 +174,9 @@ class FHEInferenceClient:
         check_security(self.model.params, min_security_level)  # before a key is made or a byte is sent
         if isinstance(keys, (str, os.PathLike)):
             keys = KeyChain.load(keys)
+        if keys is None and not ignore_memory_check:
+            check_memory("generating this model's keys", peak_memory(self.model)["keygen"],
+                         "FHEInferenceClient(..., ignore_memory_check=True)")
         self.keys = keys if keys is not None else KeyChain.generate(self.model.params, min_security_level)
         if self.keys.params.fingerprint != self.model.params.fingerprint:
             raise EnvelopeError("the key chain was generated for other CKKS parameters than this model's")

@@ -98,3 +98,17 @@ class InsecureParametersError(H33Error):
 
     Raised before any key or ciphertext is made or sent under them.
     """
+
+
+class InsufficientMemoryError(H33Error):
+    """The plan predicts more memory for a step (key generation) than this machine or container
+    has available; raised before the step starts, instead of the kernel killing the process."""
+
+    def __init__(self, what: str, predicted: int, available: int, override: str) -> None:
+        super().__init__(
+            f"{what} is predicted to need {predicted / 2**30:.2f} GiB at its peak, but only "
+            f"{available / 2**30:.2f} GiB more is available here (cgroup limit, MemAvailable or "
+            f"H33_MEMORY_LIMIT_BYTES); use a machine "
+            f"with more memory, or {override} to try anyway"
+        )
+        self.predicted, self.available = predicted, available

@@ -108,7 +108,7 @@ def test_key_sizes_estimated_from_parameters_match_openfhe(small_params, depth, 
     est = params.estimated_key_bytes()
     rotations = len(params.rotation_indices)
     for got, want in ((len(bundle.public_key), est["public"]), (len(bundle.mult_key), est["mult"]),
-                      (len(bundle.rotation_keys), rotations * est["rotation"])):
+                      (bundle.rotation_bytes, rotations * est["rotation"])):
         assert abs(got - want) < 0.01 * want
 
 

@@ -190,7 +190,7 @@ def _lying_bundle(kind: str, params: CKKSParams) -> bytes:
         made = KeyChain.generate(params).evaluation_keys()
     lie = dataclasses.replace(made, params_fingerprint=params.fingerprint, rotation_indices=params.rotation_indices)
     if kind == "empty-rotation-blob":
-        lie = dataclasses.replace(lie, rotation_keys=b"")
+        lie = dataclasses.replace(lie, rotation_keys=(), source=None)
     if kind == "smuggles-another-tags-keys":
         import openfhe
 

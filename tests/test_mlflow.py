@@ -299,7 +299,7 @@ def test_log_register_alias_load_and_infer(backend, convnet_compiled, convnet_cl
     impl = model._model_impl
     assert list(impl._engines) == [convnet_client.keys.key_id]  # one cached Engine per key
     engine = impl._engines[convnet_client.keys.key_id]
-    assert engine.cache is impl.cache and engine.keys.rotation_keys == b""  # shared cache, no key blobs kept
+    assert engine.cache is impl.cache and engine.keys.rotation_bytes == 0  # shared cache, no key blobs kept
 
     # what was stored: the native program, an h33 flavor section, no key material
     local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "dl")))
@@ -311,7 +311,7 @@ def _check_stored_model(local: Path, compiled, client, accuracy) -> None:
     assert sorted(p for p in files if p.startswith("model/")) == ["model/arrays.npz", "model/manifest.json"]
     assert not [p for p in files if p.endswith((".h33k", ".key"))], files
     keys = client.keys.evaluation_keys()
-    probes = [blob[len(blob) // 2: len(blob) // 2 + 48] for blob in (keys.public_key, keys.mult_key, keys.rotation_keys)]
+    probes = [blob[len(blob) // 2: len(blob) // 2 + 48] for blob in (keys.public_key, keys.mult_key, *keys.rotation_chunks())]
     for f in files:
         content = (local / f).read_bytes()
         assert not any(p in content for p in probes), f"key material in {f}"

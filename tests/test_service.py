@@ -594,7 +594,7 @@ def _bad_requests(dep: Deployment, acme: FHEInferenceClient, env: EncryptedTenso
 
     def small_bundle(key_tag_json: bytes) -> bytes:  # a bundle header naming a key tag; blobs never read
         tag = "0" * 32
-        frame = EvaluationKeys(params.fingerprint, acme.keys.key_id, tag, params.rotation_indices, b"p", b"m", b"r")
+        frame = EvaluationKeys(params.fingerprint, acme.keys.key_id, tag, params.rotation_indices, b"p", b"m", (b"r",))
         return reframe(frame.to_bytes(), lambda head: head.replace(f'"{tag}"'.encode(), key_tag_json))
 
     def public_key_tag_not_utf8() -> bytes:  # a fresh bundle whose public key's tag has a byte 0xFF

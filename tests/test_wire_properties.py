@@ -45,7 +45,7 @@ tensors = st.builds(
 bundles = st.builds(
     lambda tag, fp, rot, pk, mk, rk: EvaluationKeys(fp, key_id_for(tag), tag, tuple(rot), pk, mk, rk),
     st.text(max_size=32), hexes, st.lists(st.integers(1, 4095), max_size=8),
-    st.binary(max_size=64), st.binary(max_size=64), st.binary(max_size=64),
+    st.binary(max_size=64), st.binary(max_size=64), st.lists(st.binary(min_size=1, max_size=64), max_size=3).map(tuple),
 )
 
 # raw JSON text put where a header value was: numbers out of any range, non-numbers, nesting,
@@ -130,7 +130,8 @@ def _bundle_or_envelope_error(data: bytes) -> None:
         return
     assert isinstance(keys.key_tag, str) and keys.key_id == key_id_for(keys.key_tag)
     assert all(type(r) is int and 0 < r < MAX_SLOTS for r in keys.rotation_indices)
-    assert all(isinstance(b, bytes) for b in (keys.public_key, keys.mult_key, keys.rotation_keys))
+    assert all(isinstance(b, bytes) and b for b in keys.rotation_keys)
+    assert all(isinstance(b, bytes) for b in (keys.public_key, keys.mult_key))
 
 
 @PROPERTIES

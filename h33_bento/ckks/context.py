@@ -2,7 +2,8 @@
 
 OpenFHE deduplicates contexts with equal parameters internally, and its evaluation keys live in
 static maps keyed by the secret key's tag, so one context serves every tenant with these params.
-Those maps cannot drop one tag's keys: :func:`release_evaluation_keys` empties them all.
+Those maps cannot drop one tag's keys: :func:`release_evaluation_keys` empties them all
+(:func:`release_rotation_keys` the rotation keys only).
 Bootstrapping needs a setup per slot count: with its precomputations (gigabytes at N=2^16) on
 the server (``bootstrap_context``), without them everywhere else.  Every bootstrappable context
 is set up at least without them (a millisecond): OpenFHE serializes keys and ciphertexts of a
@@ -79,6 +80,13 @@ def release_evaluation_keys() -> None:
     to where it was before the keys were loaded).  Nothing may use the keys meanwhile.
     """
     openfhe.ClearEvalMultKeys()
+    release_rotation_keys()
+
+
+def release_rotation_keys() -> None:
+    """Drop every rotation (and bootstrapping) key this process holds, relinearization keys kept,
+    and trim the heap as :func:`release_evaluation_keys` does: what streamed key generation does
+    between chunks."""
     openfhe.CryptoContext.ClearEvalAutomorphismKeys()
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; absent elsewhere
     if trim is not None:

@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import openfhe
 
 from ..errors import EnvelopeError, KeyMismatchError, ParamsMismatchError, TamperedDataError
 from .canonical import CiphertextChecker
-from .context import get_context
+from .context import get_context, release_rotation_keys
 from .params import CKKSParams, SecurityLevel, check_security
-from .serialization import KEYS_MAGIC, pack_frame, unpack_frame
+from .serialization import KEYS_MAGIC, FrameFile, FrameWriter, pack_frame, unpack_frame
 
 SECRET_KEY_FILE = "secret.key"
 PUBLIC_KEY_FILE = "public.key"
 EVAL_KEYS_FILE = "evaluation_keys.h33k"
 PARAMS_FILE = "params.json"
+#: rotation keys generated, written and installed at once (a few keys at N=2^16): bounds key memory
+ROTATION_CHUNK_BYTES = 256 << 20
 
 
 def load_ciphertext(blob: bytes, key_tag: str) -> openfhe.Ciphertext:
@@ -49,9 +53,15 @@ def key_id_for(key_tag: str) -> str:
     return hashlib.sha256(f"h33-key:{key_tag}".encode()).hexdigest()[:32]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EvaluationKeys:
-    """Public key + relinearization key + exactly the rotation keys the program uses."""
+    """Public key + relinearization key + exactly the rotation keys the program uses.
+
+    The rotation (and bootstrapping) keys are several OpenFHE serializations (chunks) for the same
+    key tag, each installed into OpenFHE's key map on top of the others, so no step ever holds
+    them all at once.  A bundle read with :meth:`from_file` keeps its chunks in the file
+    (``rotation_keys`` is then empty) and reads them one at a time when it is installed.
+    """
 
     params_fingerprint: str
     key_id: str
@@ -59,23 +69,43 @@ class EvaluationKeys:
     rotation_indices: tuple[int, ...]
     public_key: bytes
     mult_key: bytes
-    rotation_keys: bytes
+    rotation_keys: tuple[bytes, ...]
+    source: FrameFile | None = field(default=None, compare=False, repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        """The same bundle, wherever its rotation keys are (memory or file)."""
+        if not isinstance(other, EvaluationKeys):
+            return NotImplemented
+        return ((self._header(), self.public_key, self.mult_key) == (other._header(), other.public_key, other.mult_key)
+                and tuple(self.rotation_chunks()) == tuple(other.rotation_chunks()))
+
+    __hash__ = None  # type: ignore[assignment]  # holds bytes it compares by value, like a list
+
+    def _header(self) -> dict[str, Any]:
+        return {"params_fingerprint": self.params_fingerprint, "key_id": self.key_id, "key_tag": self.key_tag,
+                "rotation_indices": list(self.rotation_indices)}
 
     def to_bytes(self) -> bytes:
-        header = {
-            "params_fingerprint": self.params_fingerprint,
-            "key_id": self.key_id,
-            "key_tag": self.key_tag,
-            "rotation_indices": list(self.rotation_indices),
-        }
-        return pack_frame(KEYS_MAGIC, header, [self.public_key, self.mult_key, self.rotation_keys])
+        """The whole bundle as one frame in memory (for small bundles and the HTTP upload)."""
+        return pack_frame(KEYS_MAGIC, self._header(), [self.public_key, self.mult_key, *self.rotation_chunks()])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the bundle to ``path`` without holding it in memory (a file-backed one is copied)."""
+        path = Path(path)
+        if self.source is not None:
+            if path.resolve() != self.source.path.resolve():
+                shutil.copyfile(self.source.path, path)
+            return path
+        with FrameWriter(path, KEYS_MAGIC) as out:
+            for blob in (self.public_key, self.mult_key, *self.rotation_keys):
+                out.add(blob)
+            return out.commit(self._header())
 
     @classmethod
-    def from_bytes(cls, data: bytes, params: CKKSParams | None = None) -> "EvaluationKeys":
-        """Parse and validate a bundle; with ``params``, also check it was made for them."""
-        header, blobs = unpack_frame(data, KEYS_MAGIC, "evaluation-key bundle")
-        if len(blobs) != 3:
-            raise TamperedDataError(f"evaluation-key bundle has {len(blobs)} parts, expected 3")
+    def _from_parts(cls, header: dict[str, Any], blobs: list[bytes], rotation: tuple[bytes, ...],
+                    source: FrameFile | None, params: CKKSParams | None) -> "EvaluationKeys":
+        if len(blobs) < 2:
+            raise TamperedDataError(f"evaluation-key bundle has {len(blobs)} parts, expected at least 2")
         try:
             keys = cls(
                 params_fingerprint=str(header["params_fingerprint"]),
@@ -84,7 +114,8 @@ class EvaluationKeys:
                 rotation_indices=tuple(int(r) for r in header["rotation_indices"]),
                 public_key=blobs[0],
                 mult_key=blobs[1],
-                rotation_keys=blobs[2],
+                rotation_keys=rotation,
+                source=source,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TamperedDataError(f"evaluation-key bundle header is not valid: {exc}") from exc
@@ -93,6 +124,37 @@ class EvaluationKeys:
         if params is not None:
             keys.check_params(params)
         return keys
+
+    @classmethod
+    def from_bytes(cls, data: bytes, params: CKKSParams | None = None) -> "EvaluationKeys":
+        """Parse and validate a bundle; with ``params``, also check it was made for them."""
+        header, blobs = unpack_frame(data, KEYS_MAGIC, "evaluation-key bundle")
+        return cls._from_parts(header, blobs, tuple(b for b in blobs[2:] if b), None, params)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, params: CKKSParams | None = None) -> "EvaluationKeys":
+        """A bundle file, validated as a stream (digest included); only its public and relinearization
+        keys are read into memory, the rotation keys stay in the file until :meth:`install`."""
+        frame = FrameFile(path, KEYS_MAGIC, "evaluation-key bundle")
+        blobs = frame.blobs()
+        head = [next(blobs, b"") for _ in range(2)] if len(frame.lengths) >= 2 else []
+        blobs.close()
+        return cls._from_parts(frame.header, head, (), frame, params)
+
+    def rotation_chunks(self) -> Iterator[bytes]:
+        """The rotation-key chunks, one in memory at a time for a file-backed bundle."""
+        if self.source is None:
+            yield from self.rotation_keys
+            return
+        for i, blob in enumerate(self.source.blobs()):
+            if i >= 2 and blob:
+                yield blob
+
+    @property
+    def rotation_bytes(self) -> int:
+        if self.source is not None:
+            return sum(self.source.lengths[2:])
+        return sum(len(b) for b in self.rotation_keys)
 
     def check_params(self, params: CKKSParams) -> None:
         if self.params_fingerprint != params.fingerprint:
@@ -106,22 +168,26 @@ class EvaluationKeys:
 
     @property
     def size_bytes(self) -> int:
-        return len(self.public_key) + len(self.mult_key) + len(self.rotation_keys)
+        return len(self.public_key) + len(self.mult_key) + self.rotation_bytes
 
     def install(self, params: CKKSParams) -> openfhe.CryptoContext:
-        """Load the relinearization and rotation keys into OpenFHE's key maps for this context."""
+        """Load the relinearization and rotation keys into OpenFHE's key maps for this context,
+        one rotation-key chunk at a time (OpenFHE merges each into the key tag's map)."""
         self.check_params(params)
         cc = get_context(params)
         # OpenFHE keeps evaluation keys in process-wide maps keyed by the key tag and refuses to
-        # overwrite them, so a bundle whose tag is already loaded (same client, re-upload) is skipped.
+        # overwrite a relinearization key, so a bundle whose tag is already loaded (same client,
+        # re-upload) is skipped.
         try:
             public = openfhe.DeserializePublicKeyString(self.public_key, openfhe.BINARY)
             if public is None or public.GetKeyTag() != self.key_tag:
                 raise TamperedDataError("evaluation-key bundle's public key does not carry its key tag")
             if self.key_tag not in cc.GetAllEvalMultKeys():
                 openfhe.DeserializeEvalMultKeyString(self.mult_key, openfhe.BINARY)
-            if self.rotation_keys and self.key_tag not in cc.GetAllEvalAutomorphismKeys():
-                openfhe.DeserializeEvalAutomorphismKeyString(self.rotation_keys, openfhe.BINARY)
+            if self.rotation_bytes and self.key_tag not in cc.GetAllEvalAutomorphismKeys():
+                for chunk in self.rotation_chunks():
+                    openfhe.DeserializeEvalAutomorphismKeyString(chunk, openfhe.BINARY)
+                    del chunk
         except (RuntimeError, ValueError, MemoryError) as exc:  # OpenFHE's errors on malformed bytes
             raise TamperedDataError(f"evaluation keys could not be deserialized: {exc}") from exc
         if self.key_tag not in cc.GetAllEvalMultKeys():
@@ -129,12 +195,57 @@ class EvaluationKeys:
         return cc
 
 
+def _write_bundle(params: CKKSParams, keypair: openfhe.KeyPair, path: Path) -> None:
+    """Generate the evaluation keys of ``keypair`` into a bundle file at ``path``, chunk by chunk.
+
+    Each chunk (one slot count's bootstrapping keys, or ``ROTATION_CHUNK_BYTES`` of rotation keys)
+    is generated into OpenFHE's map, serialized to a file, appended to the frame and dropped, so the
+    process holds one chunk at a time.  OpenFHE can only drop every key pair's rotation keys at
+    once; if this process holds another key pair's, they are kept, the chunks accumulate in the
+    map (1x the bundle) and are serialized once at the end.
+    """
+    cc, tag, BIN = get_context(params), keypair.publicKey.GetKeyTag(), openfhe.BINARY
+    alone = set(cc.GetAllEvalAutomorphismKeys()) <= {tag}
+    with FrameWriter(path, KEYS_MAGIC) as out, tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        chunk_file = os.path.join(tmp, "chunk")
+        out.add(openfhe.Serialize(keypair.publicKey, BIN))
+        out.add(openfhe.SerializeEvalMultKeyString(BIN, tag))
+
+        def flush() -> None:  # the keys in the map become one chunk
+            if not cc.GetExistingEvalAutomorphismKeyIndices(tag):
+                return
+            if not openfhe.CryptoContext.SerializeEvalAutomorphismKey(chunk_file, BIN, tag):
+                raise RuntimeError(f"OpenFHE could not serialize rotation keys to {chunk_file}")
+            out.add_file(chunk_file)
+            os.unlink(chunk_file)
+            if alone:
+                release_rotation_keys()
+
+        covered: set[int] = set()
+        for slots in params.bootstrapping.slots if params.bootstrapping is not None else ():
+            cc.EvalBootstrapKeyGen(keypair.secretKey, slots)  # one slot count's keys: OpenFHE makes them at once
+            covered |= set(cc.GetExistingEvalAutomorphismKeyIndices(tag))
+            if alone:
+                flush()
+        todo = [r for r in params.rotation_indices if cc.FindAutomorphismIndex(r) not in covered]
+        per_chunk = max(1, ROTATION_CHUNK_BYTES // params.estimated_key_bytes()["rotation"])
+        for i in range(0, len(todo), per_chunk):
+            cc.EvalRotateKeyGen(keypair.secretKey, todo[i:i + per_chunk])
+            if alone:
+                flush()
+        if not alone:
+            flush()
+        out.commit({"params_fingerprint": params.fingerprint, "key_id": key_id_for(tag), "key_tag": tag,
+                    "rotation_indices": list(params.rotation_indices)})
+
+
 class KeyChain:
     """The client's keys.  Holds the secret key; never hand this object to a server.
 
     ``KeyChain.load(directory, only="public")`` holds the public key alone (enough to encrypt)
-    and ``only="secret"`` the secret key alone (enough to decrypt).  A loaded chain reads the
-    evaluation-key bundle only when ``evaluation_keys()`` is first called: for a deep model it
+    and ``only="secret"`` the secret key alone (enough to decrypt).  The evaluation-key bundle
+    always lives in a file (the key directory's, or a temporary one for a chain generated without
+    a directory) and is read only when ``evaluation_keys()`` is first called: for a deep model it
     is gigabytes, and neither encrypting nor decrypting needs it.
     """
 
@@ -148,12 +259,18 @@ class KeyChain:
         self._secret_key = secret_key
         self.key_id = key_id_for(self.key_tag)
         self._eval_keys_file = eval_keys_file
+        self._tmpdir: tempfile.TemporaryDirectory | None = None
         self._eval_keys: EvaluationKeys | None = None
         self._canonical: CiphertextChecker | None = None
 
     @classmethod
-    def generate(cls, params: CKKSParams, min_security_level: SecurityLevel = "HEStd_128_classic") -> "KeyChain":
+    def generate(cls, params: CKKSParams, min_security_level: SecurityLevel = "HEStd_128_classic",
+                 directory: str | os.PathLike | None = None) -> "KeyChain":
         """New key pair plus the relinearization, rotation and bootstrapping keys ``params`` asks for.
+
+        With ``directory`` the chain is saved there as :meth:`save` does, the evaluation-key bundle
+        written straight into it; without, the bundle goes to a temporary file removed with the chain.
+        Either way it is generated and written a chunk at a time (see ``_write_bundle``).
 
         Parameters below ``min_security_level`` are refused (``InsecureParametersError``); keys are
         made to be used, and under weak parameters anything encrypted with them is exposed.
@@ -162,12 +279,16 @@ class KeyChain:
         cc = get_context(params)
         keypair = cc.KeyGen()
         cc.EvalMultKeyGen(keypair.secretKey)
-        if params.rotation_indices:
-            cc.EvalRotateKeyGen(keypair.secretKey, list(params.rotation_indices))
-        if params.bootstrapping is not None:  # the context is set up for it (get_context)
-            for slots in params.bootstrapping.slots:
-                cc.EvalBootstrapKeyGen(keypair.secretKey, slots)
-        return cls(params, keypair.publicKey, keypair.secretKey)
+        chain = cls(params, keypair.publicKey, keypair.secretKey)
+        if directory is not None:
+            d = chain._save_keys(directory)
+            bundle = d / EVAL_KEYS_FILE
+        else:
+            chain._tmpdir = tempfile.TemporaryDirectory(prefix="h33-keys-")  # removed once nothing holds it
+            bundle = Path(chain._tmpdir.name) / EVAL_KEYS_FILE
+        _write_bundle(params, keypair, bundle)
+        chain._eval_keys_file = bundle
+        return chain
 
     @property
     def key_tag(self) -> str:
@@ -187,29 +308,20 @@ class KeyChain:
         return key
 
     def evaluation_keys(self) -> EvaluationKeys:
-        """The bundle to upload to a server: no secret key in it."""
-        if self._eval_keys is None and self._eval_keys_file is not None:
+        """The bundle to upload to a server: no secret key in it.  File-backed: installing it
+        (``Engine``) reads its rotation keys a chunk at a time; ``to_bytes()`` reads them all."""
+        if self._eval_keys is None:
+            if self._eval_keys_file is None:
+                raise EnvelopeError("this key chain has no evaluation-key bundle (KeyChain.generate makes one)")
             try:
-                data = self._eval_keys_file.read_bytes()
+                bundle = EvaluationKeys.from_file(self._eval_keys_file, self.params)
             except FileNotFoundError as exc:
                 raise EnvelopeError(f"key directory {self._eval_keys_file.parent} is incomplete: "
                                     f"{exc.filename} is missing") from exc
-            bundle = EvaluationKeys.from_bytes(data, self.params)
             if bundle.key_id != self.key_id:
                 raise KeyMismatchError(f"{self._eval_keys_file} holds the evaluation keys of another key pair")
+            bundle.source.owner = self._tmpdir  # a temporary bundle file lives as long as either needs it
             self._eval_keys = bundle
-        if self._eval_keys is None:
-            tag = self.key_tag
-            self._eval_keys = EvaluationKeys(
-                params_fingerprint=self.params.fingerprint,
-                key_id=self.key_id,
-                key_tag=tag,
-                rotation_indices=tuple(self.params.rotation_indices),
-                public_key=openfhe.Serialize(self._key("public"), openfhe.BINARY),
-                mult_key=openfhe.SerializeEvalMultKeyString(openfhe.BINARY, tag),
-                rotation_keys=openfhe.SerializeEvalAutomorphismKeyString(openfhe.BINARY, tag)
-                if self.params.rotation_indices or self.params.bootstrapping else b"",
-            )
         return self._eval_keys
 
     def encrypt_slots(self, values: np.ndarray) -> bytes:
@@ -233,11 +345,9 @@ class KeyChain:
         pt.SetLength(self.params.slots)
         return np.asarray(pt.GetRealPackedValue(), dtype=np.float64)
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Persist the keys for this client only (secret key file mode 0600), each key in its own
-        file so that encrypting and decrypting read only the key they use."""
+    def _save_keys(self, directory: str | os.PathLike) -> Path:
+        """Parameters, secret key (file mode 0600) and public key, each in its own file."""
         d = Path(directory)
-        bundle = self.evaluation_keys().to_bytes()
         secret = openfhe.Serialize(self._key("secret"), openfhe.BINARY)
         d.mkdir(parents=True, exist_ok=True)
         (d / PARAMS_FILE).write_text(self.params.model_dump_json(indent=2))
@@ -245,7 +355,15 @@ class KeyChain:
         with os.fdopen(fd, "wb") as fh:
             fh.write(secret)
         (d / PUBLIC_KEY_FILE).write_bytes(openfhe.Serialize(self._key("public"), openfhe.BINARY))
-        (d / EVAL_KEYS_FILE).write_bytes(bundle)
+        return d
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Persist the keys for this client only (secret key file mode 0600), each key in its own
+        file so that encrypting and decrypting read only the key they use; the evaluation-key
+        bundle is copied from its file, never read whole."""
+        bundle = self.evaluation_keys()
+        d = self._save_keys(directory)
+        bundle.save(d / EVAL_KEYS_FILE)
         return d
 
     @classmethod

@@ -542,7 +542,8 @@ def _validate_bundle(params: CKKSParams, src: Path, dst: Path, shapes: dict[str,
     if automorphisms:
         if not keys.rotation_keys:
             raise TamperedDataError("the bundle has no rotation keys; the model needs them")
-        load("rotation keys", openfhe.DeserializeEvalAutomorphismKeyString, keys.rotation_keys)
+        for chunk in keys.rotation_keys:  # each chunk merges into the tag's map, as the serving process installs them
+            load("rotation keys", openfhe.DeserializeEvalAutomorphismKeyString, chunk)
         if set(cc.GetAllEvalAutomorphismKeys()) != {tag}:
             raise TamperedDataError("the bundle carries rotation keys for other key tags")
         have = set(cc.GetExistingEvalAutomorphismKeyIndices(tag))
@@ -559,7 +560,7 @@ def _validate_bundle(params: CKKSParams, src: Path, dst: Path, shapes: dict[str,
 
     # rehearse exactly what the serving process will do with the re-serialized bytes
     canonical = dataclasses.replace(keys, rotation_indices=tuple(needed), public_key=public_c, mult_key=mult_c,
-                                    rotation_keys=rot_c)
+                                    rotation_keys=(rot_c,) if rot_c else ())
     del keys, public
     release_evaluation_keys()
     try:

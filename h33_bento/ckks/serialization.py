@@ -15,14 +15,25 @@ Headers are untrusted too.  Each magic has a strict pydantic model of its header
 ``NaN``/``Infinity``, no lone surrogates or invalid UTF-8, integers of bounded size) and validated
 field by field (exact types, bounded integers and lengths, no unknown fields).  Every fault is an
 ``EnvelopeError``.
+
+A key bundle (``H33K``) is gigabytes for a deep model, so it can also be written and read as a
+stream: :class:`FrameWriter` appends blobs to a temporary file and frames them at the end,
+:class:`FrameFile` validates a file (length, header, digest) and yields its blobs one at a time.
+Its blobs are the public key, the relinearization key, then one or more rotation-key chunks; a
+bundle with a single chunk is the layout of every earlier bundle, so the version stays 1 (a build
+before chunking refuses a bundle of several chunks: "has N parts, expected 3").
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Union
+from pathlib import Path
+from typing import IO, Annotated, Any, Iterator, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
@@ -146,6 +157,15 @@ def _parse_header(head: bytes, magic: bytes, what: str) -> dict[str, Any]:
         raise TamperedDataError(f"{what} header is not valid: {problems}") from None
 
 
+def _check_length(size: int, head_end: int, lengths: list[int], what: str) -> None:
+    """A frame of ``size`` bytes must be exactly its header plus the blobs it lists plus the digest."""
+    expected = head_end + sum(lengths) + _DIGEST_LEN
+    if size < expected:
+        raise TruncatedDataError(f"{what} is truncated: {size} of {expected} bytes")
+    if size > expected:
+        raise TamperedDataError(f"{what} has {size - expected} unexpected trailing bytes")
+
+
 def unpack_frame(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], list[bytes]]:
     """Validate a frame and return (header, blobs), raising a specific EnvelopeError on any fault."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -156,11 +176,7 @@ def unpack_frame(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], 
         raise TruncatedDataError(f"{what} is truncated inside its header ({len(data)} bytes)")
     header = _parse_header(data[_PREFIX.size:head_end], magic, what)
     lengths = header["blob_lengths"]
-    expected = head_end + sum(lengths) + _DIGEST_LEN
-    if len(data) < expected:
-        raise TruncatedDataError(f"{what} is truncated: {len(data)} of {expected} bytes")
-    if len(data) > expected:
-        raise TamperedDataError(f"{what} has {len(data) - expected} unexpected trailing bytes")
+    _check_length(len(data), head_end, lengths, what)
     if hashlib.sha256(data[:-_DIGEST_LEN]).digest() != data[-_DIGEST_LEN:]:
         raise TamperedDataError(f"{what} does not match its digest: the bytes were modified")
     blobs, offset = [], head_end
@@ -168,6 +184,123 @@ def unpack_frame(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], 
         blobs.append(data[offset:offset + n])
         offset += n
     return header, blobs
+
+
+_COPY_BYTES = 8 << 20  # what streaming a frame file holds in memory at once
+
+
+class FrameFile:
+    """A frame in a file, validated without reading it whole: the header is parsed, the length
+    checked and the digest recomputed incrementally when it is opened.
+
+    :meth:`blobs` reads the blobs one at a time and hashes the file again on the way, so bytes
+    that changed since it was opened are reported (``TamperedDataError`` once the last blob is
+    read) rather than silently used.
+    """
+
+    def __init__(self, path: str | os.PathLike, magic: bytes, what: str) -> None:
+        self.path, self.what = Path(path), what
+        #: what owns the file (a temporary directory), kept alive as long as this object
+        self.owner: object = None
+        with open(self.path, "rb") as fh:
+            prefix = fh.read(_PREFIX.size)
+            head_end = _header_end(prefix, magic, what)
+            size = os.fstat(fh.fileno()).st_size
+            if size < head_end + _DIGEST_LEN:
+                raise TruncatedDataError(f"{what} is truncated inside its header ({size} bytes)")
+            self.header = _parse_header(fh.read(head_end - _PREFIX.size), magic, what)
+            self.lengths: list[int] = self.header["blob_lengths"]
+            _check_length(size, head_end, self.lengths, what)
+            self._head_end = head_end
+            fh.seek(0)
+            digest = _hash_stream(fh, size - _DIGEST_LEN)
+            if digest.digest() != fh.read(_DIGEST_LEN):
+                raise TamperedDataError(f"{what} does not match its digest: the bytes were modified")
+
+    def blobs(self) -> Iterator[bytes]:
+        """Every blob in order, one in memory at a time (the caller keeps what it needs)."""
+        with open(self.path, "rb") as fh:
+            digest = _hash_stream(fh, self._head_end)
+            for n in self.lengths:
+                blob = fh.read(n)
+                if len(blob) != n:
+                    raise TruncatedDataError(f"{self.what} was truncated since it was opened")
+                digest.update(blob)
+                yield blob
+                del blob
+            if digest.digest() != fh.read(_DIGEST_LEN):
+                raise TamperedDataError(f"{self.what} was modified since it was opened")
+
+
+def _hash_stream(fh: IO[bytes], n: int) -> "hashlib._Hash":
+    """SHA-256 of the next ``n`` bytes of ``fh``, read a bounded block at a time."""
+    digest = hashlib.sha256()
+    while n > 0:
+        block = fh.read(min(n, _COPY_BYTES))
+        if not block:
+            raise TruncatedDataError("the file ended early")
+        digest.update(block)
+        n -= len(block)
+    return digest
+
+
+class FrameWriter:
+    """Writes a frame to ``path`` blob by blob, never holding it in memory.
+
+    The blob lengths (which the header lists) are known only at the end, so the blobs go to a
+    temporary file next to ``path``; :meth:`commit` writes prefix, header, blobs and digest to a
+    second temporary file, hashing on the way, and renames it over ``path`` (readers never see a
+    partial frame).  Use it as a context manager: leaving without :meth:`commit` removes both.
+    """
+
+    def __init__(self, path: str | os.PathLike, magic: bytes) -> None:
+        self.path, self.magic = Path(path), magic
+        self.lengths: list[int] = []
+        fd, body = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".blobs", dir=self.path.parent)
+        self._body_path = Path(body)
+        self._body = os.fdopen(fd, "w+b")
+
+    def add(self, blob: bytes) -> None:
+        self._body.write(blob)
+        self.lengths.append(len(blob))
+
+    def add_file(self, path: str | os.PathLike) -> None:
+        """Append a file's contents as one blob (copied a bounded block at a time)."""
+        with open(path, "rb") as src:
+            n = os.fstat(src.fileno()).st_size
+            shutil.copyfileobj(src, self._body, _COPY_BYTES)
+        self.lengths.append(n)
+
+    def commit(self, header: dict[str, Any]) -> Path:
+        head = json.dumps(dict(header, blob_lengths=self.lengths), sort_keys=True, separators=(",", ":")).encode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                start = _PREFIX.pack(self.magic, WIRE_VERSION, len(head)) + head
+                digest = hashlib.sha256(start)
+                out.write(start)
+                self._body.flush()
+                self._body.seek(0)
+                while block := self._body.read(_COPY_BYTES):
+                    digest.update(block)
+                    out.write(block)
+                out.write(digest.digest())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self.path
+
+    def close(self) -> None:
+        self._body.close()
+        self._body_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "FrameWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Estimates and the text report of a compiled program: primitive counts, predicted time per step
-(bootstraps included), key-bundle size and plaintext-cache use.
+(bootstraps included), key-bundle size, peak memory and plaintext-cache use.
 
 Predictions price each step's primitive counts (its ``OpSpec.counts``) with the model's
 ``PrimitiveCosts`` at the level where the step runs.  Without measured costs they come from the
@@ -87,6 +87,45 @@ def key_bundle_bytes(model: "CompiledModel") -> int:
     return ks.get("public", 0) + ks.get("mult", 0) + ks.get("rotation", 0) * rotations
 
 
+#: a Python process with h33_bento, numpy and OpenFHE imported and one context built (measured: 70 MB
+#: at N=2^13, a few hundred MB at N=2^16 with its NTT tables), rounded up
+PROCESS_BYTES = 512 << 20
+
+
+def peak_memory(model: "CompiledModel", cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict[str, int]:
+    """Predicted peak RSS of the client's key generation (``keygen``) and of a server process that
+    installs the bundle and runs once (``server``), in bytes.
+
+    Key generation holds one chunk of rotation keys at a time (``ckks.keys.ROTATION_CHUNK_BYTES``,
+    or one slot count's bootstrapping keys, which OpenFHE makes at once).  The server holds the
+    whole bundle once installed, plus one chunk three times while it is deserialized (the Python
+    bytes, the binding's string copy and OpenFHE's stream), the plaintext cache, and the
+    ciphertexts of the widest step: its input, hoisted baby-step rotations and output per block.
+    Bootstrapping precomputations are not included.
+    """
+    from ..ckks.keys import ROTATION_CHUNK_BYTES
+
+    params = model.params
+    ks = model.costs.key_bytes if _keys_measured(model) else params.estimated_key_bytes()
+    per_chunk = max(1, ROTATION_CHUNK_BYTES // params.estimated_key_bytes()["rotation"])  # as keygen chunks
+    rotations = len(params.rotation_indices)
+    chunk = min(per_chunk, rotations) * ks.get("rotation", 0)
+    boot = params.bootstrapping
+    measured = ((model.costs.ms.get("bootstraps") or {}) if model.costs is not None else {}).get("keys", {})
+    boot_chunk = max((int(measured.get(str(s), 0)) for s in boot.slots), default=0) * ks.get("rotation", 0) \
+        if boot else 0
+    largest = max(chunk, boot_chunk)
+    ct = ks.get("ciphertext", params.estimated_key_bytes()["ciphertext"])
+    blocks = model.blocks()
+    working = max(((step_counts(model, s).get("fast_rotate", 0) + 2) * blocks[s.name] * ct
+                   for s in model.steps), default=0)
+    plaintexts = sum(size * n for s in model.steps if s.linear for size, n in plaintext_runs(model, s))
+    return {
+        "keygen": PROCESS_BYTES + ks.get("public", 0) + ks.get("mult", 0) + largest,
+        "server": PROCESS_BYTES + key_bundle_bytes(model) + 3 * largest + min(cache_bytes, plaintexts) + working,
+    }
+
+
 def _rounded(value: float) -> float | None:
     return round(value, 2) if value == value else None
 
@@ -100,6 +139,7 @@ def summary(model: "CompiledModel") -> dict[str, Any]:
     boots = [s for s in model.steps if s.op is Op.BOOTSTRAP]
     cm = model.cost_model
     c = cm.costs
+    memory = peak_memory(model)
     client = (model.input_blocks * (cm.ms("encode", 0) + c.get("encrypt", float("nan")) + c.get("serialize_input", 0.0))
               + model.output_blocks * (c.get("deserialize_output", 0.0) + c.get("decrypt", float("nan"))))
     # the server's share beyond the steps: take the input off the wire, put the output on it
@@ -113,6 +153,8 @@ def summary(model: "CompiledModel") -> dict[str, Any]:
         "rotations_per_run": rotations,
         "rotation_keys": len(model.params.rotation_indices),
         "key_bundle_bytes": key_bundle_bytes(model),
+        "predicted_keygen_peak_bytes": memory["keygen"],
+        "predicted_server_peak_bytes": memory["server"],
         "key_sizes": "measured" if _keys_measured(model) else "parameters",
         # where the predictions come from: "measured" at compile time, the "stored" table, or None
         "costs": "measured" if model.costs is not None else ("stored" if c else None),
@@ -164,6 +206,9 @@ def render(model: "CompiledModel") -> str:
         + ("" if summ["costs"] == "measured" else
            " (from the stored cost table, not measured on this machine)" if summ["costs"] == "stored" else
            f" (no costs measured, none stored for N={p.ring_dim})"),
+        f"predicted peak memory: {summ['predicted_keygen_peak_bytes'] / 2**30:.2f} GiB to generate the keys "
+        f"(client), {summ['predicted_server_peak_bytes'] / 2**30:.2f} GiB to install them and run (server)"
+        + (" (bootstrapping precomputations not included)" if p.bootstrapping else ""),
         f"plaintext diagonals and biases: {summ['plaintext_bytes'] / 2**20:.0f} MiB encoded"
         + (f"; {summ['encodes_per_run']} re-encoded per run with the default "
            f"{DEFAULT_CACHE_BYTES / 2**30:.0f} GiB engine cache (included above)" if summ["encodes_per_run"] else

@@ -104,7 +104,7 @@ class Engine:
         if compiled.params.bootstrapping is not None:
             bootstrap_context(compiled.params, precompute=True)
         if not keep_serialized_keys:
-            self.keys = dataclasses.replace(evaluation_keys, mult_key=b"", rotation_keys=b"")
+            self.keys = dataclasses.replace(evaluation_keys, mult_key=b"", rotation_keys=(), source=None)
         self._m = self.cc.GetCyclotomicOrder()
         self._manual = self.params.scaling_technique == "FIXEDMANUAL"
         self._zero: openfhe.Ciphertext | None = None

@@ -277,10 +277,15 @@ class FHEInferenceClient:
             if resp.status_code != 200:
                 if resp.status_code != 404:
                     self._raise_for(resp)
-                body = self.keys.evaluation_keys().to_bytes()
-                resp = self._http.post("/keys", content=body, headers={"Content-Type": "application/octet-stream",
-                                                                       "X-H33-Key-Id": key_id})  # for routers
-                del body
+                headers = {"Content-Type": "application/octet-stream", "X-H33-Key-Id": key_id}  # the id: for routers
+                bundle = self.keys.evaluation_keys()
+                if bundle.source is None:
+                    resp = self._http.post("/keys", content=bundle.to_bytes(), headers=headers)
+                else:  # streamed from its file: a deep model's bundle is gigabytes
+                    with open(bundle.source.path, "rb") as fh:
+                        size = os.fstat(fh.fileno()).st_size
+                        resp = self._http.post("/keys", content=iter(lambda: fh.read(8 << 20), b""),
+                                               headers={**headers, "Content-Length": str(size)})
                 got = self._json(resp)["key_id"]
                 if got != key_id:
                     raise RemoteError(resp.status_code, "key_mismatch", f"server registered {got}, expected {key_id}")

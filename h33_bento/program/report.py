@@ -114,8 +114,9 @@ def summary(model: "CompiledModel") -> dict[str, Any]:
         "rotation_keys": len(model.params.rotation_indices),
         "key_bundle_bytes": key_bundle_bytes(model),
         "key_sizes": "measured" if _keys_measured(model) else "parameters",
-        # where the predictions come from: "measured" at compile time, the "stored" table, or None
-        "costs": "measured" if model.costs is not None else ("stored" if c else None),
+        # where the predictions come from: "measured" at compile time, "cached" (measured on this
+        # machine by an earlier compile, ``ckks.timing.cached_primitives``), the "stored" table, or None
+        "costs": model.costs.origin if model.costs is not None else ("stored" if c else None),
         "predicted_latency_ms": _rounded(predicted),
         "predicted_client_ms": _rounded(client),
         "plaintext_bytes": sum(size * n for s in model.steps if s.linear for size, n in plaintext_runs(model, s)),
@@ -162,8 +163,12 @@ def render(model: "CompiledModel") -> str:
         + f", predicted latency {summ['predicted_latency_ms']} ms per ciphertext ({p.lanes} inputs) on the server, "
         f"{summ['predicted_client_ms']} ms to encrypt and decrypt on the client"
         + ("" if summ["costs"] == "measured" else
+           f" (from this machine's cost cache, measured {model.costs.measured_at}; "
+           "--remeasure-costs measures again)" if summ["costs"] == "cached" else
            " (from the stored cost table, not measured on this machine)" if summ["costs"] == "stored" else
-           f" (no costs measured, none stored for N={p.ring_dim})"),
+           f" (no costs measured, none stored for N={p.ring_dim})")
+        + (f"; costs measured while the machine was busy (load average {model.costs.load:g}), so these "
+           "over-predict a quiet machine" if model.costs is not None and model.costs.busy else ""),
         f"plaintext diagonals and biases: {summ['plaintext_bytes'] / 2**20:.0f} MiB encoded"
         + (f"; {summ['encodes_per_run']} re-encoded per run with the default "
            f"{DEFAULT_CACHE_BYTES / 2**30:.0f} GiB engine cache (included above)" if summ["encodes_per_run"] else

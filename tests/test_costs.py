@@ -104,3 +104,10 @@ def test_a_table_measured_on_a_busy_machine_says_so(small):
     busy = compiled.with_costs(timing.PrimitiveCosts("p", load=cores + 2.0))
     assert not quiet.costs.busy and busy.costs.busy
     assert "busy" not in quiet.report and f"busy (load average {cores + 2.0:g})" in busy.report
+
+
+def test_no_primitive_costs_more_at_a_deeper_level():
+    """Fewer towers never take longer: a load spike while one level is timed is bounded by the level before."""
+    costs = timing.measure_primitives(select_params(4, 16), budget_s=2.0)
+    for name in timing.PER_LEVEL:
+        assert all(a >= b for a, b in zip(costs.ms[name], costs.ms[name][1:])), (name, costs.ms[name])

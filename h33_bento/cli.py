@@ -98,6 +98,9 @@ def compile_cmd(
     plan_only: bool = typer.Option(False, "--plan-only",
                                    help="print the plan and its estimates (stored cost table, nothing measured); "
                                         "write nothing, even for networks too deep to run"),
+    remeasure_costs: bool = typer.Option(False, "--remeasure-costs",
+                                         help="measure this machine's primitive costs again instead of reading "
+                                              "its cost cache (e.g. after the machine's load changed)"),
 ) -> None:
     """Compile a network to a CKKS program (128-bit parameters)."""
     from .compiler import compile as compile_model
@@ -111,7 +114,8 @@ def compile_cmd(
         compiled = compile_model(source, _shape(input_shape), data, lanes=lanes,
                                  labels=labels.split(",") if labels else None, progress=True,
                                  activation_degrees=_degrees(degrees) or None, range_margin=margin,
-                                 estimate_only=plan_only, measure_costs=not plan_only)
+                                 estimate_only=plan_only, measure_costs=not plan_only,
+                                 remeasure_costs=remeasure_costs)
         if not plan_only:
             compiled.save(out)
     except H33Error as exc:

@@ -24,7 +24,8 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session", autouse=True)
 def _measurement_cache(tmp_path_factory):
-    """Measured bootstrap costs are cached per machine; the suite measures its own."""
+    """Measured primitive and bootstrap costs are cached per machine (``ckks.timing.cache_path``):
+    the suite keeps its own cache, never the user's, so runs neither read nor leave any."""
     os.environ["H33_CACHE_DIR"] = str(tmp_path_factory.mktemp("h33-cache"))
 
 

@@ -154,3 +154,11 @@ def test_compile_refuses_bad_degrees(workdir, relu_mlp, bad, why):
     res = h33("compile", str(relu_mlp), "--input-shape", "1,28,28", "--calibration", str(workdir / "calib.npy"),
               "--degrees", bad, "--plan-only", ok=False)
     assert res.returncode == 2 and "--degrees" in res.stderr and why in " ".join(res.stderr.split())
+
+
+def test_compile_reuses_this_machines_costs_unless_told_to_remeasure(workdir, relu_mlp, tmp_path):
+    args = ("compile", str(relu_mlp), "--input-shape", "1,28,28", "--calibration", str(workdir / "calib.npy"))
+    fresh = h33(*args, "--out", str(tmp_path / "a"), "--remeasure-costs")
+    assert "cost cache" not in fresh.stdout and "predicted latency" in fresh.stdout
+    again = h33(*args, "--out", str(tmp_path / "b"))
+    assert "from this machine's cost cache" in again.stdout

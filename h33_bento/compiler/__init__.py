@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..ckks.params import CKKSParams, SecurityLevel
-from ..ckks.timing import PrimitiveCosts, bootstrap_bound, measure_primitives, with_bootstrap
+from ..ckks.timing import PrimitiveCosts, bootstrap_bound, cached_primitives, with_bootstrap
 from ..errors import CompileError
 from ..program.cost_model import CostModel
 from ..program.diagonals import DiagonalPlan
@@ -72,6 +72,7 @@ class CompileOptions:
     range_margin: float = 0.1
     estimate_only: bool = False
     measure_costs: bool = True
+    remeasure_costs: bool = False
     costs: PrimitiveCosts | None = None
     bootstrapping: bool | None = None
 
@@ -144,8 +145,9 @@ def quadratics_pass(c: Compilation) -> Compilation:
 
 
 def costs_pass(c: Compilation) -> Compilation:
-    """The given cost table, or one measured now for the chosen parameters (none for estimates of
-    networks too deep to run, or with ``measure_costs=False``: relative costs then)."""
+    """The given cost table, or this machine's for the chosen parameters: from its cost cache, or
+    measured now (and cached) on the first compile or with ``remeasure_costs``; none for estimates
+    of networks too deep to run, or with ``measure_costs=False``: relative costs then."""
     o = c.options
     degrees = tuple(sorted({len(n.attrs["coeffs"]) - 1 for n in c.graph.nodes.values() if n.op is Op.POLY}))
     if o.costs is not None:
@@ -158,9 +160,9 @@ def costs_pass(c: Compilation) -> Compilation:
         return replace(c, costs=o.costs)
     if not (o.measure_costs and c.runnable):
         return c
-    costs = measure_primitives(c.params, degrees)
+    costs = cached_primitives(c.params, degrees, remeasure=o.remeasure_costs)
     if c.params.bootstrapping is not None:
-        costs = with_bootstrap(costs, c.params, c.params.slots)
+        costs = with_bootstrap(costs, c.params, c.params.slots, refresh=o.remeasure_costs)
     return replace(c, costs=costs)
 
 
@@ -190,7 +192,7 @@ def bootstraps_pass(c: Compilation) -> Compilation:
         nonlocal costs
         if costs is None:  # relative costs: a sparse bootstrap priced as a full one
             return c.cost_model.ms(f"bootstrap_{params.slots}", 0)
-        costs = with_bootstrap(costs, params, slots)
+        costs = with_bootstrap(costs, params, slots, refresh=c.options.remeasure_costs)
         return float(costs.ms[f"bootstrap_{slots}"])
 
     graph, layouts, params, _ = place_bootstraps(c.graph, c.layouts, c.layouts.index_plans, params, c.cost_model,
@@ -241,6 +243,7 @@ def compile(
     estimate_only: bool = False,
     costs: PrimitiveCosts | None = None,
     measure_costs: bool = True,
+    remeasure_costs: bool = False,
     bootstrapping: bool | None = None,
     progress: bool = False,
 ) -> CompiledModel:
@@ -249,8 +252,10 @@ def compile(
     ``calibration_data`` (a batch shaped like the input) sets the ranges of the polynomial
     activations that replace ReLU/Sigmoid/Tanh/GELU/SiLU.  ``costs`` is a primitive-cost table
     (``h33_bento.ckks.timing.measure_primitives``, or ``compiled.costs`` of an earlier compile)
-    to choose schedules with and predict from; without one the costs are measured now (a few
-    seconds), or with ``measure_costs=False`` static relative costs are used.  With
+    to choose schedules with and predict from; without one this machine's costs for the chosen
+    parameters are used: measured on the first compile (a few seconds) and cached per machine
+    and parameter set (``ckks.timing.cached_primitives``), measured again with
+    ``remeasure_costs=True``; with ``measure_costs=False`` static relative costs are used.  With
     ``estimate_only=True`` the diagonal values are not materialized and a network deeper than
     128-bit parameters allow still gets an estimate (marked not runnable) instead of a
     DepthExceededError.  ``bootstrapping``: None bootstraps when the network is deeper than the
@@ -261,8 +266,8 @@ def compile(
         input_shape=tuple(input_shape) if input_shape is not None else None, calibration_data=calibration_data,
         lanes=lanes, labels=tuple(labels) if labels is not None else None, scale_bits=scale_bits,
         first_mod_bits=first_mod_bits, security_level=security_level, activation_degrees=activation_degrees,
-        range_margin=range_margin, estimate_only=estimate_only, measure_costs=measure_costs, costs=costs,
-        bootstrapping=bootstrapping)
+        range_margin=range_margin, estimate_only=estimate_only, measure_costs=measure_costs,
+        remeasure_costs=remeasure_costs, costs=costs, bootstrapping=bootstrapping)
     state = Compilation(source=model, options=options)
     with tqdm(PASSES, desc="compile", unit="pass", disable=not progress, leave=False) as bar:
         for name, run in bar:

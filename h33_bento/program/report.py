@@ -156,8 +156,9 @@ def summary(model: "CompiledModel") -> dict[str, Any]:
         "predicted_keygen_peak_bytes": memory["keygen"],
         "predicted_server_peak_bytes": memory["server"],
         "key_sizes": "measured" if _keys_measured(model) else "parameters",
-        # where the predictions come from: "measured" at compile time, the "stored" table, or None
-        "costs": "measured" if model.costs is not None else ("stored" if c else None),
+        # where the predictions come from: "measured" at compile time, "cached" (measured on this
+        # machine by an earlier compile, ``ckks.timing.cached_primitives``), the "stored" table, or None
+        "costs": model.costs.origin if model.costs is not None else ("stored" if c else None),
         "predicted_latency_ms": _rounded(predicted),
         "predicted_client_ms": _rounded(client),
         "plaintext_bytes": sum(size * n for s in model.steps if s.linear for size, n in plaintext_runs(model, s)),
@@ -204,8 +205,12 @@ def render(model: "CompiledModel") -> str:
         + f", predicted latency {summ['predicted_latency_ms']} ms per ciphertext ({p.lanes} inputs) on the server, "
         f"{summ['predicted_client_ms']} ms to encrypt and decrypt on the client"
         + ("" if summ["costs"] == "measured" else
+           f" (from this machine's cost cache, measured {model.costs.measured_at}; "
+           "--remeasure-costs measures again)" if summ["costs"] == "cached" else
            " (from the stored cost table, not measured on this machine)" if summ["costs"] == "stored" else
-           f" (no costs measured, none stored for N={p.ring_dim})"),
+           f" (no costs measured, none stored for N={p.ring_dim})")
+        + (f"; costs measured while the machine was busy (load average {model.costs.load:g}), so these "
+           "over-predict a quiet machine" if model.costs is not None and model.costs.busy else ""),
         f"predicted peak memory: {summ['predicted_keygen_peak_bytes'] / 2**30:.2f} GiB to generate the keys "
         f"(client), {summ['predicted_server_peak_bytes'] / 2**30:.2f} GiB to install them and run (server)"
         + (" (bootstrapping precomputations not included)" if p.bootstrapping else ""),

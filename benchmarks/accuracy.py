@@ -105,32 +105,6 @@ def _quiet_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
         return zoo.predict_logits(model, x)
 
 
-def out_of_range_fraction(model: torch.nn.Module, x: np.ndarray) -> float:
-    """Fraction of inputs for which some activation input leaves its polynomial's range."""
-    flags = torch.zeros(len(x), dtype=torch.bool)
-    handles = []
-
-    def hook(mod, inputs):  # noqa: ANN001
-        t = mod.normalized(inputs[0]).abs().flatten(1).amax(1)
-        state["hit"] |= t > 1.0
-
-    state = {}
-    for _, m in hnn.poly_modules(model):
-        handles.append(m.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RangeWarning)
-            xt = torch.as_tensor(x, dtype=torch.float32)
-            for i in range(0, len(xt), 1000):
-                state["hit"] = torch.zeros(len(xt[i:i + 1000]), dtype=torch.bool)
-                model(xt[i:i + 1000])
-                flags[i:i + 1000] = state["hit"]
-    finally:
-        for h in handles:
-            h.remove()
-    return float(flags.float().mean())
-
-
 def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     t_all = time.perf_counter()
     x_tr, y_tr = zoo._data(cfg.dataset, "train")
@@ -180,7 +154,7 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     r["finetune_history"] = history
     poly_logits = _quiet_logits(poly, x_te)
     r["poly_acc"] = _acc(poly_logits, y_te)
-    r["test_out_of_range"] = out_of_range_fraction(poly, x_te)
+    r["test_out_of_range"] = hnn.out_of_range(poly, x_te).share
     r["ranges"] = {name: [m.lower, m.upper, m.degree] for name, m in hnn.poly_modules(poly)}
     print(f"[{cfg.name}] polynomial model: top-1 {r['poly_acc_before_finetune']:.4f} after polyfy, "
           f"{r['poly_acc']:.4f} after fine-tuning ({r['finetune_s']:.0f} s); test inputs out of range: "
@@ -271,7 +245,7 @@ def out_of_range_experiment(relu: torch.nn.Module, poly: torch.nn.Module, x: np.
             "gain": gain,
             "relu_acc": _acc(zoo.predict_logits(relu, xs), y),
             "poly_acc": _acc(_quiet_logits(poly, xs), y),
-            "out_of_range": out_of_range_fraction(poly, xs),
+            "out_of_range": hnn.out_of_range(poly, xs).share,
         })
         print(f"[mnist] contrast x{gain}: ReLU {rows[-1]['relu_acc']:.4f}, poly {rows[-1]['poly_acc']:.4f}, "
               f"images with an activation out of range {rows[-1]['out_of_range']:.2%}", flush=True)

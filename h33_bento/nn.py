@@ -1040,7 +1040,7 @@ class _BestEpoch:
                 logits = torch.cat([self.model(xb) for xb in _batches(x, 1000)])
         finally:
             self.model.train(was_training)
-        score = float((logits.argmax(1) == torch.as_tensor(y)).float().mean())
+        score = float((logits.argmax(1) == torch.as_tensor(y)).double().mean())  # a fraction in [0, 1]
         if score > self.score:
             self.score, self.state = score, copy.deepcopy(self.model.state_dict())
         return score

@@ -493,10 +493,12 @@ def test_finetune_warns_with_the_share_of_inputs_out_of_range(mnist_train) -> No
 
 
 def test_finetune_with_defaults_keeps_mnist_test_images_in_range_or_says_how_many_leave(mnist_train, mnist_test):
-    """The README's recipe on the MNIST CNN: under RANGE_BOUND of the test images leave a range, or
-    finetune warned; and it warns exactly when its training or validation share is above the bound."""
-    x, y = mnist_train
-    relu = zoo.train(zoo.MnistNet(), x, y, epochs=2)
+    """finetune with its defaults (trainable coefficients, the ReLU model as teacher) on the MNIST CNN:
+    under RANGE_BOUND of the test images leave a range, or finetune warned; and it warns exactly when
+    its training or validation share is above the bound."""
+    order = np.random.default_rng(0).permutation(len(mnist_train[0]))  # the file is sorted by class
+    x, y = mnist_train[0][order], mnist_train[1][order]
+    relu = zoo.train(zoo.MnistNet(), x[:4000], y[:4000], epochs=2)
     model = copy.deepcopy(relu)
     hnn.polyfy(model, x[:2000], trainable=True)
     history: list[dict] = []
@@ -505,7 +507,7 @@ def test_finetune_with_defaults_keeps_mnist_test_images_in_range_or_says_how_man
         hnn.finetune(model, (x[:4000], y[:4000]), teacher=relu, validation=(x[4000:], y[4000:]), history=history)
     warned = [str(w.message) for w in rec if "after fine-tuning" in str(w.message)]
     last = history[-1]
-    assert 0.0 <= last["val_accuracy"] <= 1.0  # a fraction, as everywhere in the API
+    assert 0.9 < last["val_accuracy"] <= 1.0  # a fraction, as everywhere in the API
     assert bool(warned) == (max(last["out_of_range"], last["val_out_of_range"]) > hnn.RANGE_BOUND)
     test_share = hnn.out_of_range(model, mnist_test[0]).share
     assert test_share < hnn.RANGE_BOUND or warned

@@ -105,6 +105,11 @@ def _quiet_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
         return zoo.predict_logits(model, x)
 
 
+#: --write replaces the report above this line of the file and keeps everything from it on (sections
+#: measured by other benchmarks).
+KEEP_MARKER = "<!-- sections below come from other benchmarks; benchmarks/accuracy.py --write keeps them -->"
+
+
 def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     t_all = time.perf_counter()
     x_tr, y_tr = zoo._data(cfg.dataset, "train")
@@ -273,6 +278,9 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
         command,
         "```",
         "",
+        "Accuracies are printed here in percent; the API reports them as fractions in [0, 1] (`val_accuracy` in",
+        "`zoo.train` / `nn.finetune` histories, `mlflow.h33.log_model(accuracy=...)`, `h33 run`).",
+        "",
         "What each column is:",
         "",
         "* **ReLU**: the original network (`h33_bento.zoo`, ReLU activations), trained by `zoo.train` (Adam,",
@@ -288,7 +296,7 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
         "  ciphertext, server-side engine with evaluation keys only, decrypt) on the first *n* test images;",
         "  accuracy on those images, and how often its argmax equals `simulate`'s on the same images.",
         "",
-        "| dataset | model | test set | ReLU top-1 | poly top-1 | poly - ReLU | compiled (simulate) top-1 | encrypted top-1 (n) | encrypted argmax = simulate | max logit error | CKKS | server time per image |",
+        "| dataset | model | test set | ReLU top-1 (%) | poly top-1 (%) | poly - ReLU (points) | compiled (simulate) top-1 (%) | encrypted top-1 (%) (n) | encrypted argmax = simulate (%) | max logit error | CKKS | server time per image |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in results:
@@ -454,7 +462,7 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
             "Measured on MNIST: the test images' contrast multiplied by a gain (pixels then exceed the [0, 1]",
             "the model was trained and calibrated on), plaintext torch, full 10k test set:",
             "",
-            "| contrast gain | ReLU top-1 | poly top-1 | images with an activation out of range |",
+            "| contrast gain | ReLU top-1 (%) | poly top-1 (%) | images with an activation out of range |",
             "| ---: | ---: | ---: | ---: |",
         ]
         for row in mnist["out_of_range_experiment"]:
@@ -465,7 +473,10 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
             "land far outside, the polynomial network collapses while the ReLU network degrades gracefully.",
             "Fine-tuning with the range penalty (`finetune(..., penalty=...)`) keeps the training data inside; the",
             "margin (`calibrate_ranges(..., margin=...)`, 10% of the span on each side by default) absorbs small",
-            "shifts; data unlike the calibration data need recalibration (and fine-tuning) first.",
+            "shifts; data unlike the calibration data need recalibration (and fine-tuning) first. `finetune` counts",
+            "the training and validation inputs that still leave a range (`nn.out_of_range`; the last history",
+            "record's `out_of_range` and `val_out_of_range`) and warns when either share is above 1%",
+            "(`nn.RANGE_BOUND`); `simulate` warns (`RangeWarning`) on the inputs it is given.",
             "",
             "With this version's recipe (trained coefficients, frozen BatchNorm statistics) the MNIST polynomial",
             'model tolerates less contrast than with the previous one (fixed coefficients fitted to a smooth ReLU:',
@@ -504,8 +515,11 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.write:
-        Path(args.write).write_text(text + "\n")
-        print(f"wrote {args.write}")
+        out = Path(args.write)
+        old = out.read_text() if out.exists() else ""
+        kept = old[old.index(KEEP_MARKER):] if KEEP_MARKER in old else ""
+        out.write_text(text + "\n" + ("\n" + kept if kept else ""))
+        print(f"wrote {args.write}" + (" (kept the sections below its marker)" if kept else ""))
 
 
 if __name__ == "__main__":

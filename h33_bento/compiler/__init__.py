@@ -116,8 +116,9 @@ def calibrate_pass(c: Compilation) -> Compilation:
     if data is not None:
         data = np.asarray(data, dtype=np.float64).reshape(-1, *c.graph.nodes[c.graph.input].shape)
     o = c.options
-    reference = None  # what the fitted polynomials' predictions are compared with: the source model itself
-    if data is not None and is_torch_module(c.source):
+    reference = None  # what the compiler's own fits are compared with: the source model itself
+    fits = any(n.op is Op.ACTIVATION for n in c.graph.nodes.values())
+    if fits and data is not None and is_torch_module(c.source):
         from .torch_import import predict
 
         reference = predict(c.source, data[:AGREEMENT_SAMPLES])

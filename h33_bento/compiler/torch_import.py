@@ -66,7 +66,8 @@ def predict(module: "torch.nn.Module", x: np.ndarray, batch_size: int = 512) -> 
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # polynomial modules' RangeWarning: compile checks ranges itself
             outs = [module(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32)).double().numpy()
                     for i in range(0, len(x), batch_size)]
     finally:

@@ -244,7 +244,8 @@ class PolyActivation(nn.Module):
     def _refresh_onnx_attrs(self) -> None:
         """Keep (coefficients, lower, upper) as Python floats for the dynamo exporter, which traces
         with fake tensors whose values cannot be read; every eager forward and ``eval()`` refresh them."""
-        self._onnx_attrs: tuple[tuple[float, ...], float, float] = (tuple(float(c) for c in self.numpy_coeffs()), self.lower, self.upper)
+        coeffs = tuple(float(c) for c in self.numpy_coeffs())
+        self._onnx_attrs: tuple[tuple[float, ...], float, float] = (coeffs, self.lower, self.upper)
 
     def train(self, mode: bool = True) -> PolyActivation:
         """As ``nn.Module.train``; also takes the coefficients trained so far for the ONNX export."""
@@ -314,6 +315,10 @@ class PolyActivation(nn.Module):
                 self._refresh_onnx_attrs()
                 return _ChebyshevPolyFn.apply(x, *self._onnx_attrs)
             coeffs, lower, upper = self._onnx_attrs  # dynamo exporter (torch's default): fake tensors
+            if not hasattr(torch.onnx, "ops"):
+                raise CompileError(f"exporting {type(self).__name__} with the dynamo exporter needs "
+                                   f"torch.onnx.ops.symbolic (torch 2.8 or newer; this is {torch.__version__}): "
+                                   "pass dynamo=False")
             return torch.onnx.ops.symbolic(f"{CUSTOM_DOMAIN}::ChebyshevPoly", (x,),
                                            {"coeffs": list(coeffs), "lower": lower, "upper": upper},
                                            dtype=x.dtype, shape=x.shape, version=1)
@@ -746,15 +751,15 @@ class RangeCoverage:
     """Share of inputs (samples, in [0, 1]) that drive an activation outside its range, in eval mode."""
 
     samples: int
-    #: share of samples with some activation input out of range
-    share: float
-    #: that share per activation, by module path
+    #: samples with some activation input out of range
+    count: int
+    #: share of the samples out of the range of each activation, by module path
     per_activation: dict[str, float]
 
     @property
-    def count(self) -> int:
-        """How many samples leave some range."""
-        return round(self.share * self.samples)
+    def share(self) -> float:
+        """Share of the samples with some activation input out of range."""
+        return self.count / max(self.samples, 1)
 
     def describe(self) -> str:
         worst = ", ".join(f"{n!r} {v:.2%}" for n, v in sorted(self.per_activation.items(), key=lambda kv: -kv[1]) if v)
@@ -771,8 +776,8 @@ def out_of_range(model: nn.Module, data: Any, batch_size: int = 1000) -> RangeCo
     handles = []
     for name, m in polys:
         def hook(mod: PolyActivation, inputs: tuple[torch.Tensor, ...], name: str = name) -> None:
-            out = mod.normalized(inputs[0]).abs().flatten(1).amax(1) > 1.0
-            state[name] = out
+            outside = mod.normalized(inputs[0]).abs().flatten(1).amax(1) > 1.0
+            state[name] = state[name] | outside if name in state else outside  # a module called twice
         handles.append(m.register_forward_pre_hook(hook))
     saved = [m.check_range for _, m in polys]
     was_training = model.training
@@ -798,8 +803,7 @@ def out_of_range(model: nn.Module, data: Any, batch_size: int = 1000) -> RangeCo
         for (_, m), check in zip(polys, saved):
             m.check_range = check
         model.train(was_training)
-    n = max(total, 1)
-    return RangeCoverage(total, any_hits / n, {name: k / n for name, k in hits.items()})
+    return RangeCoverage(total, any_hits, {name: k / max(total, 1) for name, k in hits.items()})
 
 
 # -------------------------------------------------------------------------------- fine-tuning

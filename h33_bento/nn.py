@@ -11,15 +11,18 @@ a polynomial, valid on a bounded input range.  This module gives
   rounded to float32 so that the ONNX export (float attributes) carries them *exactly*;
 * :func:`polyfy`, which swaps ReLU/ReLU6/Sigmoid/Tanh/GELU/SiLU/Hardswish/Hardsigmoid modules for
   those and MaxPool for AvgPool in any model, and refuses what it cannot convert;
-* :func:`calibrate_ranges` (measure every activation's input range on data, add a margin, refit)
-  and :func:`check_ranges` (warn with :class:`RangeWarning` where data leave a range);
+* :func:`calibrate_ranges` (measure every activation's input range on data, add a margin, refit),
+  :func:`check_ranges` (warn with :class:`RangeWarning` where data leave a range) and
+  :func:`out_of_range` (the share of inputs that leave one);
 * :func:`finetune`, training with a penalty that keeps activation inputs inside their ranges,
   optionally distilling from the original model and training the polynomials' coefficients too
-  (``polyfy(..., trainable=True)``), with the epoch kept on validation data.
+  (``polyfy(..., trainable=True)``), with the epoch kept on validation data, and a warning when
+  more than :data:`RANGE_BOUND` of the inputs still leave a range.
 
-A polyfied model exports to ONNX with one ``ai.h33::ChebyshevPoly`` node per activation, which
-the compiler keeps as-is: the compiled polynomials are the trained ones, bit for bit (trained
-coefficients included: the modules compute with them rounded to float32, as the export stores them).
+A polyfied model exports to ONNX (torch's default dynamo exporter or the TorchScript one) with
+one ``ai.h33::ChebyshevPoly`` node per activation, which the compiler keeps as-is: the compiled
+polynomials are the trained ones, bit for bit (trained coefficients included: the modules compute
+with them rounded to float32, as the export stores them).
 
 Outside its range a polynomial diverges (like ``t**degree``), so an input that leaves the
 calibrated range gives garbage activations; modules in eval mode warn (``RangeWarning``) when

@@ -105,30 +105,9 @@ def _quiet_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
         return zoo.predict_logits(model, x)
 
 
-def out_of_range_fraction(model: torch.nn.Module, x: np.ndarray) -> float:
-    """Fraction of inputs for which some activation input leaves its polynomial's range."""
-    flags = torch.zeros(len(x), dtype=torch.bool)
-    handles = []
-
-    def hook(mod, inputs):  # noqa: ANN001
-        t = mod.normalized(inputs[0]).abs().flatten(1).amax(1)
-        state["hit"] |= t > 1.0
-
-    state = {}
-    for _, m in hnn.poly_modules(model):
-        handles.append(m.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RangeWarning)
-            xt = torch.as_tensor(x, dtype=torch.float32)
-            for i in range(0, len(xt), 1000):
-                state["hit"] = torch.zeros(len(xt[i:i + 1000]), dtype=torch.bool)
-                model(xt[i:i + 1000])
-                flags[i:i + 1000] = state["hit"]
-    finally:
-        for h in handles:
-            h.remove()
-    return float(flags.float().mean())
+#: --write replaces the report above this line of the file and keeps everything from it on (sections
+#: measured by other benchmarks).
+KEEP_MARKER = "<!-- sections below come from other benchmarks; benchmarks/accuracy.py --write keeps them -->"
 
 
 def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
@@ -180,7 +159,7 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     r["finetune_history"] = history
     poly_logits = _quiet_logits(poly, x_te)
     r["poly_acc"] = _acc(poly_logits, y_te)
-    r["test_out_of_range"] = out_of_range_fraction(poly, x_te)
+    r["test_out_of_range"] = hnn.out_of_range(poly, x_te).share
     r["ranges"] = {name: [m.lower, m.upper, m.degree] for name, m in hnn.poly_modules(poly)}
     print(f"[{cfg.name}] polynomial model: top-1 {r['poly_acc_before_finetune']:.4f} after polyfy, "
           f"{r['poly_acc']:.4f} after fine-tuning ({r['finetune_s']:.0f} s); test inputs out of range: "
@@ -271,7 +250,7 @@ def out_of_range_experiment(relu: torch.nn.Module, poly: torch.nn.Module, x: np.
             "gain": gain,
             "relu_acc": _acc(zoo.predict_logits(relu, xs), y),
             "poly_acc": _acc(_quiet_logits(poly, xs), y),
-            "out_of_range": out_of_range_fraction(poly, xs),
+            "out_of_range": hnn.out_of_range(poly, xs).share,
         })
         print(f"[mnist] contrast x{gain}: ReLU {rows[-1]['relu_acc']:.4f}, poly {rows[-1]['poly_acc']:.4f}, "
               f"images with an activation out of range {rows[-1]['out_of_range']:.2%}", flush=True)
@@ -299,6 +278,9 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
         command,
         "```",
         "",
+        "Accuracies are printed here in percent; the API reports them as fractions in [0, 1] (`val_accuracy` in",
+        "`zoo.train` / `nn.finetune` histories, `mlflow.h33.log_model(accuracy=...)`, `h33 run`).",
+        "",
         "What each column is:",
         "",
         "* **ReLU**: the original network (`h33_bento.zoo`, ReLU activations), trained by `zoo.train` (Adam,",
@@ -314,7 +296,7 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
         "  ciphertext, server-side engine with evaluation keys only, decrypt) on the first *n* test images;",
         "  accuracy on those images, and how often its argmax equals `simulate`'s on the same images.",
         "",
-        "| dataset | model | test set | ReLU top-1 | poly top-1 | poly - ReLU | compiled (simulate) top-1 | encrypted top-1 (n) | encrypted argmax = simulate | max logit error | CKKS | server time per image |",
+        "| dataset | model | test set | ReLU top-1 (%) | poly top-1 (%) | poly - ReLU (points) | compiled (simulate) top-1 (%) | encrypted top-1 (%) (n) | encrypted argmax = simulate (%) | max logit error | CKKS | server time per image |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in results:
@@ -480,7 +462,7 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
             "Measured on MNIST: the test images' contrast multiplied by a gain (pixels then exceed the [0, 1]",
             "the model was trained and calibrated on), plaintext torch, full 10k test set:",
             "",
-            "| contrast gain | ReLU top-1 | poly top-1 | images with an activation out of range |",
+            "| contrast gain | ReLU top-1 (%) | poly top-1 (%) | images with an activation out of range |",
             "| ---: | ---: | ---: | ---: |",
         ]
         for row in mnist["out_of_range_experiment"]:
@@ -491,7 +473,10 @@ def render(results: list[dict], args: argparse.Namespace, command: str, total_s:
             "land far outside, the polynomial network collapses while the ReLU network degrades gracefully.",
             "Fine-tuning with the range penalty (`finetune(..., penalty=...)`) keeps the training data inside; the",
             "margin (`calibrate_ranges(..., margin=...)`, 10% of the span on each side by default) absorbs small",
-            "shifts; data unlike the calibration data need recalibration (and fine-tuning) first.",
+            "shifts; data unlike the calibration data need recalibration (and fine-tuning) first. `finetune` counts",
+            "the training and validation inputs that still leave a range (`nn.out_of_range`; the last history",
+            "record's `out_of_range` and `val_out_of_range`) and warns when either share is above 1%",
+            "(`nn.RANGE_BOUND`); `simulate` warns (`RangeWarning`) on the inputs it is given.",
             "",
             "With this version's recipe (trained coefficients, frozen BatchNorm statistics) the MNIST polynomial",
             'model tolerates less contrast than with the previous one (fixed coefficients fitted to a smooth ReLU:',
@@ -530,8 +515,11 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.write:
-        Path(args.write).write_text(text + "\n")
-        print(f"wrote {args.write}")
+        out = Path(args.write)
+        old = out.read_text() if out.exists() else ""
+        kept = old[old.index(KEEP_MARKER):] if KEEP_MARKER in old else ""
+        out.write_text(text + "\n" + ("\n" + kept if kept else ""))
+        print(f"wrote {args.write}" + (" (kept the sections below its marker)" if kept else ""))
 
 
 if __name__ == "__main__":

@@ -57,11 +57,13 @@ compiled = compile(model, input_shape)               # the trained polynomials, 
   activations, widens it by the margin and refits; `check_ranges` and the modules themselves (eval mode)
   warn with `RangeWarning` when inputs leave a range. `finetune` trains through the polynomials with a
   penalty on inputs near or past a range's edge, and optionally distils from the original model,
-  freezes BatchNorm statistics, augments batches and keeps the best epoch on validation data.
+  freezes BatchNorm statistics, augments batches and keeps the best epoch on validation data;
+  afterwards it records the share of training and validation inputs outside a range (`out_of_range`)
+  and warns above 1% (`RANGE_BOUND`).
 * The coefficients and ranges are float32-exact buffers; with `polyfy(..., trainable=True)` the
   coefficients are parameters that `finetune` trains (the modules compute with them rounded to
-  float32). The ONNX export writes them into `ai.h33::ChebyshevPoly` nodes, which the compiler keeps
-  as they are.
+  float32). The ONNX export (torch's default `dynamo=True` exporter, or the TorchScript one) writes them
+  into `ai.h33::ChebyshevPoly` nodes, which the compiler keeps as they are.
 
 """
 

@@ -41,6 +41,10 @@ class RangeWarning(UserWarning):
     needs; predictions may be wrong."""
 
 
+class AccuracyWarning(UserWarning):
+    """The polynomials the compiler fitted by itself change the model's predictions measurably."""
+
+
 class ModelFormatError(H33Error):
     """A saved CompiledModel is missing files, has been tampered with, or is of an unknown version."""
 

@@ -11,15 +11,18 @@ a polynomial, valid on a bounded input range.  This module gives
   rounded to float32 so that the ONNX export (float attributes) carries them *exactly*;
 * :func:`polyfy`, which swaps ReLU/ReLU6/Sigmoid/Tanh/GELU/SiLU/Hardswish/Hardsigmoid modules for
   those and MaxPool for AvgPool in any model, and refuses what it cannot convert;
-* :func:`calibrate_ranges` (measure every activation's input range on data, add a margin, refit)
-  and :func:`check_ranges` (warn with :class:`RangeWarning` where data leave a range);
+* :func:`calibrate_ranges` (measure every activation's input range on data, add a margin, refit),
+  :func:`check_ranges` (warn with :class:`RangeWarning` where data leave a range) and
+  :func:`out_of_range` (the share of inputs that leave one);
 * :func:`finetune`, training with a penalty that keeps activation inputs inside their ranges,
   optionally distilling from the original model and training the polynomials' coefficients too
-  (``polyfy(..., trainable=True)``), with the epoch kept on validation data.
+  (``polyfy(..., trainable=True)``), with the epoch kept on validation data, and a warning when
+  more than :data:`RANGE_BOUND` of the inputs still leave a range.
 
-A polyfied model exports to ONNX with one ``ai.h33::ChebyshevPoly`` node per activation, which
-the compiler keeps as-is: the compiled polynomials are the trained ones, bit for bit (trained
-coefficients included: the modules compute with them rounded to float32, as the export stores them).
+A polyfied model exports to ONNX (torch's default dynamo exporter or the TorchScript one) with
+one ``ai.h33::ChebyshevPoly`` node per activation, which the compiler keeps as-is: the compiled
+polynomials are the trained ones, bit for bit (trained coefficients included: the modules compute
+with them rounded to float32, as the export stores them).
 
 Outside its range a polynomial diverges (like ``t**degree``), so an input that leaves the
 calibrated range gives garbage activations; modules in eval mode warn (``RangeWarning``) when
@@ -42,6 +45,7 @@ from numpy.polynomial import chebyshev as C
 from torch import nn
 
 from .compiler.activations import exact_activation
+from .compiler.onnx_import import CUSTOM_DOMAIN
 from .errors import CompileError, RangeWarning
 from .program.polynomials import chebyshev_depth
 
@@ -63,6 +67,9 @@ __all__ = [
     "poly_modules",
     "calibrate_ranges",
     "check_ranges",
+    "RangeCoverage",
+    "out_of_range",
+    "RANGE_BOUND",
     "range_penalty",
     "finetune",
     "r_squared",
@@ -92,7 +99,7 @@ def _smooth_relu6_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 class _ChebyshevPolyFn(torch.autograd.Function):
-    """Exports as ``ai.h33::ChebyshevPoly`` (TorchScript exporter); computes the series."""
+    """Exports as ``ai.h33::ChebyshevPoly`` under the TorchScript exporter (``dynamo=False``)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, coeffs: tuple[float, ...], lower: float, upper: float) -> torch.Tensor:
@@ -100,7 +107,7 @@ class _ChebyshevPolyFn(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g: Any, x: Any, coeffs: tuple[float, ...], lower: float, upper: float) -> Any:
-        out = g.op("ai.h33::ChebyshevPoly", x, coeffs_f=list(coeffs), lower_f=lower, upper_f=upper)
+        out = g.op(f"{CUSTOM_DOMAIN}::ChebyshevPoly", x, coeffs_f=list(coeffs), lower_f=lower, upper_f=upper)
         out.setType(x.type())
         return out
 
@@ -235,6 +242,18 @@ class PolyActivation(nn.Module):
             self.coeffs = nn.Parameter(c)
         self.range = torch.tensor([lower, upper], dtype=torch.float64, device=self.range.device)
         self.degree = len(c) - 1
+        self._refresh_onnx_attrs()
+
+    def _refresh_onnx_attrs(self) -> None:
+        """Keep (coefficients, lower, upper) as Python floats for the dynamo exporter, which traces
+        with fake tensors whose values cannot be read; every eager forward and ``eval()`` refresh them."""
+        coeffs = tuple(float(c) for c in self.numpy_coeffs())
+        self._onnx_attrs: tuple[tuple[float, ...], float, float] = (coeffs, self.lower, self.upper)
+
+    def train(self, mode: bool = True) -> PolyActivation:
+        """As ``nn.Module.train``; also takes the coefficients trained so far for the ONNX export."""
+        self._refresh_onnx_attrs()
+        return super().train(mode)
 
     def _fit_coeffs(self, lower: float, upper: float, degree: int) -> np.ndarray:
         """Chebyshev interpolation (least squares on 4d+4 Chebyshev nodes, as the compiler fits)."""
@@ -286,6 +305,7 @@ class PolyActivation(nn.Module):
             self.coeffs = nn.Parameter(zeros) if self.trainable else zeros
             self.degree = len(self.coeffs) - 1
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_onnx_attrs()
 
     # -- forward --------------------------------------------------------------------------------
     def normalized(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,10 +313,20 @@ class PolyActivation(nn.Module):
         return (2.0 * x - (self.lower + self.upper)) / (self.upper - self.lower)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lower, upper = self.lower, self.upper
         if torch.onnx.is_in_onnx_export():
-            coeffs = tuple(float(c) for c in self.numpy_coeffs())
-            return _ChebyshevPolyFn.apply(x, coeffs, lower, upper)
+            if torch.jit.is_tracing():  # TorchScript exporter: real tensors
+                self._refresh_onnx_attrs()
+                return _ChebyshevPolyFn.apply(x, *self._onnx_attrs)
+            coeffs, lower, upper = self._onnx_attrs  # dynamo exporter (torch's default): fake tensors
+            if not hasattr(torch.onnx, "ops"):
+                raise CompileError(f"exporting {type(self).__name__} with the dynamo exporter needs "
+                                   f"torch.onnx.ops.symbolic (torch 2.8 or newer; this is {torch.__version__}): "
+                                   "pass dynamo=False")
+            return torch.onnx.ops.symbolic(f"{CUSTOM_DOMAIN}::ChebyshevPoly", (x,),
+                                           {"coeffs": list(coeffs), "lower": lower, "upper": upper},
+                                           dtype=x.dtype, shape=x.shape, version=1)
+        self._refresh_onnx_attrs()
+        lower, upper = self.lower, self.upper
         if self.observed is not None:
             lo, hi = float(x.detach().min()), float(x.detach().max())
             self.observed = [min(self.observed[0], lo), max(self.observed[1], hi)]
@@ -719,7 +749,71 @@ def check_ranges(model: nn.Module, data: Any, batch_size: int = 256) -> dict[str
     return offenders
 
 
+@dataclass(frozen=True)
+class RangeCoverage:
+    """Share of inputs (samples, in [0, 1]) that drive an activation outside its range, in eval mode."""
+
+    samples: int
+    #: samples with some activation input out of range
+    count: int
+    #: share of the samples out of the range of each activation, by module path
+    per_activation: dict[str, float]
+
+    @property
+    def share(self) -> float:
+        """Share of the samples with some activation input out of range."""
+        return self.count / max(self.samples, 1)
+
+    def describe(self) -> str:
+        worst = ", ".join(f"{n!r} {v:.2%}" for n, v in sorted(self.per_activation.items(), key=lambda kv: -kv[1]) if v)
+        return f"{self.count} of {self.samples} ({self.share:.2%})" + (f"; by activation: {worst}" if worst else "")
+
+
+def out_of_range(model: nn.Module, data: Any, batch_size: int = 1000) -> RangeCoverage:
+    """Run ``model`` in eval mode on ``data`` (inputs, or a loader of (x, y) batches) and count the
+    samples whose input to some polynomial activation leaves its range: where the compiled
+    polynomials give wrong activations.  No RangeWarning is raised; the model's mode is restored."""
+    polys = poly_modules(model)
+    state: dict[str, torch.Tensor] = {}
+    hits = {name: 0 for name, _ in polys}
+    handles = []
+    for name, m in polys:
+        def hook(mod: PolyActivation, inputs: tuple[torch.Tensor, ...], name: str = name) -> None:
+            outside = mod.normalized(inputs[0]).abs().flatten(1).amax(1) > 1.0
+            state[name] = state[name] | outside if name in state else outside  # a module called twice
+        handles.append(m.register_forward_pre_hook(hook))
+    saved = [m.check_range for _, m in polys]
+    was_training = model.training
+    model.eval()
+    total = 0
+    any_hits = 0
+    try:
+        for _, m in polys:
+            m.check_range = False
+        with torch.no_grad():
+            for x in _batches(data, batch_size):
+                state.clear()
+                model(x)
+                flags = torch.zeros(len(x), dtype=torch.bool)
+                for name, hit in state.items():
+                    hits[name] += int(hit.sum())
+                    flags |= hit
+                any_hits += int(flags.sum())
+                total += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for (_, m), check in zip(polys, saved):
+            m.check_range = check
+        model.train(was_training)
+    return RangeCoverage(total, any_hits, {name: k / max(total, 1) for name, k in hits.items()})
+
+
 # -------------------------------------------------------------------------------- fine-tuning
+
+#: ``finetune`` warns when more than this share of its training or validation inputs leave a range.
+RANGE_BOUND = 0.01
+
 
 
 def range_penalty(model: nn.Module, slack: float = 0.0) -> Callable[[], torch.Tensor]:
@@ -776,6 +870,7 @@ def finetune(
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     freeze_bn: bool = False,
     validation: tuple[Any, Any] | None = None,
+    range_bound: float = RANGE_BOUND,
 ) -> nn.Module:
     """Fine-tune a polyfied model through its polynomials, keeping activation inputs in range.
 
@@ -801,16 +896,24 @@ def finetune(
     * ``validation``: an ``(x, y)`` pair; after every epoch the model's top-1 on it is measured and
       the model returned is the one of the best epoch (the first of equals).
 
+    Afterwards the share of training (and validation) inputs that drive some activation outside
+    its range in eval mode is measured (:func:`out_of_range`); above ``range_bound`` (1%) a
+    :class:`RangeWarning` says how many and what to change.
+
     Returns the model in eval mode; one dict per epoch (``epoch`` from 0, mean ``loss``, mean
-    ``penalty``, and ``val_accuracy`` with ``validation``) is appended to ``history`` when given.
+    ``penalty``, and ``val_accuracy`` with ``validation``, a fraction in [0, 1]) is appended to
+    ``history`` when given; the last one also holds ``out_of_range`` (and ``val_out_of_range``), the
+    shares for the model returned.
     """
     if teacher is not None:
         teacher.eval()
         if not 0.0 <= distill <= 1.0:
             raise ValueError("distill must lie in [0, 1]")
     torch.manual_seed(seed)
+    train_inputs = loader
     if isinstance(loader, tuple) and len(loader) == 2 and not isinstance(loader[0], torch.utils.data.Dataset):
         xt, yt = torch.as_tensor(loader[0], dtype=torch.float32), torch.as_tensor(loader[1])
+        train_inputs = xt
         gen = torch.Generator().manual_seed(seed)
         steps_per_epoch = -(-len(xt) // batch_size)
 
@@ -874,7 +977,31 @@ def finetune(
     finally:
         take.remove()  # type: ignore[attr-defined]
     best.restore()
+    _report_coverage(model, train_inputs, validation, range_bound, penalty, history)
     return model.eval()
+
+
+def _report_coverage(model: nn.Module, train_inputs: Any, validation: tuple[Any, Any] | None, bound: float,
+                     penalty: float, history: list[dict[str, float]] | None) -> None:
+    """Measure the fine-tuned model's out-of-range shares; record them; warn above ``bound``."""
+    shares = {"training": out_of_range(model, train_inputs)}
+    if validation is not None:
+        shares["validation"] = out_of_range(model, validation[0])
+    if history:
+        history[-1]["out_of_range"] = shares["training"].share
+        if validation is not None:
+            history[-1]["val_out_of_range"] = shares["validation"].share
+    over = {k: v for k, v in shares.items() if v.share > bound}
+    if over:
+        which = "; ".join(f"{k} inputs: {v.describe()}" for k, v in over.items())
+        warnings.warn(
+            f"after fine-tuning, more than {bound:.0%} of the inputs drive an activation outside its calibrated "
+            f"range, where the compiled polynomials give wrong values ({which}). Fine-tune with "
+            f"freeze_bn=True, more epochs or a larger penalty (now {penalty:g}), or recalibrate with a wider "
+            "margin (h33_bento.nn.calibrate_ranges(model, x, margin=0.2)) and fine-tune again",
+            RangeWarning,
+            stacklevel=3,
+        )
 
 
 # ------------------------------------------------------------- training helpers (shared with zoo)
@@ -920,7 +1047,7 @@ class _BestEpoch:
                 logits = torch.cat([self.model(xb) for xb in _batches(x, 1000)])
         finally:
             self.model.train(was_training)
-        score = float((logits.argmax(1) == torch.as_tensor(y)).float().mean())
+        score = float((logits.argmax(1) == torch.as_tensor(y)).double().mean())  # a fraction in [0, 1]
         if score > self.score:
             self.score, self.state = score, copy.deepcopy(self.model.state_dict())
         return score

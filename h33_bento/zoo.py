@@ -79,8 +79,8 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 5, lr: f
     ``lr_schedule`` is ``"constant"`` or ``"cosine"`` (annealed to 0 over all batches);
     ``augment`` is applied to every batch (e.g. :func:`random_crop_flip`); with ``validation``
     (an ``(x, y)`` pair) the model returned is the one of the epoch with the best top-1 on it.
-    One dict per epoch (``epoch`` from 0, mean ``loss``, ``val_accuracy`` with ``validation``) is
-    appended to ``history`` when given.  These are the same options as
+    One dict per epoch (``epoch`` from 0, mean ``loss``, ``val_accuracy`` with ``validation``, a fraction
+    in [0, 1]) is appended to ``history`` when given.  These are the same options as
     :func:`h33_bento.nn.finetune`, so a polynomial model can be fine-tuned like its original was trained.
     """
     torch.manual_seed(seed)

@@ -225,6 +225,8 @@ def _accuracy_metrics(accuracy: dict[str, float] | None) -> dict[str, float]:
             raise ValueError(f"accuracy[{kind!r}] must be a number, got {value!r}") from None
         if not math.isfinite(value):
             raise ValueError(f"accuracy[{kind!r}] must be finite, got {value}")
+        if not 0.0 <= value <= 1.0:  # one unit everywhere: val_accuracy, h33 run and these are fractions
+            raise ValueError(f"accuracy[{kind!r}] is a fraction in [0, 1], got {value} (97.5% is 0.975)")
         metrics[f"accuracy.{kind}"] = value
     return metrics
 
@@ -299,8 +301,8 @@ def save_model(
         signature: defaults to :func:`envelope_signature`; ``False`` saves none (MLflow then
             drops ``params`` such as ``mode`` at predict time).
         model_config: pyfunc configuration; ``{"key_store": DIR}`` records a default key store.
-        accuracy: optional ``{"plaintext": ..., "polynomial": ..., "encrypted": ...}``, recorded in
-            the flavor section.
+        accuracy: optional ``{"plaintext": ..., "polynomial": ..., "encrypted": ...}``, fractions in
+            [0, 1], recorded in the flavor section.
         conda_env, code_paths, mlflow_model, input_example, pip_requirements,
         extra_pip_requirements, metadata: as for every MLflow flavor.
     """

@@ -16,7 +16,7 @@ from h33_bento.compiler.diagonals import build_diagonals
 from h33_bento.compiler.fusion import fuse_linear_chains
 from h33_bento.compiler.graph import Graph, Node
 from h33_bento.compiler.layout import grid_positions
-from h33_bento.errors import CompileError, DepthExceededError, ModelFormatError, RangeWarning
+from h33_bento.errors import AccuracyWarning, CompileError, DepthExceededError, ModelFormatError, RangeWarning
 from h33_bento import zoo
 from h33_bento.zoo import Square
 
@@ -208,6 +208,41 @@ def test_simulate_warns_when_an_activation_input_leaves_its_calibrated_range(mni
         simulate(compiled, x)  # the calibration images and held-out ones stay in range
     with pytest.warns(RangeWarning, match=r"step '.*Relu.*': inputs span .* outside its calibrated range"):
         simulate(compiled, 2 * x)  # a gain of 2 on the input
+
+
+def test_default_relu_fits_warn_naming_the_measured_loss_and_the_fix(mnist_train):
+    """A ReLU + MaxPool MNIST CNN compiled straight from ReLU: the compiler's fits (and AvgPool) change
+    some of its predictions; compile says how many, measured against the torch model, and how to train
+    the polynomials instead."""
+    x, y = mnist_train
+    torch.manual_seed(0)
+    relu = zoo.train(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                   nn.Linear(4 * 14 * 14, 10)), x, y, epochs=2)
+    with pytest.warns(AccuracyWarning, match=r"(?s)differs from the original model's on (\d+\.\d)% .*"
+                      r"polyfy\(model, .*trainable=True\).*finetune\(model, .*teacher=relu_model") as rec:
+        compiled = compile(relu, (1, 28, 28), calibration_data=x[:512], measure_costs=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RangeWarning)
+        differ = 1 - (simulate(compiled, x[:512]).argmax(1) == zoo.predict_logits(relu, x[:512]).argmax(1)).mean()
+    assert differ > 0.01
+    assert any(f"on {differ:.1%} of them" in str(w.message) for w in rec if w.category is AccuracyWarning)
+
+
+def test_default_relu_fits_keep_mnist_accuracy_without_a_warning(mnist_train, mnist_test):
+    """Where the compiler's degree-15 fits keep the predictions (zoo.MnistNet), compile stays quiet and
+    the compiled program's accuracy is within 2 points of the ReLU model's."""
+    x, y = mnist_train
+    torch.manual_seed(0)
+    relu = zoo.train(zoo.MnistNet(), x, y, epochs=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AccuracyWarning)
+        compiled = compile(relu, (1, 28, 28), calibration_data=x[:512], measure_costs=False)
+    xt, yt = mnist_test[0][:2000], mnist_test[1][:2000]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RangeWarning)
+        compiled_acc = (simulate(compiled, xt).argmax(1) == yt).mean()
+    relu_acc = (zoo.predict_logits(relu, xt).argmax(1) == yt).mean()
+    assert relu_acc > 0.93 and compiled_acc >= relu_acc - 0.02
 
 
 def test_relu_network_compiles_to_chebyshev_and_runs_encrypted():

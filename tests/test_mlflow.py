@@ -752,3 +752,5 @@ def test_bad_inputs_and_arguments(saved_model, convnet_compiled, envelope, key_s
         flavor.save_model(convnet_compiled, saved_model.parent / "x", model_config={"keystore": "/k"})
     with pytest.raises(ValueError, match="accuracy"):
         flavor.log_model(convnet_compiled, name="m", accuracy={"encrypted": "high"})
+    with pytest.raises(ValueError, match=r"accuracy\['encrypted'\] is a fraction in \[0, 1\], got 97.3"):
+        flavor.save_model(convnet_compiled, saved_model.parent / "percent", accuracy={"encrypted": 97.3})

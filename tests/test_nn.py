@@ -441,3 +441,73 @@ def test_finetuned_model_runs_encrypted(finetuned, mnist_train, mnist_test) -> N
     assert float(np.abs(got - sim).max()) < 1e-3 * span
     assert (got.argmax(1) == sim.argmax(1)).all()
     assert (got.argmax(1) == y).mean() >= 0.75
+
+
+def test_polyfied_model_exports_with_torchs_default_exporter(trained_coeffs, mnist_test, tmp_path) -> None:
+    """torch.onnx.export(..., dynamo=True), torch's default exporter, gives one ai.h33::ChebyshevPoly
+    node per activation holding the trained coefficients; the ONNX import compiles it as the torch model."""
+    import inspect
+
+    import onnx
+
+    model, _, _ = trained_coeffs
+    assert inspect.signature(torch.onnx.export).parameters["dynamo"].default is True
+    x = mnist_test[0][:200]
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model.eval(), (torch.as_tensor(x[:1]),), str(path), dynamo=True)
+    polys = [n for n in onnx.load(path).graph.node if n.op_type == "ChebyshevPoly"]
+    assert [n.domain for n in polys] == ["ai.h33"]
+    compiled = compile(str(path), (1, 28, 28), measure_costs=False)
+    (step,) = [s for s in compiled.steps if s.op == "poly"]
+    (_, module), = hnn.poly_modules(model)
+    assert np.array_equal(step.attrs["coeffs"], module.numpy_coeffs())  # the trained ones, float32-exact
+    assert (step.attrs["lower"], step.attrs["upper"]) == (module.lower, module.upper)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RangeWarning)
+        ref = zoo.predict_logits(model, x)
+    np.testing.assert_allclose(simulate(compiled, x), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_out_of_range_counts_each_sample_once() -> None:
+    model = nn.Sequential(hnn.PolyReLU(-1.0, 1.0), nn.Linear(1, 1), hnn.PolyReLU(-1.0, 1.0))
+    with torch.no_grad():
+        model[1].weight.fill_(4.0), model[1].bias.zero_()
+    x = torch.tensor([[0.1], [0.5], [2.0], [-0.05]])  # after the linear layer: 0.4 (in), ~2 and ~8 (out), ~0.1 (in)
+    coverage = hnn.out_of_range(model, x)
+    assert coverage.samples == 4 and coverage.count == 2 and coverage.share == 0.5
+    assert coverage.per_activation == {"0": 0.25, "2": 0.5}
+    assert "2 of 4 (50.00%)" in coverage.describe()
+
+
+def test_finetune_warns_with_the_share_of_inputs_out_of_range(mnist_train) -> None:
+    """Ranges measured on 100 images without a margin, no penalty: many of the 5,000 leave them."""
+    x, y = mnist_train
+    model = nn.Sequential(nn.Conv2d(1, 4, 7, stride=3), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    hnn.polyfy(model, x[:100], margin=0.0)
+    history: list[dict] = []
+    with pytest.warns(RangeWarning, match=r"after fine-tuning, more than 1% .*\(training inputs: \d+ of 5000") as rec:
+        hnn.finetune(model, (x, y), epochs=1, penalty=0.0, history=history)
+    coverage = hnn.out_of_range(model, x)
+    assert coverage.share > hnn.RANGE_BOUND and history[-1]["out_of_range"] == coverage.share
+    assert any(f"{coverage.count} of 5000" in str(w.message) for w in rec)
+
+
+def test_finetune_with_defaults_keeps_mnist_test_images_in_range_or_says_how_many_leave(mnist_train, mnist_test):
+    """finetune with its defaults (trainable coefficients, the ReLU model as teacher) on the MNIST CNN:
+    under RANGE_BOUND of the test images leave a range, or finetune warned; and it warns exactly when
+    its training or validation share is above the bound."""
+    order = np.random.default_rng(0).permutation(len(mnist_train[0]))  # the file is sorted by class
+    x, y = mnist_train[0][order], mnist_train[1][order]
+    relu = zoo.train(zoo.MnistNet(), x[:4000], y[:4000], epochs=2)
+    model = copy.deepcopy(relu)
+    hnn.polyfy(model, x[:2000], trainable=True)
+    history: list[dict] = []
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always", RangeWarning)
+        hnn.finetune(model, (x[:4000], y[:4000]), teacher=relu, validation=(x[4000:], y[4000:]), history=history)
+    warned = [str(w.message) for w in rec if "after fine-tuning" in str(w.message)]
+    last = history[-1]
+    assert 0.9 < last["val_accuracy"] <= 1.0  # a fraction, as everywhere in the API
+    assert bool(warned) == (max(last["out_of_range"], last["val_out_of_range"]) > hnn.RANGE_BOUND)
+    test_share = hnn.out_of_range(model, mnist_test[0]).share
+    assert test_share < hnn.RANGE_BOUND or warned

@@ -26,7 +26,7 @@ from ..program.diagonals import DiagonalPlan
 from ..program.model import CompiledModel
 from ..program.ops import Op
 from .bootstraps import place_bootstraps
-from .calibration import calibrate, output_ranges
+from .calibration import AGREEMENT_SAMPLES, calibrate, output_ranges
 from .diagonals import extract_diagonals
 from .emit import emit_program
 from .fusion import fuse_linear_chains
@@ -39,12 +39,17 @@ from .quadratics import lower_quadratics
 __all__ = ["compile", "CompiledModel", "Compilation", "CompileOptions", "PASSES", "load_graph"]
 
 
+def is_torch_module(model: Any) -> bool:
+    """Whether ``model`` is a PyTorch module (anything else is read as ONNX)."""
+    return type(model).__module__.startswith("torch") or hasattr(model, "state_dict")
+
+
 def load_graph(model: Any, input_shape: Sequence[int] | None, dtype: Any = np.float64) -> Graph:
     """Import a PyTorch module, ONNX ModelProto, ONNX file path or ONNX bytes into the IR
     (linear ops' matrices in ``dtype``)."""
     if isinstance(model, Graph):
         return model
-    if type(model).__module__.startswith("torch") or hasattr(model, "state_dict"):
+    if is_torch_module(model):
         from .torch_import import import_torch
 
         if input_shape is None:
@@ -112,7 +117,13 @@ def calibrate_pass(c: Compilation) -> Compilation:
     if data is not None:
         data = np.asarray(data, dtype=np.float64).reshape(-1, *c.graph.nodes[c.graph.input].shape)
     o = c.options
-    return replace(c, graph=calibrate(c.graph, data, o.range_margin, o.activation_degrees))
+    reference = None  # what the compiler's own fits are compared with: the source model itself
+    fits = any(n.op is Op.ACTIVATION for n in c.graph.nodes.values())
+    if fits and data is not None and is_torch_module(c.source):
+        from .torch_import import predict
+
+        reference = predict(c.source, data[:AGREEMENT_SAMPLES])
+    return replace(c, graph=calibrate(c.graph, data, o.range_margin, o.activation_degrees, reference))
 
 
 def levels_pass(c: Compilation) -> Compilation:

@@ -2,7 +2,9 @@
 activation for a Chebyshev polynomial fitted on that range (plus a margin).
 
 Outside its range a polynomial diverges quickly, so ranges come from data the model will see,
-and ``check_ranges`` warns when later inputs leave them.
+and ``check_ranges`` warns when later inputs leave them.  A fit of a kinked activation (ReLU) is
+rough even on its range, so ``calibrate`` measures how often the fitted polynomials change the
+model's top-1 on the calibration data and warns (``AccuracyWarning``) when that costs accuracy.
 """
 from __future__ import annotations
 
@@ -10,10 +12,17 @@ import warnings
 
 import numpy as np
 
-from ..errors import CompileError, RangeWarning
+from ..errors import AccuracyWarning, CompileError, RangeWarning
 from ..program.ops import Op, range_problem
-from .activations import fit_chebyshev
+from ..program.polynomials import chebyshev_depth
+from .activations import DEFAULT_DEGREE, fit_chebyshev
 from .graph import Graph, Node
+
+#: ``calibrate`` warns when the polynomials it fits change more than this share of the top-1
+#: predictions on the calibration data (measured, docs/accuracy.md#the-default-compile-path).
+AGREEMENT_BOUND = 0.99
+#: inputs the agreement is measured on (the first ones of the calibration data)
+AGREEMENT_SAMPLES = 512
 
 
 def _ranges(graph: Graph, data: np.ndarray, batch_size: int, hook: str) -> dict[str, tuple[float, float]]:
@@ -41,8 +50,14 @@ def output_ranges(graph: Graph, data: np.ndarray, batch_size: int = 512) -> dict
 
 
 def calibrate(graph: Graph, data: np.ndarray | None, margin: float = 0.1,
-              degrees: dict[str, int] | None = None) -> Graph:
-    """Replace every named activation by a Chebyshev series fitted on its calibrated range."""
+              degrees: dict[str, int] | None = None, reference: np.ndarray | None = None) -> Graph:
+    """Replace every named activation by a Chebyshev series fitted on its calibrated range.
+
+    Then warn (``AccuracyWarning``) if on the first ``AGREEMENT_SAMPLES`` calibration inputs the
+    result's top-1 differs from the original's in more than 1 - ``AGREEMENT_BOUND`` of them;
+    ``reference`` holds the original's outputs there (the source PyTorch module's, which still
+    has its MaxPool), else the graph with exact activations stands in.
+    """
     needs = [n for n in graph.nodes.values() if n.op is Op.ACTIVATION]
     if needs and data is None:
         raise CompileError(
@@ -62,7 +77,42 @@ def calibrate(graph: Graph, data: np.ndarray | None, margin: float = 0.1,
             node = Node(node.name, Op.POLY, node.inputs, node.shape,
                         {"coeffs": coeffs, "lower": lo, "upper": hi, "replaces": node.attrs["kind"]})
         nodes[node.name] = node
-    return Graph(nodes, graph.input, graph.output)
+    fitted = Graph(nodes, graph.input, graph.output)
+    if needs:
+        data = data[:AGREEMENT_SAMPLES]
+        _warn_if_predictions_change(graph.evaluate(data) if reference is None else reference,
+                                    fitted.evaluate(data), needs, degrees)
+    return fitted
+
+
+def top1_agreement(reference: np.ndarray, outputs: np.ndarray) -> float | None:
+    """Share of rows whose argmax is the same in both (B, classes) arrays; None for a single output."""
+    if reference.shape[1] < 2:
+        return None
+    return float((reference.argmax(1) == outputs.argmax(1)).mean())
+
+
+def _warn_if_predictions_change(reference: np.ndarray, outputs: np.ndarray, replaced: list[Node],
+                                degrees: dict[str, int] | None) -> None:
+    agreement = top1_agreement(reference, outputs)
+    if agreement is None or agreement >= AGREEMENT_BOUND:
+        return
+    kinds = sorted({n.attrs["kind"] for n in replaced})
+    fits = ", ".join(f"{k} degree {(degrees or {}).get(k, DEFAULT_DEGREE[k])} "
+                     f"({chebyshev_depth((degrees or {}).get(k, DEFAULT_DEGREE[k]))} levels)" for k in kinds)
+    warnings.warn(
+        f"compile replaced {len(replaced)} activations ({', '.join(kinds)}) by Chebyshev fits ({fits}); on "
+        f"{len(outputs)} calibration inputs the compiled program's top-1 differs from the original model's on "
+        f"{1 - agreement:.1%} of them (agreement {agreement:.1%}): expect accuracy to drop by about that much, "
+        "more on data the model was not trained on. "
+        "Train the polynomials instead, then compile the result (in PyTorch; export it to ONNX for an ONNX "
+        "model): relu_model = copy.deepcopy(model); "
+        "h33_bento.nn.polyfy(model, x_train[:2000], degrees={'relu': 4}, trainable=True); "
+        "h33_bento.nn.finetune(model, (x_train, y_train), epochs=5, teacher=relu_model, freeze_bn=True) "
+        "(docs/accuracy.md#the-default-compile-path)",
+        AccuracyWarning,
+        stacklevel=5,  # compile's caller
+    )
 
 
 def check_ranges(graph: Graph, ranges: dict[str, tuple[float, float]]) -> list[str]:

@@ -58,6 +58,23 @@ def export_onnx(module: "torch.nn.Module", input_shape: tuple[int, ...]) -> onnx
         module.train(was_training)
 
 
+def predict(module: "torch.nn.Module", x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """The module's own outputs (eval mode, float32) on ``x``, flattened per input: the reference the
+    compiled program's predictions are compared with.  The module's training flag is restored."""
+    import torch
+
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # polynomial modules' RangeWarning: compile checks ranges itself
+            outs = [module(torch.as_tensor(x[i:i + batch_size], dtype=torch.float32)).double().numpy()
+                    for i in range(0, len(x), batch_size)]
+    finally:
+        module.train(was_training)
+    return np.concatenate(outs).reshape(len(x), -1)
+
+
 def import_torch(module: "torch.nn.Module", input_shape: tuple[int, ...], dtype: Any = np.float64) -> Graph:
     """Lower a PyTorch module taking a (batch, *input_shape) tensor to a Graph."""
     return import_onnx(export_onnx(module, input_shape), tuple(input_shape), dtype)

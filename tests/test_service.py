@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import openfhe
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -36,7 +37,7 @@ yaml = pytest.importorskip("yaml")
 
 from h33_bento import compile, simulate, zoo  # noqa: E402
 from h33_bento.ckks.context import get_context  # noqa: E402
-from h33_bento.ckks.keys import EvaluationKeys, KeyChain  # noqa: E402
+from h33_bento.ckks.keys import EvaluationKeys, KeyChain, key_id_for  # noqa: E402
 from h33_bento.ckks.params import select_params  # noqa: E402
 from h33_bento.ckks.serialization import EncryptedTensor  # noqa: E402
 from h33_bento.client import FHEInferenceClient, RemoteError  # noqa: E402
@@ -706,10 +707,13 @@ def test_error_answers_carry_no_server_paths_or_source_lines(deployment, service
     cc.EvalMultKeyGen(pair.secretKey)
     cc.EvalRotateKeyGen(pair.secretKey, [r for r in params.rotation_indices if r != dropped])
     liar = FHEInferenceClient(service_model, keys=KeyChain(params, pair.publicKey, pair.secretKey))
+    tag, binary = pair.publicKey.GetKeyTag(), openfhe.BINARY
+    lie = EvaluationKeys(params.fingerprint, key_id_for(tag), tag, tuple(params.rotation_indices),  # claims them all
+                         openfhe.Serialize(pair.publicKey, binary), openfhe.SerializeEvalMultKeyString(binary, tag),
+                         (openfhe.SerializeEvalAutomorphismKeyString(binary, tag),))
     url, headers = deployment.url, {**deployment.auth("globex"), "Content-Type": "application/octet-stream"}
     x, _ = mnist_test
-    answers = [httpx.post(f"{url}/keys", content=liar.keys.evaluation_keys().to_bytes(), headers=headers,
-                          timeout=600)]
+    answers = [httpx.post(f"{url}/keys", content=lie.to_bytes(), headers=headers, timeout=600)]
     if answers[0].status_code in (200, 201):
         answers.append(post_infer(url, deployment.api_keys["globex"], liar.encrypt(x[90]).to_bytes()))
     refused = answers[-1]

@@ -114,7 +114,7 @@ def main() -> None:
     rows.append(_row("conv-pool", "ReLU, compiler's fit (degree 15)", compiled, top1, None, None))
     print(rows[-1], flush=True)
 
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores (shared with other jobs), torch threads 2; "
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.2f} at the end), torch threads 2; "
           f"ReLU training and fine-tuning {args.epochs} epochs each on 5,000 MNIST images\n")
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")

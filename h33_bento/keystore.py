@@ -401,7 +401,7 @@ class KeyStore:
         with self.incoming() as upload:
             self.remote.download(meta, upload.file)
             upload.file.flush()
-            staged = StagedBundle(upload.path, EvaluationKeys.from_bytes(upload.path.read_bytes()))
+            staged = StagedBundle(upload.path, EvaluationKeys.from_file(upload.path))  # not read whole
             if staged.keys.key_id != rec.key_id:
                 raise KeyMismatchError(f"{self.remote} holds evaluation keys for key_id {staged.keys.key_id} "
                                        f"under {rec.key_id}")

@@ -10,11 +10,11 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from h33_bento.ckks.keys import KeyChain
-from h33_bento.ckks.params import select_params
 from h33_bento.errors import EvaluationKeysNotFoundError
 from h33_bento.keystore import KeyStore
 from h33_bento.keystore_s3 import S3Keys
+
+from test_keystore import chains, params  # noqa: F401  (the module-scoped key chains)
 
 BUCKET = "h33-keys"
 CREDENTIALS = {"aws_access_key_id": "h33-test", "aws_secret_access_key": "h33-test", "region_name": "us-east-1"}
@@ -36,16 +36,6 @@ def remote(s3_endpoint, request):
     """A fresh prefix of the bucket per test, as a factory of clients onto it (one per replica)."""
     prefix = f"t-{request.node.name[:40]}"
     return lambda: S3Keys(BUCKET, prefix, client=boto3.client("s3", endpoint_url=s3_endpoint, **CREDENTIALS))
-
-
-@pytest.fixture(scope="module")
-def params():
-    return select_params(1, 1024, lanes=8, rotation_indices=(1, 2))
-
-
-@pytest.fixture(scope="module")
-def chains(params):
-    return [KeyChain.generate(params) for _ in range(2)]
 
 
 def test_a_key_stored_through_one_replica_is_loaded_through_another(tmp_path, remote, params, chains):

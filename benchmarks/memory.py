@@ -7,7 +7,10 @@ network for 28x28 MNIST at N=2^16 (issue 17: its keys used to need 4x the bundle
 
 The network is untrained (only memory and time are measured) and calibrated on 256 MNIST
 training images.  Each step is one ``h33`` command in its own process, started by a fresh
-intermediate process, so its peak RSS (``RUSAGE_CHILDREN``) is that command's alone.  Prints a
+intermediate process, so its peak RSS (``RUSAGE_CHILDREN``) is that command's alone; ``validate``
+is what a server does with an uploaded bundle (``Sandbox.canonical_bundle``): its peak is the
+largest of its children (the key-shape reference's, usually), and it prints the validating
+child's own before and peak RSS (GiB).  Prints a
 markdown table of predicted vs measured peaks; ``--json`` writes the raw records.
 """
 from __future__ import annotations
@@ -23,8 +26,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STEPS = ("keygen", "encrypt", "infer", "decrypt")
-TARGETS = {"keygen": (12 << 30, None), "infer": (12 << 30, None), "encrypt": (1 << 30, 5.0), "decrypt": (1 << 30, 5.0)}
+STEPS = ("keygen", "validate", "encrypt", "infer", "decrypt")
+TARGETS = {"keygen": (12 << 30, None), "validate": (12 << 30, None), "infer": (12 << 30, None),
+           "encrypt": (1 << 30, 5.0), "decrypt": (1 << 30, 5.0)}
+#: a server's check of an uploaded bundle: the sandbox learns honest keys' shapes in one child,
+#: then validates and re-serializes the bundle in another (printed: that child's own peak)
+VALIDATE = """
+import json, sys, tempfile
+from h33_bento.ckks.sandbox import Sandbox
+from h33_bento.program.model import CompiledModel
+params = CompiledModel.load(sys.argv[1]).params
+with tempfile.TemporaryDirectory(dir=sys.argv[3]) as tmp, Sandbox(params, processes=1, scratch_dir=tmp) as sb:
+    sb.learn_key_shapes()
+    sb.canonical_bundle(sys.argv[2], tmp + "/canonical.h33k")
+    print(json.dumps({k: round(v / 2**30, 2) for k, v in sb.bundle_memory.items()}))
+"""
 
 
 def network():
@@ -77,6 +93,7 @@ def commands(work: Path) -> dict[str, list[str]]:
     model, keys = str(work / "model"), str(work / "keys")
     return {
         "keygen": [*h33, "keygen", model, "--keys", keys],
+        "validate": [sys.executable, "-c", VALIDATE, model, f"{keys}/evaluation_keys.h33k", str(work)],
         "encrypt": [*h33, "encrypt", model, "--keys", keys, "--input", str(work / "input.npy"),
                     "--out", str(work / "input.h33t")],
         "infer": [*h33, "infer", model, "--eval-keys", f"{keys}/evaluation_keys.h33k",

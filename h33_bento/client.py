@@ -282,7 +282,7 @@ class FHEInferenceClient:
                 if bundle.source is None:
                     resp = self._http.post("/keys", content=bundle.to_bytes(), headers=headers)
                 else:  # streamed from its file: a deep model's bundle is gigabytes
-                    with open(bundle.source.path, "rb") as fh:
+                    with bundle.source.open() as fh:
                         size = os.fstat(fh.fileno()).st_size
                         resp = self._http.post("/keys", content=iter(lambda: fh.read(8 << 20), b""),
                                                headers={**headers, "Content-Length": str(size)})

@@ -19,8 +19,9 @@ process (another replica on the same volume included) is still writing.  Every l
 ``stat`` that its indexed record is still what the disk holds and re-reads it otherwise, which
 is how one process sees another's writes and deletions.
 
-Every bundle is validated on the way in (``EvaluationKeys.from_bytes``) and on the way out
-(``load`` also checks that the bundle is the one its key_id names).  A bundle belongs to a
+Every bundle is validated on the way in and on the way out (``load`` also checks that the bundle
+is the one its key_id names), as a stream (``EvaluationKeys.from_file``): a deep model's bundle is
+tens of GB and is never read whole.  A bundle belongs to a
 tenant, recorded in ``meta.json``: the BentoML service records the uploading tenant and serves
 a key only to it; writers without tenants (``mlflow.h33.save_evaluation_keys``) record
 ``DEFAULT_TENANT`` unless told otherwise.
@@ -284,7 +285,7 @@ class KeyStore:
             self._fetch(rec)
         try:
             if sandbox is None:
-                keys = EvaluationKeys.from_bytes(path.read_bytes(), params)
+                keys = EvaluationKeys.from_file(path, params)
             elif self._writable:  # the child's copy stays on this file system, locked against cleaning
                 with self.incoming() as scratch:
                     keys = sandbox.load_bundle(path, scratch.path)
@@ -345,7 +346,7 @@ class KeyStore:
         upload = Path(upload)
         if upload.resolve().parent != self.root / INCOMING:
             raise ValueError(f"{upload} is not an upload of this store; write it in incoming()")
-        return StagedBundle(upload, EvaluationKeys.from_bytes(upload.read_bytes(), params))
+        return StagedBundle(upload, EvaluationKeys.from_file(upload, params))  # not read whole
 
     def commit(self, staged: StagedBundle, tenant: str = DEFAULT_TENANT) -> tuple[KeyRecord, bool]:
         """Move a staged bundle into place as ``tenant``'s; returns (record, created).

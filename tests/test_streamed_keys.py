@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from h33_bento.ckks.keys import EVAL_KEYS_FILE, EvaluationKeys, KeyChain
+from h33_bento.ckks.sandbox import Sandbox
 from h33_bento.ckks.serialization import KEYS_MAGIC, FrameFile, pack_frame
 from h33_bento.client import FHEInferenceClient
 from h33_bento.errors import InsufficientMemoryError, TamperedDataError, TruncatedDataError
 from h33_bento.memory import LIMIT_ENV, available_memory_bytes
+from h33_bento.runtime.engine import Engine
 from h33_bento.runtime.simulate import simulate
 
 from conftest import assert_logits_close
@@ -51,13 +53,20 @@ def _python(code: str, *args: str) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def test_streamed_bundle_round_trips_through_a_file_and_runs_encrypted(tmp_path, convnet_compiled, mnist_test):
+@pytest.fixture(scope="module")
+def chunked(tmp_path_factory, convnet_compiled):
+    """The ConvNet saved, and its keys generated in a fresh process three rotation keys a chunk."""
+    root = tmp_path_factory.mktemp("chunked")
+    convnet_compiled.save(root / "model")
+    return root, json.loads(_python(_KEYGEN, str(root / "model"), str(root / "keys")))
+
+
+def test_streamed_bundle_round_trips_through_a_file_and_runs_encrypted(chunked, tmp_path, convnet_compiled, mnist_test):
     """Keygen writes several rotation-key chunks and keeps none of them; a fresh process installs
     them chunk by chunk (OpenFHE merges each into the key tag's map) and runs the model with them."""
-    convnet_compiled.save(tmp_path / "model")
-    made = json.loads(_python(_KEYGEN, str(tmp_path / "model"), str(tmp_path / "keys")))
+    root, made = chunked
     assert made["left"] == 0  # every chunk was dropped once written
-    frame = FrameFile(tmp_path / "keys" / EVAL_KEYS_FILE, KEYS_MAGIC, "bundle")
+    frame = FrameFile(root / "keys" / EVAL_KEYS_FILE, KEYS_MAGIC, "bundle")
     rotations = len(convnet_compiled.params.rotation_indices)
     assert len(frame.lengths) - 2 == -(-rotations // 3) > 1  # public, relinearization, then 3 keys a chunk
     bundle = EvaluationKeys.from_file(frame.path, convnet_compiled.params)
@@ -66,13 +75,32 @@ def test_streamed_bundle_round_trips_through_a_file_and_runs_encrypted(tmp_path,
 
     x = mnist_test[0][:8]
     np.save(tmp_path / "x.npy", x)
-    got = np.asarray(json.loads(_python(_INFER, str(tmp_path / "model"), str(tmp_path / "keys"), str(tmp_path / "x.npy"))))
+    got = np.asarray(json.loads(_python(_INFER, str(root / "model"), str(root / "keys"), str(tmp_path / "x.npy"))))
     assert_logits_close(got, simulate(convnet_compiled, x), rel=1e-3)
+
+
+def test_a_server_validates_a_chunked_bundle_one_chunk_at_a_time(chunked, tmp_path, convnet_compiled, mnist_test):
+    """The sandbox child re-serializes each rotation-key chunk on its own, so its memory grows by
+    about OpenFHE's one copy of the keys, never by the bundle several times over (ResNet-20's 15 GiB
+    bundle must validate on a 24 GB machine); the canonical bundle keeps the upload's chunks, so
+    the serving process installs it one chunk at a time too, from a file the validator removed."""
+    root, _ = chunked
+    upload = EvaluationKeys.from_file(root / "keys" / EVAL_KEYS_FILE, convnet_compiled.params)
+    with Sandbox(convnet_compiled.params, scratch_dir=tmp_path) as sb:
+        keys = sb.load_bundle(upload.source.path)
+        assert not list(tmp_path.glob("sandbox-*"))  # its scratch copy is gone, and still reads:
+        assert keys.source.lengths[2:] == upload.source.lengths[2:] and len(upload.source.lengths) > 4
+        grown = sb.bundle_memory["peak_rss"] - sb.bundle_memory["rss_before"]
+        assert grown < 1.5 * upload.rotation_bytes, (grown, upload.rotation_bytes)
+        client = FHEInferenceClient(convnet_compiled, keys=KeyChain.load(root / "keys"))
+        x = mnist_test[0][:8]
+        out = Engine(convnet_compiled, keys, sandbox=sb).run(client.encrypt(x))
+    assert_logits_close(client.decrypt_logits(out), simulate(convnet_compiled, x))
 
 
 def test_a_single_blob_bundle_still_reads_as_one_chunk(convnet_client, convnet_compiled):
     keys = convnet_client.keys.evaluation_keys()
-    old = pack_frame(KEYS_MAGIC, keys._header(), [keys.public_key, keys.mult_key, b"".join(keys.rotation_chunks())])
+    old = pack_frame(KEYS_MAGIC, keys.header(), [keys.public_key, keys.mult_key, b"".join(keys.rotation_chunks())])
     if len(keys.source.lengths) == 3:  # generated in a process holding other keys: one chunk already
         assert EvaluationKeys.from_bytes(old, convnet_compiled.params) == keys
     assert len(EvaluationKeys.from_bytes(old).rotation_keys) == 1

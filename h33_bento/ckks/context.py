@@ -102,6 +102,20 @@ def rss_bytes() -> int:
         return 0
 
 
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM; 0 where /proc is not available).  Unlike
+    ``ru_maxrss``, which Linux carries over from the parent through fork and exec, it counts only
+    what this program touched."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
 def bootstrap_context(params: CKKSParams, precompute: bool) -> openfhe.CryptoContext:
     """The shared context, set up to bootstrap at every slot count of ``params.bootstrapping``.
 

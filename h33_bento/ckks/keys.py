@@ -76,30 +76,32 @@ class EvaluationKeys:
         """The same bundle, wherever its rotation keys are (memory or file)."""
         if not isinstance(other, EvaluationKeys):
             return NotImplemented
-        return ((self._header(), self.public_key, self.mult_key) == (other._header(), other.public_key, other.mult_key)
+        return ((self.header(), self.public_key, self.mult_key) == (other.header(), other.public_key, other.mult_key)
                 and tuple(self.rotation_chunks()) == tuple(other.rotation_chunks()))
 
     __hash__ = None  # type: ignore[assignment]  # holds bytes it compares by value, like a list
 
-    def _header(self) -> dict[str, Any]:
+    def header(self) -> dict[str, Any]:
+        """What the bundle's frame header says of it (its blob lengths aside)."""
         return {"params_fingerprint": self.params_fingerprint, "key_id": self.key_id, "key_tag": self.key_tag,
                 "rotation_indices": list(self.rotation_indices)}
 
     def to_bytes(self) -> bytes:
         """The whole bundle as one frame in memory (for small bundles and the HTTP upload)."""
-        return pack_frame(KEYS_MAGIC, self._header(), [self.public_key, self.mult_key, *self.rotation_chunks()])
+        return pack_frame(KEYS_MAGIC, self.header(), [self.public_key, self.mult_key, *self.rotation_chunks()])
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the bundle to ``path`` without holding it in memory (a file-backed one is copied)."""
         path = Path(path)
         if self.source is not None:
-            if path.resolve() != self.source.path.resolve():
-                shutil.copyfile(self.source.path, path)
+            if not self.source.stored_at(path):
+                with self.source.open() as src, open(path, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 24)
             return path
         with FrameWriter(path, KEYS_MAGIC) as out:
             for blob in (self.public_key, self.mult_key, *self.rotation_keys):
                 out.add(blob)
-            return out.commit(self._header())
+            return out.commit(self.header())
 
     @classmethod
     def _from_parts(cls, header: dict[str, Any], blobs: list[bytes], rotation: tuple[bytes, ...],
@@ -150,6 +152,20 @@ class EvaluationKeys:
             if i >= 2 and blob:
                 yield blob
 
+    def rotation_files(self) -> Iterator[Path]:
+        """The rotation-key chunks as files, one at a time, each removed when the next is asked for:
+        OpenFHE deserializes a file holding only the keys it builds (a string costs the chunk's
+        size twice more: the Python bytes and the binding's copy; gigabytes for bootstrapping keys)."""
+        if self.source is not None:
+            yield from (path for path in self.source.blob_files(first=2) if path.stat().st_size)
+            return
+        with tempfile.TemporaryDirectory(prefix="h33-keys-") as tmp:
+            path = Path(tmp) / "chunk"
+            for chunk in self.rotation_keys:
+                path.write_bytes(chunk)
+                yield path
+                path.unlink()
+
     @property
     def rotation_bytes(self) -> int:
         if self.source is not None:
@@ -185,9 +201,9 @@ class EvaluationKeys:
             if self.key_tag not in cc.GetAllEvalMultKeys():
                 openfhe.DeserializeEvalMultKeyString(self.mult_key, openfhe.BINARY)
             if self.rotation_bytes and self.key_tag not in cc.GetAllEvalAutomorphismKeys():
-                for chunk in self.rotation_chunks():
-                    openfhe.DeserializeEvalAutomorphismKeyString(chunk, openfhe.BINARY)
-                    del chunk
+                for path in self.rotation_files():
+                    if not openfhe.CryptoContext.DeserializeEvalAutomorphismKey(str(path), openfhe.BINARY):
+                        raise TamperedDataError("evaluation-key bundle's rotation keys could not be deserialized")
         except (RuntimeError, ValueError, MemoryError) as exc:  # OpenFHE's errors on malformed bytes
             raise TamperedDataError(f"evaluation keys could not be deserialized: {exc}") from exc
         if self.key_tag not in cc.GetAllEvalMultKeys():

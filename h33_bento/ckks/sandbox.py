@@ -29,9 +29,12 @@ and the other requests never notice.
   and rotation keys must carry the bundle's tag and no other; the rotation keys must be exactly
   those the served program needs (lane shifts included); re-serialized, each must have the
   *shape* of honest keys for the served parameters; and the re-serialized keys, loaded again as
-  the serving process will load them, must serialize back to themselves and encrypt, multiply
-  (relinearize) and rotate by every needed index.  The child writes the re-serialized bundle to a
-  file the caller names (bundles reach gigabytes: they go through files, not pipes).  The shape is
+  the serving process will load them, must encrypt, multiply (relinearize) and rotate by every
+  needed index (the relinearization key must also serialize back to itself).  The child writes
+  the re-serialized bundle to a file the caller names (bundles reach gigabytes: they go through
+  files, not pipes), one rotation-key chunk at a time: each uploaded chunk is deserialized alone,
+  re-serialized and dropped, so the child holds OpenFHE's one copy of the keys (for the
+  rehearsal) plus one chunk, never the bundle's bytes.  The shape is
   learnt once per sandbox (:meth:`Sandbox.learn_key_shapes`): a child generates two key sets for
   the served parameters and keeps the 8-byte words on which they agree (their tags blanked), less
   one word at each end of every run, since random coefficients next to a field can agree by
@@ -52,6 +55,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import mmap
 import os
 import queue
 import signal
@@ -77,9 +81,11 @@ from ..errors import (
 import numpy as np
 import openfhe
 
-from .context import bootstrap_context, get_context, release_evaluation_keys, rss_bytes
+from .context import (bootstrap_context, get_context, peak_rss_bytes, release_evaluation_keys,
+                      release_rotation_keys, rss_bytes)
 from .canonical import CiphertextChecker
 from .keys import EvaluationKeys
+from .serialization import KEYS_MAGIC, FrameWriter
 from .params import CKKSParams
 
 logger = logging.getLogger("h33_bento.sandbox")
@@ -93,6 +99,9 @@ _ERRORS: dict[str, type[EnvelopeError]] = {cls.__name__: cls for cls in (
 GiB = 1 << 30
 #: weight ciphertexts checked per child call (about 1 MB each at N=2^14)
 WEIGHT_BATCH = 64
+#: what one more rotation-key chunk may add to the keys' encoding: a copy of the parameter objects
+#: (measured: 520 bytes at N=2^12 with 5 moduli, 2,328 for a bootstrapped context's several levels)
+CHUNK_PARAMS_BYTES = 64 << 10
 
 
 # --------------------------------------------------------------------------------------- protocol
@@ -234,6 +243,9 @@ class Sandbox:
         self._bundles = threading.Lock()  # one bundle child at a time: each may need gigabytes
         self._shapes: tuple[dict[str, Any], list[bytes]] | None = None
         self._canonical: set[bytes] = set()  # frame digests of bundles (and weights) a child wrote or confirmed
+        #: the last bundle child's resident memory (bytes) before it read the bundle and at its peak:
+        #: about OpenFHE's copy of the keys plus one rotation-key chunk, never the bundle twice
+        self.bundle_memory: dict[str, int] = {}
         for _ in range(processes):
             self._replace()
 
@@ -361,7 +373,10 @@ class Sandbox:
             dst.unlink(missing_ok=True)
         _raise_reply(reply)
         self._canonical.add(_frame_digest(dst))  # src too, if it was canonical already (the same bytes)
-        logger.info("sandbox: key bundle %s validated in %.2f s", src.name, time.perf_counter() - t0)
+        self.bundle_memory = {k: int(reply[k]) for k in ("rss_before", "peak_rss")}
+        logger.info("sandbox: key bundle %s (%.0f MiB) validated in %.2f s; the validator's peak RSS %.0f MiB, "
+                    "%.0f MiB before reading it", src.name, src.stat().st_size / 2**20, time.perf_counter() - t0,
+                    reply["peak_rss"] / 2**20, reply["rss_before"] / 2**20)
 
     def load_bundle(self, path: str | os.PathLike, scratch: str | os.PathLike | None = None) -> EvaluationKeys:
         """A stored bundle, safe to install here: read directly if a child wrote or confirmed exactly
@@ -370,14 +385,14 @@ class Sandbox:
         either is removed once read."""
         path = Path(path)
         if _frame_digest(path) in self._canonical:
-            return EvaluationKeys.from_bytes(path.read_bytes(), self.params)
+            return EvaluationKeys.from_file(path, self.params)
         if scratch is None:
             fd, scratch = tempfile.mkstemp(prefix="sandbox-", suffix=".h33k", dir=self.scratch_dir)
             os.close(fd)
         target = Path(scratch)
         try:
             self.canonical_bundle(path, target)
-            return EvaluationKeys.from_bytes(target.read_bytes(), self.params)
+            return EvaluationKeys.from_file(target, self.params)  # stays readable once removed
         finally:
             target.unlink(missing_ok=True)
 
@@ -432,18 +447,43 @@ class _Shape:
         return cls(length, np.frombuffer(starts, ">i8").astype(np.int64), np.frombuffer(ends, ">i8").astype(np.int64),
                    words)
 
-    def check(self, got: bytes, what: str) -> None:
-        """``got`` (its key tag blanked) must have this length and these words."""
+    def check(self, got: bytes | mmap.mmap, what: str, tag: str | None = None) -> None:
+        """``got`` must have this length and these words; its key tag blanked already, or blanked here
+        around each shared run when ``tag`` is given (so a mapped file is touched only there)."""
         if len(got) != self.length:
             raise TamperedDataError(f"{what} of the bundle: {len(got)} bytes where the model's parameters give "
                                     f"{self.length} (another ring dimension or moduli)")
-        view, words, at = memoryview(got), memoryview(self.words), 0
+        pad = len(tag) - 1 if tag else 0  # a tag overlapping a run lies within pad bytes of it
+        words, at = memoryview(self.words), 0
         for s, e in zip(self.starts.tolist(), self.ends.tolist()):
-            if view[s:e] != words[at:at + e - s]:
+            lo = max(0, s - pad)
+            window = got[lo:e + pad]
+            if tag:
+                window = _blank(window, tag)
+            if window[s - lo:e - lo] != words[at:at + e - s]:
                 raise TamperedDataError(f"{what} of the bundle: not the encoding of keys for the model's parameters "
                                         f"at byte {s} (ring dimension, moduli, digits or layout)")
             at += e - s
 
+    def check_file(self, path: str | os.PathLike, what: str, tag: str, chunks: int = 1) -> None:
+        """:meth:`check` for keys serialized to a file (gigabytes), mapped rather than read.
+
+        Keys installed from ``chunks`` > 1 serializations keep one copy of the parameter objects
+        (moduli, roots of unity: kilobytes) per serialization they came from, so their encoding is
+        no longer the reference's layout: it must then be at least the reference's length and at
+        most ``CHUNK_PARAMS_BYTES`` per extra chunk longer.  A key of another ring dimension or
+        with one tower more or less differs by at least ring dimension x 8 bytes.
+        """
+        size = os.path.getsize(path)
+        if chunks > 1:
+            if not self.length <= size <= self.length + (chunks - 1) * CHUNK_PARAMS_BYTES:
+                raise TamperedDataError(f"{what} of the bundle: {size} bytes in {chunks} chunks where the model's "
+                                        f"parameters give {self.length} in one (another ring dimension or moduli)")
+            return
+        if size == 0:
+            return self.check(b"", what)
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            self.check(mm, what, tag)
 
 def _blank(blob: bytes, tag: str) -> bytes:
     """``blob`` with its key tag (OpenFHE writes it as text) zeroed, so keys of different tags compare."""
@@ -510,16 +550,18 @@ def _validate_bundle(params: CKKSParams, src: Path, dst: Path, shapes: dict[str,
     """The child's whole job for one bundle (see the module docstring); raises an EnvelopeError.
 
     ``automorphisms`` are the indices honest rotation keys hold: the rotations the program needs
-    and, for bootstrapped programs, the bootstrapping keys.
+    and, for bootstrapped programs, the bootstrapping keys.  The bundle is read as a stream and
+    re-serialized one rotation-key chunk at a time, so the child holds one chunk plus OpenFHE's
+    own copy of the keys (once, for the rehearsal) -- never the bundle's bytes whole.
     """
-    keys = EvaluationKeys.from_bytes(src.read_bytes(), params)  # frame, digest, params, key_id <-> tag
+    keys = EvaluationKeys.from_file(src, params)  # frame, digest, params, key_id <-> tag; chunks stay in the file
     tag = keys.key_tag
     needed = list(params.rotation_indices)
     if set(keys.rotation_indices) != set(needed):
         raise ParamsMismatchError("the bundle's rotation keys are not exactly those the model needs")
     cc, BIN = get_context(params), openfhe.BINARY
 
-    def load(what: str, fn: Any, blob: bytes) -> Any:
+    def load(what: str, fn: Any, blob: bytes | str) -> Any:  # the bytes, or a file's path
         try:
             return fn(blob, BIN)
         except Exception as exc:  # OpenFHE's RuntimeError/ValueError/MemoryError on malformed bytes
@@ -538,52 +580,67 @@ def _validate_bundle(params: CKKSParams, src: Path, dst: Path, shapes: dict[str,
     mult_c = openfhe.SerializeEvalMultKeyString(BIN, tag)
     shapes["relinearization key"].check(_blank(mult_c, tag), "relinearization key")
 
-    rot_c = b""
-    if automorphisms:
-        if not keys.rotation_keys:
-            raise TamperedDataError("the bundle has no rotation keys; the model needs them")
-        for chunk in keys.rotation_keys:  # each chunk merges into the tag's map, as the serving process installs them
-            load("rotation keys", openfhe.DeserializeEvalAutomorphismKeyString, chunk)
-        if set(cc.GetAllEvalAutomorphismKeys()) != {tag}:
-            raise TamperedDataError("the bundle carries rotation keys for other key tags")
-        have = set(cc.GetExistingEvalAutomorphismKeyIndices(tag))
-        if have != set(automorphisms):
-            missing = [r for r in needed if cc.FindAutomorphismIndex(r) not in have]
-            raise TamperedDataError(
-                f"the bundle's rotation keys are not those its header lists and the model needs (missing rotations "
-                f"{missing[:8]}, {len(set(automorphisms) - have)} automorphisms missing, {len(have - set(automorphisms))}"
-                f" extra{'; bootstrapping keys included' if params.bootstrapping else ''})")
-        rot_c = openfhe.SerializeEvalAutomorphismKeyString(BIN, tag)
-        shapes["rotation keys"].check(_blank(rot_c, tag), "rotation keys")
-    elif keys.rotation_keys:
-        raise TamperedDataError("the bundle has rotation keys; the model needs none")
+    with FrameWriter(dst, KEYS_MAGIC) as out, tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        out.add(public_c)
+        out.add(mult_c)
+        chunk_file = os.path.join(tmp, "chunk")
+        if automorphisms:
+            if not keys.rotation_bytes:
+                raise TamperedDataError("the bundle has no rotation keys; the model needs them")
+            have: set[int] = set()
+            chunks = 0
+            for path in keys.rotation_files():  # each alone in OpenFHE's map, re-serialized from there
+                chunks += 1
+                if not load("rotation keys", openfhe.CryptoContext.DeserializeEvalAutomorphismKey, str(path)):
+                    raise TamperedDataError("the bundle's rotation keys could not be deserialized")
+                if set(cc.GetAllEvalAutomorphismKeys()) != {tag}:
+                    raise TamperedDataError("the bundle carries rotation keys for other key tags")
+                have |= set(cc.GetExistingEvalAutomorphismKeyIndices(tag))
+                if not openfhe.CryptoContext.SerializeEvalAutomorphismKey(chunk_file, BIN, tag):
+                    raise TamperedDataError("the bundle's rotation keys could not be serialized again")
+                release_rotation_keys()
+                out.add_file(chunk_file)
+                os.unlink(chunk_file)
+            if have != set(automorphisms):
+                missing = [r for r in needed if cc.FindAutomorphismIndex(r) not in have]
+                raise TamperedDataError(
+                    f"the bundle's rotation keys are not those its header lists and the model needs (missing rotations "
+                    f"{missing[:8]}, {len(set(automorphisms) - have)} automorphisms missing, "
+                    f"{len(have - set(automorphisms))} extra{'; bootstrapping keys included' if params.bootstrapping else ''})")
+        elif keys.rotation_bytes:
+            raise TamperedDataError("the bundle has rotation keys; the model needs none")
+        out.commit(keys.header() | {"rotation_indices": needed})
+        del keys, public
+        release_evaluation_keys()
 
-    # rehearse exactly what the serving process will do with the re-serialized bytes
-    canonical = dataclasses.replace(keys, rotation_indices=tuple(needed), public_key=public_c, mult_key=mult_c,
-                                    rotation_keys=(rot_c,) if rot_c else ())
-    del keys, public
-    release_evaluation_keys()
-    try:
-        canonical.install(params)
-        if (openfhe.SerializeEvalMultKeyString(BIN, tag) != mult_c
-                or (automorphisms and openfhe.SerializeEvalAutomorphismKeyString(BIN, tag) != rot_c)):
-            raise TamperedDataError("the bundle's keys do not serialize back to themselves")
-        public = openfhe.DeserializePublicKeyString(public_c, BIN)
-        x = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(np.random.default_rng().uniform(-1, 1, params.slots)))
-        cc.EvalMult(x, x)  # relinearizes with the bundle's key
-        for r in needed:
-            cc.EvalRotate(x, r)
-        if params.bootstrapping is not None:  # one bootstrap per slot count uses every bootstrapping key
-            bootstrap_context(params, precompute=True)
-            for slots in params.bootstrapping.slots:
-                y = x.Clone()
-                y.SetSlots(slots)  # as the engine's sparse bootstraps do
-                cc.EvalBootstrap(y)
-    except EnvelopeError:
-        raise
-    except Exception as exc:
-        raise TamperedDataError(f"the bundle's keys do not work with the model's parameters: {exc}") from None
-    dst.write_bytes(canonical.to_bytes())
+        # rehearse exactly what the serving process will do with the re-serialized bundle
+        try:
+            canonical = EvaluationKeys.from_file(dst, params)
+            canonical.install(params)
+            if openfhe.SerializeEvalMultKeyString(BIN, tag) != mult_c:
+                raise TamperedDataError("the bundle's relinearization key does not serialize back to itself")
+            if automorphisms:  # all of them at once, through a file: gigabytes for a bootstrapped program
+                if not openfhe.CryptoContext.SerializeEvalAutomorphismKey(chunk_file, BIN, tag):
+                    raise TamperedDataError("the bundle's rotation keys could not be serialized again")
+                shapes["rotation keys"].check_file(chunk_file, "rotation keys", tag, chunks)
+                os.unlink(chunk_file)
+            public = openfhe.DeserializePublicKeyString(public_c, BIN)
+            x = cc.Encrypt(public, cc.MakeCKKSPackedPlaintext(np.random.default_rng().uniform(-1, 1, params.slots)))
+            cc.EvalMult(x, x)  # relinearizes with the bundle's key
+            for r in needed:
+                cc.EvalRotate(x, r)
+            if params.bootstrapping is not None:  # one bootstrap per slot count uses every bootstrapping key
+                bootstrap_context(params, precompute=True)
+                for slots in params.bootstrapping.slots:
+                    y = x.Clone()
+                    y.SetSlots(slots)  # as the engine's sparse bootstraps do
+                    cc.EvalBootstrap(y)
+        except EnvelopeError:
+            Path(dst).unlink(missing_ok=True)
+            raise
+        except Exception as exc:
+            Path(dst).unlink(missing_ok=True)
+            raise TamperedDataError(f"the bundle's keys do not work with the model's parameters: {exc}") from None
 
 
 def _child(mode: str, memory_bytes: int) -> None:
@@ -625,8 +682,11 @@ def _serve(mode: str, memory_bytes: int) -> None:
                 reference = header["shapes"]
                 shapes = {kind: _Shape.from_blobs(reference["key_lengths"][kind], *blobs[3 * i:3 * i + 3])
                           for i, kind in enumerate(_KINDS)}
+                get_context(params)
+                before = rss_bytes()
                 _validate_bundle(params, Path(header["src"]), Path(header["dst"]), shapes, reference["automorphisms"])
-            reply: dict[str, Any] = {"ok": True}
+                memory = {"rss_before": before, "peak_rss": peak_rss_bytes()}
+            reply: dict[str, Any] = {"ok": True, **(memory if checker is None else {})}
         except H33Error as exc:
             reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
         except MemoryError:

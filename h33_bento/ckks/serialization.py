@@ -31,6 +31,7 @@ import os
 import shutil
 import struct
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Annotated, Any, Iterator, Union
@@ -202,7 +203,11 @@ class FrameFile:
         self.path, self.what = Path(path), what
         #: what owns the file (a temporary directory), kept alive as long as this object
         self.owner: object = None
-        with open(self.path, "rb") as fh:
+        # the file stays open while this object lives: a key store renaming the path into place, or
+        # a validator removing its scratch copy, leaves the blobs readable
+        self._fd = os.open(self.path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
+        with self.open() as fh:
             prefix = fh.read(_PREFIX.size)
             head_end = _header_end(prefix, magic, what)
             size = os.fstat(fh.fileno()).st_size
@@ -217,19 +222,61 @@ class FrameFile:
             if digest.digest() != fh.read(_DIGEST_LEN):
                 raise TamperedDataError(f"{what} does not match its digest: the bytes were modified")
 
+    def open(self) -> IO[bytes]:
+        """The frame file, opened again with its own offset (Linux: through ``/proc``, so a path
+        renamed or removed since this object was made still reads)."""
+        return open(f"/proc/self/fd/{self._fd}", "rb")
+
+    def stored_at(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` is this frame's file (the same inode), wherever it was opened from."""
+        try:
+            st, mine = os.stat(path), os.fstat(self._fd)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
     def blobs(self) -> Iterator[bytes]:
         """Every blob in order, one in memory at a time (the caller keeps what it needs)."""
-        with open(self.path, "rb") as fh:
+        with self.open() as fh:
             digest = _hash_stream(fh, self._head_end)
             for n in self.lengths:
-                blob = fh.read(n)
-                if len(blob) != n:
-                    raise TruncatedDataError(f"{self.what} was truncated since it was opened")
+                blob = _read_exact_stream(fh, n, self.what)
                 digest.update(blob)
                 yield blob
                 del blob
             if digest.digest() != fh.read(_DIGEST_LEN):
                 raise TamperedDataError(f"{self.what} was modified since it was opened")
+
+    def blob_files(self, first: int = 0) -> Iterator[Path]:
+        """The blobs from index ``first`` on, each copied (a bounded block at a time) to a temporary
+        file that lives until the next one is asked for: what OpenFHE's file deserializers read,
+        which hold only the object they build, where a string holds the bytes twice more.  The
+        digest is checked as :meth:`blobs` does."""
+        with self.open() as fh, tempfile.TemporaryDirectory(prefix="h33-blob-") as tmp:
+            digest = _hash_stream(fh, self._head_end)
+            path = Path(tmp) / "blob"
+            for i, n in enumerate(self.lengths):
+                if i < first:
+                    digest.update(_read_exact_stream(fh, n, self.what))
+                    continue
+                with open(path, "wb") as out:
+                    left = n
+                    while left:
+                        block = _read_exact_stream(fh, min(left, _COPY_BYTES), self.what)
+                        digest.update(block)
+                        out.write(block)
+                        left -= len(block)
+                yield path
+                path.unlink(missing_ok=True)
+            if digest.digest() != fh.read(_DIGEST_LEN):
+                raise TamperedDataError(f"{self.what} was modified since it was opened")
+
+
+def _read_exact_stream(fh: IO[bytes], n: int, what: str) -> bytes:
+    block = fh.read(n)
+    if len(block) != n:
+        raise TruncatedDataError(f"{what} was truncated since it was opened")
+    return block
 
 
 def _hash_stream(fh: IO[bytes], n: int) -> "hashlib._Hash":

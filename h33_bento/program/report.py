@@ -98,10 +98,10 @@ def peak_memory(model: "CompiledModel", cache_bytes: int = DEFAULT_CACHE_BYTES) 
 
     Key generation holds one chunk of rotation keys at a time (``ckks.keys.ROTATION_CHUNK_BYTES``,
     or one slot count's bootstrapping keys, which OpenFHE makes at once).  The server holds the
-    whole bundle once installed, plus one chunk three times while it is deserialized (the Python
-    bytes, the binding's string copy and OpenFHE's stream), the plaintext cache, and the
-    ciphertexts of the widest step: its input, hoisted baby-step rotations and output per block.
-    Bootstrapping precomputations are not included.
+    whole bundle once installed (each chunk is deserialized from a file, which costs nothing
+    beyond the keys it builds), the plaintext cache, and the ciphertexts of the widest step: its
+    input, hoisted baby-step rotations and output per block.  Bootstrapping precomputations are
+    not included.
     """
     from ..ckks.keys import ROTATION_CHUNK_BYTES
 
@@ -122,7 +122,7 @@ def peak_memory(model: "CompiledModel", cache_bytes: int = DEFAULT_CACHE_BYTES) 
     plaintexts = sum(size * n for s in model.steps if s.linear for size, n in plaintext_runs(model, s))
     return {
         "keygen": PROCESS_BYTES + ks.get("public", 0) + ks.get("mult", 0) + largest,
-        "server": PROCESS_BYTES + key_bundle_bytes(model) + 3 * largest + min(cache_bytes, plaintexts) + working,
+        "server": PROCESS_BYTES + key_bundle_bytes(model) + min(cache_bytes, plaintexts) + working,
     }
 
 

@@ -125,7 +125,7 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
         order = np.random.default_rng(args.seed).permutation(len(x_tr))
         val = (x_tr[order[-1000:]], y_tr[order[-1000:]])
         x_tr, y_tr = x_tr[order[:-1000]], y_tr[order[:-1000]]
-    epochs = 1 if args.quick else cfg.epochs
+    epochs = 1 if args.quick else (args.epochs or cfg.epochs)
     augment = zoo.random_crop_flip if cfg.augment else None
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -150,7 +150,7 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     r["poly_acc_before_finetune"] = _acc(_quiet_logits(poly, x_te), y_te)
     t0 = time.perf_counter()
     history: list[dict] = []
-    ft_epochs = r["recipe"]["finetune_epochs"] = 1 if args.quick else cfg.finetune_epochs
+    ft_epochs = r["recipe"]["finetune_epochs"] = 1 if args.quick else (args.finetune_epochs or cfg.finetune_epochs)
     hnn.finetune(poly, (x_tr, y_tr), epochs=ft_epochs, lr=cfg.finetune_lr, coeff_lr=cfg.coeff_lr, seed=args.seed,
                  teacher=relu, lr_schedule=cfg.lr_schedule, augment=augment, freeze_bn=True, validation=val,
                  history=history)
@@ -164,6 +164,11 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     print(f"[{cfg.name}] polynomial model: top-1 {r['poly_acc_before_finetune']:.4f} after polyfy, "
           f"{r['poly_acc']:.4f} after fine-tuning ({r['finetune_s']:.0f} s); test inputs out of range: "
           f"{r['test_out_of_range']:.2%}", flush=True)
+    if args.save:  # before compiling: a deep network's compile or run may not finish
+        out = Path(args.save)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(relu.state_dict(), out / f"{cfg.name}-relu.pt")
+        torch.save(poly.state_dict(), out / f"{cfg.name}-poly.pt")
 
     t0 = time.perf_counter()
     # (calibration data only checks bootstrap input ranges: trained polynomials are kept as they are)
@@ -232,11 +237,6 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
 
     if cfg.name == "mnist" and not args.quick:
         r["out_of_range_experiment"] = out_of_range_experiment(relu, poly, x_te, y_te)
-    if args.save:
-        out = Path(args.save)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(relu.state_dict(), out / f"{cfg.name}-relu.pt")
-        torch.save(poly.state_dict(), out / f"{cfg.name}-poly.pt")
     r["total_s"] = time.perf_counter() - t_all
     return r
 
@@ -496,6 +496,8 @@ def main() -> None:
     parser.add_argument("--encrypted", type=int, default=256, help="encrypted test images for MNIST and CIFAR-10")
     parser.add_argument("--encrypted-pneumonia", type=int, default=624, help="encrypted PneumoniaMNIST test images")
     parser.add_argument("--degree", type=int, help="PolyReLU degree for every dataset (default: each dataset's)")
+    parser.add_argument("--epochs", type=int, help="ReLU training epochs for every dataset (default: each recipe's)")
+    parser.add_argument("--finetune-epochs", type=int, help="polynomial fine-tuning epochs (default: each recipe's)")
     parser.add_argument("--margin", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")

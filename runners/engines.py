@@ -118,6 +118,7 @@ class KeyState:
     def __init__(self, max_installed_keys: int = 16) -> None:
         self.max_installed_keys = max_installed_keys
         self.runners: list[EngineRunner] = []
+        self.tags: set[str] = set()  # key tags in OpenFHE's maps since the last recycle (engine thread writes)
         self.recycles = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h33-engine")
 
@@ -129,18 +130,14 @@ class KeyState:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _loaded(self) -> set[str]:
-        return set().union(*(r.loaded_tags for r in self.runners))
-
     @property
     def installed_keys(self) -> int:
         """Distinct keys in OpenFHE's maps (and in this process's memory) since the last recycle."""
-        return len(self._loaded())
+        return len(self.tags)
 
     def make_room(self, key_tag: str) -> bool:
         """Before ``key_tag`` is installed (engine thread): recycle if it is new and the cap is reached."""
-        loaded = self._loaded()
-        if key_tag in loaded or len(loaded) < self.max_installed_keys:
+        if key_tag in self.tags or len(self.tags) < self.max_installed_keys:
             return False
         self.recycle()
         return True
@@ -150,6 +147,7 @@ class KeyState:
         before, dropped = rss_bytes(), self.installed_keys
         for runner in self.runners:
             runner.drop_engines()
+        self.tags.clear()
         release_evaluation_keys()
         self.recycles += 1
         for runner in self.runners:
@@ -238,6 +236,7 @@ class EngineRunner:
         # per bundle); plaintext diagonals do not depend on the key, so all engines share a cache
         engine = Engine(self.compiled, keys, cache=self.cache, keep_serialized_keys=False, weights=weights)
         self.loaded_tags.add(keys.key_tag)
+        self.key_state.tags.add(keys.key_tag)
         self._installed[keys.key_id] = engine.keys
         self._engines[keys.key_id] = engine
         while len(self._engines) > self.max_engines:

@@ -11,7 +11,7 @@ concurrency limiter and its per-path HTTP metrics, and the gate does both jobs i
   checked before a byte of the body is read; so is the declared ``Content-Length`` against the route's limit
   (``max_infer_bytes`` for /infer and POST /tasks, ``max_key_bundle_bytes`` for POST /keys,
   ``max_weights_bytes`` for POST /keys/{key_id}/weights, 64 KiB elsewhere).
-  401, 413, 429 and 503 are answered at once with ``Connection: close``, the body unread;
+  401, 404 ``unknown_model``, 413, 429 and 503 are answered at once with ``Connection: close``, the body unread;
 * a model's routes exist un-prefixed, for the default model, and under ``/models/{name}`` for each
   served model (``GET /models/{name}`` is its ``/model``); the gate resolves the name after
   authentication (404 ``unknown_model``) and hands the ``ServedModel`` on in ``scope["h33"]["model"]``;
@@ -24,9 +24,10 @@ concurrency limiter and its per-path HTTP metrics, and the gate does both jobs i
   tenants; the checked ``InferItem`` travels in ``scope["h33"]["item"]``.
 
 The routes live in a Starlette app mounted at ``/`` through BentoML's public ``@bentoml.asgi_app``:
-``GET /models`` (the served models), and per model (un-prefixed or under ``/models/{name}``) ``POST /infer`` (raw octet-stream bodies, handed to the lane packer, which does the batching:
-see docs/deploy.md for why BentoML's batcher cannot), ``GET /model``, ``POST /keys`` (streamed), ``GET /keys``, ``GET|DELETE /keys/{key_id}``, for
-a model served in encrypted-weight mode ``POST /keys/{key_id}/weights`` (streamed), and the
+``GET /models`` (the served models), and per model (un-prefixed or under ``/models/{name}``)
+``POST /infer`` (raw octet-stream bodies, handed to the lane packer, which does the batching:
+see docs/deploy.md for why BentoML's batcher cannot), ``GET /model``, ``POST /keys`` (streamed),
+``GET /keys``, ``GET|DELETE /keys/{key_id}``, for a model served in encrypted-weight mode ``POST /keys/{key_id}/weights`` (streamed), and the
 task routes of long runs, ``POST /tasks``, ``GET /tasks/{task_id}``, ``GET /tasks/{task_id}/result``
 (``tasks.py``; docs/deploy.md says why they are not BentoML's ``@bentoml.task``); and for the
 worker ``GET /health`` and ``GET /metrics``.

@@ -32,8 +32,9 @@ logger = logging.getLogger("h33_bento.runners")
 
 
 def unknown_model(name: str, served: list[str]) -> HTTPError:
+    """404, answered by the gate before the body is read (so the connection closes)."""
     return HTTPError(404, "unknown_model", f"this server serves no model named {name!r} "
-                                           f"(GET /models lists them: {', '.join(served)})")
+                                           f"(GET /models lists them: {', '.join(served)})", close=True)
 
 
 class ServedModel:

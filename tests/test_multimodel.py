@@ -9,6 +9,7 @@ client raises as ``UnknownModelError``.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -116,10 +117,24 @@ def test_one_service_answers_each_model_by_name(two_models, service_model, other
     assert set(health["models"]) == {"a", "b"} and health["engine_runs"] >= 2
 
 
-def test_keys_uploaded_for_one_model_are_unknown_to_the_other(two_models, mnist_test):
+def test_keys_uploaded_for_one_model_are_unknown_to_the_other(two_models, other_model, mnist_test):
     url, auth = two_models.url, two_models.auth("globex")
+    x = mnist_test[0]
     with FHEInferenceClient(url=url, api_key=two_models.api_keys["globex"], model="b") as b_client:
         key_id = b_client.upload_keys()
+        # model b's task routes: its own task store, and a Location under its prefix
+        submitted = httpx.post(f"{url}/models/b/tasks", content=b_client.encrypt(x[10]).to_bytes(),
+                               headers={**auth, "Content-Type": "application/octet-stream"}, timeout=300)
+        assert submitted.status_code == 202, submitted.text
+        location = submitted.headers["location"]
+        assert location == f"/models/b/tasks/{submitted.json()['task_id']}"
+        deadline = time.monotonic() + 300
+        while httpx.get(url + location, headers=auth, timeout=30).json()["state"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        result = httpx.get(f"{url}{location}/result", headers=auth, timeout=30)
+        assert b_client.decrypt(result.content).index == simulate(other_model, x[10:11]).argmax(1)[0]
+        assert httpx.get(f"{url}/tasks/{submitted.json()['task_id']}", headers=auth, timeout=30).status_code == 404
         assert httpx.get(f"{url}/models/b/keys/{key_id}", headers=auth, timeout=30).status_code == 200
         for path in (f"/models/a/keys/{key_id}", f"/keys/{key_id}"):  # model a (the default) has no such key
             resp = httpx.get(url + path, headers=auth, timeout=30)
@@ -140,6 +155,9 @@ def test_a_name_the_server_does_not_serve_is_a_404_unknown_model(two_models):
     for path in ("/models/nope", "/models/nope/keys"):
         resp = httpx.get(url + path, headers=two_models.auth("acme"), timeout=30)
         assert resp.status_code == 404 and error_code(resp) == "unknown_model", path
+    resp = httpx.post(f"{url}/models/nope/infer", content=b"\0" * 1000, timeout=30,
+                      headers={**two_models.auth("acme"), "Content-Type": "application/octet-stream"})
+    assert resp.status_code == 404 and error_code(resp) == "unknown_model" and resp.headers["connection"] == "close"
     with pytest.raises(UnknownModelError) as raised:
         FHEInferenceClient(url=url, api_key=two_models.api_keys["acme"], model="nope")
     assert isinstance(raised.value, RemoteError) and raised.value.status == 404 and "GET /models" in str(raised.value)

@@ -19,6 +19,7 @@ import numpy as np
 from .ckks.keys import KeyChain
 from .ckks.params import CKKSParams, SecurityLevel, check_security
 from .ckks.serialization import EncryptedTensor
+from .keystore import MODEL_NAME_RE
 from .memory import check_memory
 from .program.model import CompiledModel, WeightMode
 from .program.packing import pack
@@ -31,6 +32,7 @@ from .errors import (
     ParamsMismatchError,
     TamperedDataError,
     TruncatedDataError,
+    UnknownModelError,
     UnsupportedVersionError,
     WeightsNotProvisionedError,
 )
@@ -97,13 +99,28 @@ _REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     "invalid_envelope": _RemoteEnvelopeError,
     "invalid_bundle": _RemoteEnvelopeError,
     "weights_missing": _remote_error_class(WeightsNotProvisionedError),
+    "unknown_model": _remote_error_class(UnknownModelError),
 }
+
+
+def model_base_url(url: str, name: str | None) -> str:
+    """The base URL of a served model's routes: ``url/models/{name}``, or ``url`` itself (the default model)."""
+    base = url.rstrip("/")
+    if name is None:
+        return base
+    if not MODEL_NAME_RE.match(name):
+        raise ValueError(f"{name!r} is neither a directory nor a served model's name (names match "
+                         f"{MODEL_NAME_RE.pattern})")
+    return f"{base}/models/{name}"
 
 
 class FHEInferenceClient:
     """Encrypt locally, infer on a server (or a local engine), decrypt locally.
 
-    ``model`` is a CompiledModel or the directory it was saved to.  Without ``url`` inference runs
+    ``model`` is a CompiledModel or the directory it was saved to, or with ``url`` the name of one of
+    the server's models (a string that is not an existing directory: ``model="mnist"``; ``GET
+    /models`` lists them); a name the server does not serve raises ``UnknownModelError`` (HTTP 404
+    ``unknown_model``).  Without ``url`` inference runs
     in a local Engine that gets only the evaluation keys.  With ``weight_mode="plaintext"`` (the
     default) the server holds the weights in the clear and only the data is encrypted; with
     ``weight_mode="encrypted"`` it runs the weightless artifact (``CompiledModel.without_weights``,
@@ -117,9 +134,11 @@ class FHEInferenceClient:
     With ``url`` (an h33 BentoML service) and ``api_key`` the client fetches ``GET /model``,
     generates keys for the served parameters if ``keys`` is not given, uploads the evaluation keys
     to ``POST /keys`` once (skipped when the server already holds them), and ``infer`` posts
-    envelopes to ``POST /infer``.  ``model`` is then optional: without it the client uses the
-    public layout the server publishes (where inputs go, where logits are read); with it, the
-    client checks that the server serves exactly that model.  Secret keys never leave the client.
+    envelopes to ``POST /infer`` -- the server's default model's routes, or with a model name every
+    call goes to ``/models/{name}/...``.  A local ``model`` is then optional: without it (or with a
+    name) the client uses the public layout the server publishes (where inputs go, where logits are
+    read); with it, the client checks that the server's default model is exactly that model.
+    Secret keys never leave the client.
 
     ``min_security_level`` (default ``HEStd_128_classic``): parameters below it, the served ones
     or a local model's, are refused with ``InsecureParametersError`` before any key is made or
@@ -164,8 +183,12 @@ class FHEInferenceClient:
         self.server_info: dict[str, Any] | None = None
         #: facts about the last remote run (engine_run, lane, run_requests, ...), from the X-H33-* headers
         self.last_run: dict[str, str] = {}
+        #: the server's name of the model this client uses (None: the server's default model)
+        self.model_name: str | None = None
         if url is not None:
-            self._connect(url, api_key)
+            if isinstance(model, str) and not Path(model).is_dir():
+                self.model_name, model = model, None
+            self._connect(model_base_url(url, self.model_name), api_key)
             self.model = self._remote_model(model)
         elif model is None:
             raise ValueError("a model (CompiledModel or its directory) is required without a server url")
@@ -437,16 +460,17 @@ class ModelOwner:
     ``only="public"``, or its ``KeyChain``), not from the server: the server is the party the
     weights are hidden from, and a public key it handed out could be its own.  ``api_key`` is an
     API key of the client's tenant (weights are stored only for a key of the uploading tenant), and
-    the client uploads its evaluation keys first (``FHEInferenceClient.upload_keys``).
+    the client uploads its evaluation keys first (``FHEInferenceClient.upload_keys``).  ``model_name``
+    is the server's name of the model (the client's ``model="..."``); None: the server's default model.
     """
 
     def __init__(self, model: CompiledModel | str | os.PathLike, url: str | None = None,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, model_name: str | None = None) -> None:
         self.model = model if isinstance(model, CompiledModel) else CompiledModel.load(model)
         if self.model.weight_mode != "plaintext":
             raise ValueError("a model owner holds the full model (with its weights), not a weightless artifact")
         self.weightless = self.model.without_weights()
-        self.url, self.api_key = url, api_key
+        self.url, self.api_key, self.model_name = url, api_key, model_name
 
     def encrypt_weights(self, public: KeyChain | str | os.PathLike) -> EncryptedWeights:
         """The model's weights encrypted under the client's public key (a ``KeyChain`` or its directory)."""
@@ -468,7 +492,7 @@ class ModelOwner:
         headers = {"User-Agent": "h33-bento-model-owner", "Content-Type": "application/octet-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        with httpx.Client(base_url=self.url.rstrip("/"), headers=headers,
+        with httpx.Client(base_url=model_base_url(self.url, self.model_name), headers=headers,
                           timeout=httpx.Timeout(FHEInferenceClient.http_timeout, connect=30.0)) as http:
             resp = http.get("/model")
             FHEInferenceClient._raise_for(resp)

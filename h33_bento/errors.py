@@ -90,6 +90,10 @@ class WeightsNotProvisionedError(H33Error):
     provisioned for this key, and a weightless artifact holds none."""
 
 
+class UnknownModelError(H33Error, LookupError):
+    """The server serves no model under the name asked for (``FHEInferenceClient(model="...")``)."""
+
+
 class SandboxUnavailableError(H33Error):
     """No process is available to validate untrusted bytes (they fail to start, or all are busy).
 

@@ -60,6 +60,8 @@ from .keystore_s3 import S3Keys
 
 KEY_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: A served model's name: a URL path segment (``/models/{name}/``) and a key-store directory name.
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 #: The tenant recorded for bundles stored without one.
 DEFAULT_TENANT = "default"
 BUNDLE_FILE = "bundle.h33k"

@@ -1,10 +1,13 @@
 """Serving: the BentoML service for encrypted inference (installed as ``h33_bento.runners``).
 
 * ``service``  -- ``H33Inference``, the ``@bentoml.service`` (``bentoml serve h33_bento.runners.service:H33Inference``)
-* ``engines``  -- ``EngineRunner`` (executes programs, one engine per key) and ``LanePacker`` (8-lane batching)
-* ``runtime``  -- per-worker state; ``http`` -- auth/limits gate and the /model, /keys, /health routes
+* ``engines``  -- ``EngineRunner`` (executes programs, one engine per key), ``LanePacker`` (8-lane batching)
+  and ``KeyState`` (OpenFHE's process-wide key maps and the one thread that touches them)
+* ``worker_state`` -- the worker (tenants, admission, sandboxes, served models by name);
+  ``served_model`` -- one model's keys, engines, packer and tasks
+* ``http``     -- auth/limits gate and the routes (/infer, /keys, /model, /models, /tasks, /health)
 * ``tasks``    -- long runs as tasks: submitted, polled for progress, fetched later
-* ``config``   -- ``ServeConfig`` (pydantic) and API-key helpers; ``keystore`` -- tenants and quota on the key store
+* ``config``   -- ``ServeConfig`` (pydantic) and API-key helpers; ``tenant_keys`` -- tenants and quota on the key store
 * ``source``   -- loading the model from MLflow or the BentoML store, and storing it there
 
 Submodules are imported lazily so ``import h33_bento.runners`` does not pull in BentoML.
@@ -18,7 +21,7 @@ _EXPORTS = {
     "ServeConfig": "config",
     "new_api_key": "config",
     "hash_api_key": "config",
-    "TenantKeyStore": "keystore",
+    "TenantKeyStore": "tenant_keys",
     "EngineRunner": "engines",
     "LanePacker": "engines",
     "save_to_bentoml": "source",

@@ -1,4 +1,4 @@
-"""Server configuration: model source, tenants and their API-key hashes, key store, limits, lane packing.
+"""Server configuration: model sources, tenants and their API-key hashes, key store, limits, lane packing.
 
 Everything is read once at start-up from an optional YAML/JSON file (``H33_CONFIG``) and then from
 environment variables, which win.  API keys are never stored: the configuration holds the SHA-256
@@ -9,6 +9,12 @@ Environment variables::
     H33_CONFIG              YAML/JSON file with any of the fields of ServeConfig
     H33_MODEL_URI           MLflow model URI (models:/name@alias, runs:/..., a local path)
     H33_BENTO_MODEL         BentoML model tag or alias (default "h33-model"), used when no MLflow URI
+    H33_MODELS              several models, by name, instead of the two above: a JSON object
+                            {"mnist": "models:/mnist@prod", "lenet": "bento:lenet:latest"} or
+                            "mnist=models:/mnist@prod,lenet=bento:lenet" ("bento:" names a BentoML
+                            store tag, anything else is an MLflow URI); served under /models/{name}/
+    H33_DEFAULT_MODEL       the model the un-prefixed routes (/infer, /keys, /model, /tasks) address
+                            (default: the first of H33_MODELS)
     H33_KEY_STORE           directory for evaluation-key bundles (default ./h33-keystore); with
                             H33_KEY_STORE_URL, this replica's cache of them
     H33_KEY_STORE_URL       s3://bucket[/prefix]: one key store for every replica (endpoint and
@@ -52,12 +58,15 @@ from typing import Any, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..keystore import TENANT_RE
+from ..keystore import MODEL_NAME_RE, TENANT_RE
 
 API_KEY_PREFIX = "h33_pk_"
 MiB = 1 << 20
 GiB = 1 << 30
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+#: The name of the one model a service configured with H33_MODEL_URI / H33_BENTO_MODEL serves.
+SINGLE_MODEL_NAME = "default"
+BENTO_PREFIX = "bento:"
 
 
 def new_api_key() -> str:
@@ -89,6 +98,62 @@ class TenantConfig(BaseModel):
         return tuple(out)
 
 
+class ModelSource(BaseModel):
+    """Where one served model comes from: an MLflow model URI or a BentoML store tag (exactly one)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_uri: Optional[str] = Field(default=None, min_length=1)
+    bento_model: Optional[str] = Field(default=None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        """A string: ``bento:TAG`` for the BentoML store, else an MLflow model URI."""
+        if isinstance(value, str):
+            tag = value.strip().removeprefix(BENTO_PREFIX)
+            return {"bento_model": tag} if value.strip().startswith(BENTO_PREFIX) else {"model_uri": value.strip()}
+        return value
+
+    @model_validator(mode="after")
+    def _one(self) -> "ModelSource":
+        if (self.model_uri is None) == (self.bento_model is None):
+            raise ValueError("a model source is either model_uri (MLflow) or bento_model (BentoML store), not both "
+                             "or neither")
+        return self
+
+
+def parse_models(text: str) -> dict[str, Any]:
+    """``H33_MODELS``: a JSON object ``{name: source}`` or ``name=source,name=source``; a name given twice
+    is an error (JSON would silently keep the last)."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            models = json.loads(text, object_pairs_hook=lambda items: _unique(items, "H33_MODELS"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"H33_MODELS is not valid JSON: {exc}") from None
+        if not models:
+            raise ValueError("H33_MODELS names no model")
+        return models
+    items = []
+    for entry in text.split(","):
+        if entry.strip():
+            name, sep, source = entry.strip().partition("=")
+            if not sep or not source.strip():
+                raise ValueError(f"H33_MODELS entries look like name=models:/mnist@prod or name=bento:tag, "
+                                 f"got {entry.strip()!r}")
+            items.append((name.strip(), source.strip()))
+    return _unique(items, "H33_MODELS")
+
+
+def _unique(items: list[tuple[str, Any]], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in items:
+        if name in out:
+            raise ValueError(f"{where} names {name!r} twice")
+        out[name] = value
+    return out
+
+
 class ServeConfig(BaseModel):
     """All server settings; see the module docstring for the environment variables."""
 
@@ -96,6 +161,10 @@ class ServeConfig(BaseModel):
 
     model_uri: Optional[str] = Field(default=None, description="MLflow model URI; wins over bento_model")
     bento_model: str = Field(default="h33-model", description="BentoML model tag or bentofile alias")
+    models: dict[str, ModelSource] = Field(default_factory=dict, description="several models by name; "
+                                           "replaces model_uri / bento_model")
+    default_model: Optional[str] = Field(default=None, description="the model of the un-prefixed routes "
+                                         "(default: the first of models)")
     key_store: Path = Path("h33-keystore")
     key_store_url: Optional[str] = Field(default=None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
                                          description="shared key store on object storage; key_store is then a cache")
@@ -144,8 +213,23 @@ class ServeConfig(BaseModel):
                     raise ValueError(f"tenant name {name!r} must match {TENANT_RE.pattern}")
         return value
 
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelSource]) -> dict[str, ModelSource]:
+        for name in value:
+            if not MODEL_NAME_RE.match(name):
+                raise ValueError(f"model name {name!r} must match {MODEL_NAME_RE.pattern} (it is a URL path "
+                                 "segment and a key-store directory)")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
+        if self.models and (self.model_uri or "bento_model" in self.model_fields_set):
+            raise ValueError("models (H33_MODELS) replaces model_uri / bento_model (H33_MODEL_URI, "
+                             "H33_BENTO_MODEL): configure one or the other")
+        if self.default_model is not None and self.default_model not in self.served_models():
+            raise ValueError(f"default_model {self.default_model!r} is not a served model "
+                             f"(served: {', '.join(self.served_models())})")
         if self.lane_max_wait_ms < self.lane_wait_ms:
             raise ValueError("lane_max_wait_ms must be at least lane_wait_ms")
         if self.max_tenant_tasks > self.max_tasks:
@@ -153,6 +237,30 @@ class ServeConfig(BaseModel):
         if self.max_installed_keys < self.max_engines:
             raise ValueError("max_installed_keys must be at least max_engines (every cached engine's keys are installed)")
         return self
+
+    # ------------------------------------------------------------------ models
+    def served_models(self) -> dict[str, ModelSource]:
+        """Every served model by name, in configuration order (one, ``SINGLE_MODEL_NAME``, without ``models``)."""
+        if self.models:
+            return dict(self.models)
+        source = ModelSource(model_uri=self.model_uri) if self.model_uri else ModelSource(bento_model=self.bento_model)
+        return {SINGLE_MODEL_NAME: source}
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model or next(iter(self.served_models()))
+
+    def key_store_for(self, name: str) -> tuple[Path, Optional[str]]:
+        """Model ``name``'s key store: (local directory, S3 URL or None).
+
+        A one-model service keeps its keys at the store's root, as before several models could be
+        served; with ``models`` each has ``models/<name>/`` under the directory and the S3 prefix, so
+        a key uploaded for one model is unknown to the others.
+        """
+        if not self.models:
+            return self.key_store, self.key_store_url
+        url = f"{self.key_store_url.rstrip('/')}/models/{name}" if self.key_store_url else None
+        return self.key_store / "models" / name, url
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -164,6 +272,7 @@ class ServeConfig(BaseModel):
         simple = {
             "H33_MODEL_URI": "model_uri",
             "H33_BENTO_MODEL": "bento_model",
+            "H33_DEFAULT_MODEL": "default_model",
             "H33_KEY_STORE": "key_store",
             "H33_KEY_STORE_URL": "key_store_url",
             "H33_KEY_REVALIDATE_S": "key_revalidate_s",
@@ -191,6 +300,8 @@ class ServeConfig(BaseModel):
         for var, field in simple.items():
             if env.get(var):
                 data[field] = env[var]
+        if env.get("H33_MODELS"):
+            data["models"] = parse_models(env["H33_MODELS"])
         tenants: dict[str, list[str]] = {}
 
         def add(name: str, hashes: Any) -> None:

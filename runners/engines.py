@@ -1,4 +1,5 @@
-"""Execution: ``EngineRunner`` runs encrypted programs; ``LanePacker`` fills the lanes of each run.
+"""Execution: ``EngineRunner`` runs one model's encrypted programs; ``LanePacker`` fills the lanes of each
+run; ``KeyState`` is the process's OpenFHE key state, shared by every served model's runner.
 
 Lane packing.  A ciphertext holds ``lanes`` (8) independent inputs.  A client encrypting a single
 input puts it in lane 0; the packer collects pending requests per (model, tenant, key_id) and,
@@ -103,54 +104,26 @@ class InferResult:
         return Response(self.body, media_type="application/octet-stream", headers=self.headers())
 
 
-class EngineRunner:
-    """Owns the engines (one per key_id, LRU) and the single thread that executes them.
+class KeyState:
+    """OpenFHE's process-wide evaluation-key maps, and the one thread allowed to touch them.
 
-    Every OpenFHE operation that touches evaluation keys -- installing a bundle, running a
-    program, recycling the key state -- happens on that one thread, so the process-wide key maps
-    are never mutated while a program reads them.  Plaintext diagonals do not depend on the key,
-    so all engines share one plaintext cache.
-
-    Bundles reach OpenFHE here only as the ``sandbox`` re-serialized them (``KeyStore.load`` with
-    the sandbox).  OpenFHE's key maps cannot drop one key, so a worker would grow by a bundle's
-    size per distinct key it ever installed; instead, once ``max_installed_keys`` distinct keys
-    were installed since the last flush, installing another first *recycles* the key state
-    (:meth:`recycle`: every key and engine dropped, memory returned to the OS), and the keys still
-    in use are installed again from the key store on their next request.
-
-    A weightless model (encrypted-weight mode) runs each key with the encrypted weights stored next
-    to its bundle, validated by the sandbox like the bundle (``runtime.weights.load_weights``).
+    OpenFHE keeps evaluation keys in maps keyed by key tag that every context of the process shares,
+    and can only clear them whole.  So every served model's runner runs on this one thread (a key is
+    never installed while another model's program reads the maps), and the installed-keys cap is the
+    worker's: once ``max_installed_keys`` distinct keys were installed since the last flush,
+    installing another first *recycles* (:meth:`recycle`: every model's keys and engines dropped,
+    memory returned to the OS); the keys still in use are installed again on their next request.
     """
 
-    def __init__(self, compiled: CompiledModel, keystore: KeyStore, sandbox: Sandbox, max_engines: int = 8,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, metrics: Metrics | None = None,
-                 max_installed_keys: int = 16) -> None:
-        if max_installed_keys < max_engines:
-            raise ValueError("max_installed_keys must be at least max_engines")
-        self.compiled = compiled
-        self.params = compiled.params
-        self.keystore = keystore
-        self.sandbox = sandbox
-        self.max_engines = max_engines
+    def __init__(self, max_installed_keys: int = 16) -> None:
         self.max_installed_keys = max_installed_keys
-        self.cache = PlaintextCache(compiled, cache_bytes)
-        self.metrics = metrics or NullMetrics(compiled.fingerprint)
-        self._engines: OrderedDict[str, Engine] = OrderedDict()
-        self._installed: dict[str, EvaluationKeys] = {}  # key_id -> bundle without its serialized keys
-        self._loaded_tags: set[str] = set()  # key tags in OpenFHE's maps since the last recycle
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h33-engine")
-        self.runs = 0
+        self.runners: list[EngineRunner] = []
+        self.tags: set[str] = set()  # key tags in OpenFHE's maps since the last recycle (engine thread writes)
         self.recycles = 0
-        lanes = self.params.lanes
-        shifts = {self.params.slots - j for j in range(1, lanes)}
-        missing = sorted(shifts - set(self.params.rotation_indices))
-        self.can_pack = not missing
-        if missing:
-            logger.warning("the model's rotation keys lack the lane shifts %s: requests run one per engine "
-                           "run (recompile the model to enable lane packing)", missing)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h33-engine")
 
-    # ----------------------------------------------------------------- thread plumbing
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the engine thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
@@ -158,13 +131,81 @@ class EngineRunner:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     @property
-    def engines_loaded(self) -> int:
-        return len(self._engines)
-
-    @property
     def installed_keys(self) -> int:
         """Distinct keys in OpenFHE's maps (and in this process's memory) since the last recycle."""
-        return len(self._loaded_tags)
+        return len(self.tags)
+
+    def make_room(self, key_tag: str) -> bool:
+        """Before ``key_tag`` is installed (engine thread): recycle if it is new and the cap is reached."""
+        if key_tag in self.tags or len(self.tags) < self.max_installed_keys:
+            return False
+        self.recycle()
+        return True
+
+    def recycle(self) -> None:
+        """Flush OpenFHE's key state: every model's keys and engines go; engines reload lazily from the stores."""
+        before, dropped = rss_bytes(), self.installed_keys
+        for runner in self.runners:
+            runner.drop_engines()
+        self.tags.clear()
+        release_evaluation_keys()
+        self.recycles += 1
+        for runner in self.runners:
+            runner.observe_memory()
+        logger.info("recycled OpenFHE key state: %d keys dropped, RSS %.0f -> %.0f MiB", dropped,
+                    before / 2**20, rss_bytes() / 2**20)
+
+
+class EngineRunner:
+    """Owns one model's engines (one per key_id, LRU) and runs them on the key state's thread.
+
+    Every OpenFHE operation that touches evaluation keys -- installing a bundle, running a
+    program, recycling the key state -- happens on that one thread (``KeyState``), so the
+    process-wide key maps are never mutated while a program reads them.  Plaintext diagonals do
+    not depend on the key, so the model's engines share one plaintext cache.
+
+    Bundles reach OpenFHE here only as the ``sandbox`` re-serialized them (``KeyStore.load`` with
+    the sandbox).  OpenFHE's key maps cannot drop one key, so a worker would grow by a bundle's
+    size per distinct key it ever installed; instead the key state recycles at its cap
+    (``KeyState.recycle``), and the keys still in use are installed again from the key store on
+    their next request.
+
+    A weightless model (encrypted-weight mode) runs each key with the encrypted weights stored next
+    to its bundle, validated by the sandbox like the bundle (``runtime.weights.load_weights``).
+    """
+
+    def __init__(self, compiled: CompiledModel, keystore: KeyStore, sandbox: Sandbox, key_state: KeyState,
+                 max_engines: int = 8, cache_bytes: int = DEFAULT_CACHE_BYTES, metrics: Metrics | None = None) -> None:
+        if key_state.max_installed_keys < max_engines:
+            raise ValueError("max_installed_keys must be at least max_engines")
+        self.compiled = compiled
+        self.params = compiled.params
+        self.keystore = keystore
+        self.sandbox = sandbox
+        self.key_state = key_state
+        self.max_engines = max_engines
+        self.cache = PlaintextCache(compiled, cache_bytes)
+        self.metrics = metrics or NullMetrics()
+        self._engines: OrderedDict[str, Engine] = OrderedDict()
+        self._installed: dict[str, EvaluationKeys] = {}  # key_id -> bundle without its serialized keys
+        self.loaded_tags: set[str] = set()  # key tags this model put in OpenFHE's maps since the last recycle
+        self.runs = 0
+        lanes = self.params.lanes
+        shifts = {self.params.slots - j for j in range(1, lanes)}
+        missing = sorted(shifts - set(self.params.rotation_indices))
+        self.can_pack = not missing
+        if missing:
+            logger.warning("the model's rotation keys lack the lane shifts %s: requests run one per engine "
+                           "run (recompile the model to enable lane packing)", missing)
+        key_state.runners.append(self)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the engine thread (shared with every served model)."""
+        return await self.key_state.call(fn, *args)
+
+    @property
+    def engines_loaded(self) -> int:
+        return len(self._engines)
 
     # ----------------------------------------------------------------- engines (engine thread)
     def engine_for(self, key_id: str) -> Engine:
@@ -189,18 +230,19 @@ class EngineRunner:
         if engine is not None:
             return engine
         weights = self._weights(keys.key_id, keys.key_tag)
-        if keys.key_tag not in self._loaded_tags and len(self._loaded_tags) >= self.max_installed_keys:
-            self.recycle()
+        if self.key_state.make_room(keys.key_tag):
+            self.metrics.key_recycles.labels(self.metrics.model).inc()
         # once OpenFHE's maps hold the keys the engine drops its serialized copy (hundreds of MB
         # per bundle); plaintext diagonals do not depend on the key, so all engines share a cache
         engine = Engine(self.compiled, keys, cache=self.cache, keep_serialized_keys=False, weights=weights)
-        self._loaded_tags.add(keys.key_tag)
+        self.loaded_tags.add(keys.key_tag)
+        self.key_state.tags.add(keys.key_tag)
         self._installed[keys.key_id] = engine.keys
         self._engines[keys.key_id] = engine
         while len(self._engines) > self.max_engines:
             self._engines.popitem(last=False)
         self.metrics.key_installs.labels(self.metrics.model).inc()
-        self._observe_memory()
+        self.observe_memory()
         return engine
 
     def _weights(self, key_id: str, key_tag: str) -> EncryptedWeights | None:
@@ -214,22 +256,14 @@ class EngineRunner:
             raise weights_missing(key_id) from None
         return load_weights(data, self.compiled, key_id, key_tag, self.sandbox)
 
-    def recycle(self) -> None:
-        """Flush OpenFHE's key state: every key and engine goes, engines reload lazily from the store."""
-        before = rss_bytes()
+    def drop_engines(self) -> None:
+        """Forget every engine and installed key (the key state is being flushed)."""
         self._engines.clear()
         self._installed.clear()
-        dropped = len(self._loaded_tags)
-        self._loaded_tags.clear()
-        release_evaluation_keys()
-        self.recycles += 1
-        self.metrics.key_recycles.labels(self.metrics.model).inc()
-        self._observe_memory()
-        logger.info("recycled OpenFHE key state: %d keys dropped, RSS %.0f -> %.0f MiB", dropped,
-                    before / 2**20, rss_bytes() / 2**20)
+        self.loaded_tags.clear()
 
-    def _observe_memory(self) -> None:
-        self.metrics.installed_keys.labels(self.metrics.model).set(len(self._loaded_tags))
+    def observe_memory(self) -> None:
+        self.metrics.installed_keys.labels(self.metrics.model).set(len(self.loaded_tags))
         self.metrics.rss_bytes.labels(self.metrics.model).set(rss_bytes())
 
     def forget(self, key_id: str) -> None:

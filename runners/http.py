@@ -6,12 +6,15 @@ concurrency limiter and its per-path HTTP metrics, and the gate does both jobs i
 
 * every request gets a request id (``X-Request-Id`` on the answer, ``request_id`` in error
   bodies, in every log line about it) and is counted in ``h33_requests_total`` /
-  ``h33_request_seconds`` under its route template; any exception becomes a JSON answer;
-* ``/infer``, ``/tasks...``, ``/keys...``, ``/model`` need ``Authorization: Bearer h33_pk_...``, checked before a
-  byte of the body is read; so is the declared ``Content-Length`` against the route's limit
+  ``h33_request_seconds`` under its model and route template; any exception becomes a JSON answer;
+* ``/infer``, ``/tasks...``, ``/keys...``, ``/model``, ``/models`` need ``Authorization: Bearer h33_pk_...``,
+  checked before a byte of the body is read; so is the declared ``Content-Length`` against the route's limit
   (``max_infer_bytes`` for /infer and POST /tasks, ``max_key_bundle_bytes`` for POST /keys,
   ``max_weights_bytes`` for POST /keys/{key_id}/weights, 64 KiB elsewhere).
-  401, 413, 429 and 503 are answered at once with ``Connection: close``, the body unread;
+  401, 404 ``unknown_model``, 413, 429 and 503 are answered at once with ``Connection: close``, the body unread;
+* a model's routes exist un-prefixed, for the default model, and under ``/models/{name}`` for each
+  served model (``GET /models/{name}`` is its ``/model``); the gate resolves the name after
+  authentication (404 ``unknown_model``) and hands the ``ServedModel`` on in ``scope["h33"]["model"]``;
 * an authenticated request then takes an in-flight slot of its tenant and of the worker
   (:class:`~h33_bento.runners.worker_state.Admission`, 429 when none is free), held until it is answered;
 * its body must arrive within ``body_timeout_s`` plus its size at ``body_min_rate`` (408), and may
@@ -21,12 +24,13 @@ concurrency limiter and its per-path HTTP metrics, and the gate does both jobs i
   tenants; the checked ``InferItem`` travels in ``scope["h33"]["item"]``.
 
 The routes live in a Starlette app mounted at ``/`` through BentoML's public ``@bentoml.asgi_app``:
+``GET /models`` (the served models), and per model (un-prefixed or under ``/models/{name}``)
 ``POST /infer`` (raw octet-stream bodies, handed to the lane packer, which does the batching:
-see docs/deploy.md for why BentoML's batcher cannot), ``GET /model``, ``GET /health``,
-``GET /metrics``, ``POST /keys`` (streamed), ``GET /keys``, ``GET|DELETE /keys/{key_id}``, for
-a model served in encrypted-weight mode ``POST /keys/{key_id}/weights`` (streamed), and the
+see docs/deploy.md for why BentoML's batcher cannot), ``GET /model``, ``POST /keys`` (streamed),
+``GET /keys``, ``GET|DELETE /keys/{key_id}``, for a model served in encrypted-weight mode ``POST /keys/{key_id}/weights`` (streamed), and the
 task routes of long runs, ``POST /tasks``, ``GET /tasks/{task_id}``, ``GET /tasks/{task_id}/result``
-(``tasks.py``; docs/deploy.md says why they are not BentoML's ``@bentoml.task``).
+(``tasks.py``; docs/deploy.md says why they are not BentoML's ``@bentoml.task``); and for the
+worker ``GET /health`` and ``GET /metrics``.
 """
 from __future__ import annotations
 
@@ -43,11 +47,12 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from .config import ServeConfig
 from .http_errors import HTTPError, body_timeout, internal_error, log_error, request_id, too_large, unauthorized
 from .metrics import exposition
+from .served_model import ServedModel
 from .worker_state import current
 
 logger = logging.getLogger("h33_bento.runners")
@@ -55,9 +60,25 @@ logger = logging.getLogger("h33_bento.runners")
 SMALL_BODY = 64 * 1024
 ENVELOPE_FIELD = "envelope"
 BUNDLE_FIELD = "bundle"
-_ROUTES = frozenset({"/infer", "/keys", "/tasks", "/model", "/health", "/metrics", "/livez", "/readyz", "/healthz"})
+_ROUTES = frozenset({"/infer", "/keys", "/tasks", "/model", "/models", "/health", "/metrics", "/livez", "/readyz",
+                     "/healthz"})
+#: the routes of one model, un-prefixed (the default model) or under /models/{name}
+MODEL_ROUTES = frozenset({"/infer", "/keys", "/keys/{key_id}", "/keys/{key_id}/weights", "/tasks", "/tasks/{task_id}",
+                          "/tasks/{task_id}/result", "/model"})
+MODELS_PREFIX = "/models/"
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def route_of(path: str) -> tuple[str, str | None]:
+    """(route template, model name) of a request path: ``/models/{name}/infer`` is ("/infer", name),
+    ``GET /models/{name}`` ("/model", name), an un-prefixed path (template, None)."""
+    path = path.rstrip("/") or "/"
+    if not path.startswith(MODELS_PREFIX):
+        return route_template(path), None
+    name, _, rest = path[len(MODELS_PREFIX):].partition("/")
+    route = route_template("/" + rest) if rest else "/model"
+    return (route, name) if route in MODEL_ROUTES else ("other", None)
 
 
 def route_template(path: str) -> str:
@@ -85,7 +106,7 @@ def _kind(method: str, route: str, metrics_public: bool) -> str | None:
         return "upload" if method == "POST" else "protected"
     if route == "/keys/{key_id}/weights":
         return "weights" if method == "POST" else "protected"
-    if route in ("/keys/{key_id}", "/model", "/tasks/{task_id}", "/tasks/{task_id}/result"):
+    if route in ("/keys/{key_id}", "/model", "/models", "/tasks/{task_id}", "/tasks/{task_id}/result"):
         return "protected"
     if route == "/metrics" and not metrics_public:
         return "metrics"
@@ -197,7 +218,7 @@ class H33Gate:
         given = headers.get("x-request-id", "")
         rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         token = request_id.set(rid)
-        route = route_template(scope.get("path", "/"))
+        route, name = route_of(scope.get("path", "/"))
         method = scope.get("method", "GET")
         status = 0
         start = time.perf_counter()
@@ -210,7 +231,7 @@ class H33Gate:
             await send(message)
 
         try:
-            await self._handle(scope, receive, send_tagged, headers, route)
+            await self._handle(scope, receive, send_tagged, headers, route, name)
         except ClientDisconnect:
             logger.info("request %s: the client went away before sending its body", rid)
         except Exception as exc:  # one JSON answer for every failure, and a log line with the request id
@@ -225,10 +246,14 @@ class H33Gate:
         finally:
             rt = current()
             if rt is not None:
-                rt.metrics.http(route, method if method in _METHODS else "other", status, time.perf_counter() - start)
+                model = (name if name in rt.models else "") if name is not None else (
+                    rt.default.name if route in MODEL_ROUTES else "")
+                rt.metrics.http(model, route, method if method in _METHODS else "other", status,
+                                time.perf_counter() - start)
             request_id.reset(token)
 
-    async def _handle(self, scope: dict, receive: Any, send: Any, headers: Headers, route: str) -> None:
+    async def _handle(self, scope: dict, receive: Any, send: Any, headers: Headers, route: str,
+                      name: str | None) -> None:
         rt = current()
         kind = _kind(scope.get("method", "GET"), route, rt is None or rt.config.metrics_public)
         if kind is None:
@@ -248,15 +273,16 @@ class H33Gate:
         declared = _content_length(headers)
         if declared > limit:
             raise too_large(limit, "the request body")
+        served = rt.model(name) if route in MODEL_ROUTES else None  # 404 unknown_model
         with rt.admission.slot(tenant):
-            scope["h33"] = {"tenant": tenant}
+            scope["h33"] = {"tenant": tenant, "model": served}
             body = _Body(receive, limit, declared, config)
             if kind != "infer":
                 return await self.app(scope, body, send)
             data = await body.read()
             if headers.get("content-type", "").startswith("multipart/form-data"):
                 data = await _form_file(scope, data, ENVELOPE_FIELD)
-            item = await anyio.to_thread.run_sync(rt.prepare_infer, tenant, data, headers.get("x-h33-key-id"))
+            item = await anyio.to_thread.run_sync(served.prepare_infer, tenant, data, headers.get("x-h33-key-id"))
             del data
             scope["h33"]["item"] = item
             # the body has been consumed here; BentoML's endpoint reads the checked item from the scope
@@ -268,18 +294,16 @@ def _tenant(request: Request) -> str:
     return request.scope["h33"]["tenant"]
 
 
-def _runtime():
-    rt = current()
-    if rt is None:
-        raise HTTPError(503, "starting", "the model is still loading", {"Retry-After": "5"})
-    return rt
+def _model(request: Request) -> ServedModel:
+    """The served model the gate resolved for this request (the default one for un-prefixed routes)."""
+    return request.scope["h33"]["model"]
 
 
 async def infer(request: Request) -> Response:
     """POST /infer: the gate has checked the envelope; the lane packer runs it, with up to 7 others
     of the same tenant and key, in one engine run (see ``LanePacker``)."""
-    rt = _runtime()
-    (pending,) = rt.packer.submit([request.scope["h33"]["item"]])
+    model = _model(request)
+    (pending,) = model.packer.submit([request.scope["h33"]["item"]])
     result = await pending  # a disconnect cancels this task, and with it the future: the packer drops it
     if result.error is not None:
         log_error(result.error)
@@ -288,27 +312,27 @@ async def infer(request: Request) -> Response:
 
 async def submit_task(request: Request) -> Response:
     """POST /tasks: the same checked envelope as /infer, queued on the lane packer; 202 at once."""
-    rt = _runtime()
+    model = _model(request)
     item = request.scope["h33"]["item"]
-    task = rt.tasks.create(item.tenant, item.key_id, len(rt.compiled.steps))
+    task = model.tasks.create(item.tenant, item.key_id, len(model.compiled.steps))
     item.progress = task.progress
-    (pending,) = rt.packer.submit([item])
-    rt.tasks.watch(task, pending)
-    return JSONResponse(task.public(rt.tasks.ttl_s), status_code=202,
-                        headers={"Location": f"/tasks/{task.task_id}"})
+    (pending,) = model.packer.submit([item])
+    model.tasks.watch(task, pending)
+    return JSONResponse(task.public(model.tasks.ttl_s), status_code=202,
+                        headers={"Location": f"{request.url.path.rstrip('/')}/{task.task_id}"})
 
 
 async def get_task(request: Request) -> Response:
     """GET /tasks/{task_id}: state and steps done of steps total (the error, once a run failed)."""
-    rt = _runtime()
-    task = rt.tasks.get(request.path_params["task_id"], _tenant(request))
-    return JSONResponse(task.public(rt.tasks.ttl_s))
+    model = _model(request)
+    task = model.tasks.get(request.path_params["task_id"], _tenant(request))
+    return JSONResponse(task.public(model.tasks.ttl_s))
 
 
 async def get_task_result(request: Request) -> Response:
     """GET /tasks/{task_id}/result: what /infer would have answered; 409 while the task runs."""
-    rt = _runtime()
-    task = rt.tasks.get(request.path_params["task_id"], _tenant(request))
+    model = _model(request)
+    task = model.tasks.get(request.path_params["task_id"], _tenant(request))
     if task.result is None:
         raise HTTPError(409, "task_not_finished", f"task {task.task_id} is {task.state}: {task.done} of "
                                                   f"{task.total} steps done", {"Retry-After": "1"})
@@ -316,7 +340,14 @@ async def get_task_result(request: Request) -> Response:
 
 
 async def get_model(request: Request) -> Response:
-    return JSONResponse(_runtime().model_info())
+    return JSONResponse(_model(request).model_info())
+
+
+async def list_models(request: Request) -> Response:
+    """GET /models: the served models (name, fingerprints, weight mode, shapes) and the default one."""
+    rt = current()
+    assert rt is not None  # the gate answered 503 while starting
+    return JSONResponse(rt.models_info())
 
 
 async def get_health(request: Request) -> Response:
@@ -334,9 +365,9 @@ async def get_metrics(request: Request) -> Response:
 
 async def upload_keys(request: Request) -> Response:
     """POST /keys: the body is an evaluation-key bundle (octet-stream, or multipart part 'bundle')."""
-    rt = _runtime()
+    model = _model(request)
     tenant = _tenant(request)
-    with rt.keystore.incoming() as upload:
+    with model.keystore.incoming() as upload:
         write = upload.file.write
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await read_form(request, max_files=1, max_fields=4)
@@ -351,7 +382,7 @@ async def upload_keys(request: Request) -> Response:
         else:
             await _stream_body(request, write)
         await anyio.to_thread.run_sync(upload.file.flush)
-        record, created = await rt.register_keys(tenant, upload.path, request.headers.get("x-h33-key-id"))
+        record, created = await model.register_keys(tenant, upload.path, request.headers.get("x-h33-key-id"))
     return JSONResponse({**record.public(), "created": created}, status_code=201 if created else 200)
 
 
@@ -372,35 +403,35 @@ async def _stream_body(request: Request, write: Any) -> None:
 async def upload_weights(request: Request) -> Response:
     """POST /keys/{key_id}/weights: encrypted weights (octet-stream) of the served weightless model
     under the tenant's key ``key_id``, made by the model owner (``ModelOwner.provision``)."""
-    rt = _runtime()
+    model = _model(request)
     tenant, key_id = _tenant(request), request.path_params["key_id"]
     try:
-        rt.check_weights_upload(tenant, key_id)  # nothing of the body is stored for a refused upload
+        model.check_weights_upload(tenant, key_id)  # nothing of the body is stored for a refused upload
     except HTTPError:
         async for _ in request.stream():  # read to its end (the gate bounds it), so the client gets the answer
             pass
         raise
-    with rt.keystore.incoming() as upload:
+    with model.keystore.incoming() as upload:
         await _stream_body(request, upload.file.write)
         await anyio.to_thread.run_sync(upload.file.flush)
-        answer = await rt.register_weights(tenant, key_id, upload.path)
+        answer = await model.register_weights(tenant, key_id, upload.path)
     return JSONResponse(answer, status_code=201)
 
 
 async def list_keys(request: Request) -> Response:
-    rt = _runtime()
-    return JSONResponse({"keys": [r.public() for r in rt.keystore.for_tenant(_tenant(request))]})
+    model = _model(request)
+    return JSONResponse({"keys": [r.public() for r in model.keystore.for_tenant(_tenant(request))]})
 
 
 async def get_key(request: Request) -> Response:
-    rt = _runtime()
-    rec = rt.keystore.resolve(request.path_params["key_id"], _tenant(request))
+    model = _model(request)
+    rec = model.keystore.resolve(request.path_params["key_id"], _tenant(request))
     return JSONResponse(rec.public())
 
 
 async def delete_key(request: Request) -> Response:
-    rt = _runtime()
-    rec = await rt.delete_keys(_tenant(request), request.path_params["key_id"])
+    model = _model(request)
+    rec = await model.delete_keys(_tenant(request), request.path_params["key_id"])
     return JSONResponse({**rec.public(), "deleted": True})
 
 
@@ -415,22 +446,29 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return internal_error().response()
 
 
+_model_routes: list[BaseRoute] = [
+    Route("/infer", infer, methods=["POST"]),
+    Route("/model", get_model, methods=["GET"]),
+    Route("/keys", upload_keys, methods=["POST"]),
+    Route("/keys", list_keys, methods=["GET"]),
+    Route("/keys/{key_id}", get_key, methods=["GET"]),
+    Route("/keys/{key_id}", delete_key, methods=["DELETE"]),
+    Route("/tasks", submit_task, methods=["POST"]),
+    Route("/tasks/{task_id}", get_task, methods=["GET"]),
+    Route("/tasks/{task_id}/result", get_task_result, methods=["GET"]),
+    Route("/keys/{key_id}/weights", upload_weights, methods=["POST"]),
+]
+
 routes_app = Starlette(
     routes=[
-        Route("/infer", infer, methods=["POST"]),
-        Route("/model", get_model, methods=["GET"]),
+        *_model_routes,  # the default model's
         Route("/health", get_health, methods=["GET"]),
         Route("/metrics", get_metrics, methods=["GET"]),
-        Route("/keys", upload_keys, methods=["POST"]),
-        Route("/keys", list_keys, methods=["GET"]),
-        Route("/keys/{key_id}", get_key, methods=["GET"]),
-        Route("/keys/{key_id}", delete_key, methods=["DELETE"]),
-        Route("/tasks", submit_task, methods=["POST"]),
-        Route("/tasks/{task_id}", get_task, methods=["GET"]),
-        Route("/tasks/{task_id}/result", get_task_result, methods=["GET"]),
-        Route("/keys/{key_id}/weights", upload_weights, methods=["POST"]),
+        Route("/models", list_models, methods=["GET"]),
+        Route("/models/{model}", get_model, methods=["GET"]),
+        Mount("/models/{model}", routes=_model_routes),
     ],
     exception_handlers={HTTPError: _http_error, Exception: _unexpected},
 )
 
-__all__ = ["H33Gate", "routes_app", "route_template"]
+__all__ = ["H33Gate", "routes_app", "route_of", "route_template"]

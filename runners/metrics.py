@@ -4,7 +4,9 @@ BentoML's own HTTP metrics are switched off (``service.py``): they label every s
 raw request path, so each ``/keys/<id>`` or unknown path a client sends -- authenticated or
 not -- became new series for good.  The gate records every request here instead, labelled by
 its route template (:func:`h33_bento.runners.http.route_template`), so the set of series is
-fixed by the code, whatever clients send.
+fixed by the code, whatever clients send.  Every series has a ``model`` label: the name of the
+served model it is about (``SINGLE_MODEL_NAME``, "default", in a one-model service), empty for
+requests that address none (``/health``, ``/metrics``, ``/models``, unknown paths and names).
 
 ``prometheus_client`` is imported only when the metrics are created (in the service constructor):
 BentoML sets ``PROMETHEUS_MULTIPROC_DIR`` in each worker after importing the service module, and
@@ -21,12 +23,12 @@ SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
 class Metrics:
-    """The service's own metrics (prefix ``h33_``), labelled by model fingerprint."""
+    """The service's own metrics (prefix ``h33_``); :meth:`for_model` gives a view labelled by one model."""
 
-    def __init__(self, model_fingerprint: str) -> None:
+    def __init__(self, model: str = "") -> None:
         import prometheus_client as pc
 
-        self.model = model_fingerprint
+        self.model = model
         self.engine_runs = pc.Counter("h33_engine_runs_total", "Encrypted program executions", ["model"])
         self.engine_seconds = pc.Histogram("h33_engine_seconds", "Engine time per run (lane packing + program)",
                                            ["model"], buckets=SECONDS_BUCKETS)
@@ -36,10 +38,10 @@ class Metrics:
                                       ["model"], buckets=LANE_BUCKETS)
         self.queue_seconds = pc.Histogram("h33_queue_seconds", "Time a request waited for its engine run",
                                           ["model"], buckets=SECONDS_BUCKETS)
-        self.requests = pc.Counter("h33_requests_total", "HTTP answers by route template, method and status",
-                                   ["endpoint", "method", "status"])
-        self.request_seconds = pc.Histogram("h33_request_seconds", "HTTP request duration by route template",
-                                            ["endpoint"], buckets=SECONDS_BUCKETS)
+        self.requests = pc.Counter("h33_requests_total", "HTTP answers by model, route template, method and status",
+                                   ["model", "endpoint", "method", "status"])
+        self.request_seconds = pc.Histogram("h33_request_seconds", "HTTP request duration by model and route "
+                                            "template", ["model", "endpoint"], buckets=SECONDS_BUCKETS)
         self.key_installs = pc.Counter("h33_key_installs_total", "Evaluation-key bundles installed into an engine",
                                        ["model"])
         self.key_recycles = pc.Counter("h33_key_recycles_total", "Flushes of the worker's OpenFHE key state at the "
@@ -56,17 +58,24 @@ class Metrics:
         self.batch_size.labels(m).observe(requests)
         self.lane_fill.labels(m).observe(lanes_used / lanes)
 
-    def http(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+    def for_model(self, model: str) -> "Metrics":
+        """The same collectors, labelled ``model`` (what each served model's runner and packer record to)."""
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.model = model
+        return view
+
+    def http(self, model: str, endpoint: str, method: str, status: int, seconds: float) -> None:
         """One answered request (``status`` 0: none was sent, the client left or the request timed out)."""
-        self.requests.labels(endpoint, method, str(status)).inc()
-        self.request_seconds.labels(endpoint).observe(seconds)
+        self.requests.labels(model, endpoint, method, str(status)).inc()
+        self.request_seconds.labels(model, endpoint).observe(seconds)
 
 
 class NullMetrics(Metrics):
     """Used when prometheus_client is unavailable: every call is a no-op."""
 
-    def __init__(self, model_fingerprint: str = "") -> None:  # noqa: D401 - no super().__init__
-        self.model = model_fingerprint
+    def __init__(self, model: str = "") -> None:  # noqa: D401 - no super().__init__
+        self.model = model
 
     def __getattr__(self, name: str) -> Any:
         return _Null()
@@ -89,15 +98,14 @@ class _Null:
 _instance: Metrics | None = None
 
 
-def create(model_fingerprint: str) -> Metrics:
+def create() -> Metrics:
     """The process-wide metrics (prometheus collectors can be registered only once per process)."""
     global _instance
     if _instance is None:
         try:
-            _instance = Metrics(model_fingerprint)
+            _instance = Metrics()
         except ImportError:
-            _instance = NullMetrics(model_fingerprint)
-    _instance.model = model_fingerprint
+            _instance = NullMetrics()
     return _instance
 
 

@@ -3,19 +3,26 @@
 Serve it from source with ``bentoml serve h33_bento.runners.service:H33Inference`` or build the
 Bento in ``bentos/``.  Configuration comes from the environment (see ``runners/config.py``).
 
-Endpoints (contracts in ``docs/deploy.md``)::
+Endpoints (contracts in ``docs/deploy.md``).  One service serves one model or several by name
+(``H33_MODELS``); each model's routes exist under ``/models/{name}`` and, for the default model
+(``H33_DEFAULT_MODEL``, else the first), un-prefixed as well::
 
     POST /infer            octet-stream EncryptedTensor -> octet-stream EncryptedTensor  (lane-packed)
     POST /keys             octet-stream evaluation-key bundle -> {"key_id", ...}
     GET  /keys, GET|DELETE /keys/{key_id}
+    POST /keys/{key_id}/weights  encrypted weights, for a model served in encrypted-weight mode
     POST /tasks            the /infer body -> 202 {"task_id", ...}: a long run, answered later (tasks.py)
     GET  /tasks/{task_id}  state and steps done of steps total; GET /tasks/{task_id}/result: /infer's answer
     GET  /model            what a client needs: params, lanes, keys, labels, layout, fingerprints
-    GET  /health           liveness + counters (BentoML also serves /livez, /readyz)
-    GET  /metrics          Prometheus text (public unless H33_METRICS_PUBLIC=false)
+                           (GET /models/{name} is /models/{name}/model)
+    GET  /models           the served models: name, fingerprints, weight mode, shapes; the default one
+    GET  /health           liveness + counters, summed and by model (BentoML also serves /livez, /readyz)
+    GET  /metrics          Prometheus text (public unless H33_METRICS_PUBLIC=false), labelled by model
+
+A name the service does not serve answers 404 ``unknown_model`` (after authentication).
 
 Request path of ``/infer``: the ``H33Gate`` middleware authenticates the caller and checks the
-envelope; the route (``http.py``) queues it on the ``LanePacker`` under its (model, tenant,
+envelope; the route (``http.py``) queues it on its model's ``LanePacker`` under its (model, tenant,
 key_id) group, and the packer packs up to 8 single-input requests of a group into the lanes of
 one ciphertext per engine run (groups keep filling while the engine is busy).  Only BentoML's
 public API is used: the routes are a Starlette app mounted with ``@bentoml.asgi_app``, and the
@@ -60,12 +67,13 @@ class H33Inference:
             package_logger.setLevel(logging.INFO)
         exit_with_parent()
         self.runtime = Runtime(ServeConfig.from_env()).activate()
-        predicted = self.runtime.compiled.summary()["predicted_latency_ms"]
-        if predicted and 2 * predicted / 1000.0 > REQUEST_TIMEOUT_S:
-            logging.getLogger("h33_bento.runners").warning(
-                "one encrypted run of this model is predicted to take %.0f s; H33_REQUEST_TIMEOUT_S=%.0f would "
-                "cut requests off (set it to at least %.0f)", predicted / 1000.0, REQUEST_TIMEOUT_S,
-                3 * predicted / 1000.0)
+        for name, served in self.runtime.models.items():
+            predicted = served.compiled.summary()["predicted_latency_ms"]
+            if predicted and 2 * predicted / 1000.0 > REQUEST_TIMEOUT_S:
+                logging.getLogger("h33_bento.runners").warning(
+                    "one encrypted run of model %r is predicted to take %.0f s; H33_REQUEST_TIMEOUT_S=%.0f would "
+                    "cut requests off (set it to at least %.0f)", name, predicted / 1000.0, REQUEST_TIMEOUT_S,
+                    3 * predicted / 1000.0)
 
     def __is_ready__(self) -> bool:
         """Ready once the model is loaded, and while a request could still be admitted (not saturated)."""

@@ -277,9 +277,9 @@ def service_model(mnist_train):
     return compile(net, (1, 28, 28), calibration_data=x[:256], labels=[str(i) for i in range(10)])
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory, service_model):
-    root = tmp_path_factory.mktemp("h33-serve")
+def serve_env(root: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The environment of a test server under ``root`` (its BentoML home, key store, the tenants' key
+    hashes, limits) and the tenants' API keys."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("H33_")}
     api_keys = {t: new_api_key() for t in TENANTS}
     (root / "api-keys.yaml").write_text(yaml.safe_dump({"tenants": {t: [hash_api_key(k)] for t, k in api_keys.items()}}))
@@ -293,9 +293,21 @@ def deployment(tmp_path_factory, service_model):
         "H33_LANE_WAIT_MS": "300",
         "H33_LANE_MAX_WAIT_MS": "3000",
     })
-    service_model.save(root / "compiled")
-    subprocess.run([PYTHON, "-m", "h33_bento.runners.source", "save", str(root / "compiled"), "--name", "h33-model"],
+    return env, api_keys
+
+
+def store_model(compiled, directory: Path, env: dict[str, str], name: str) -> None:
+    """Save ``compiled`` to ``directory`` and put it in the BentoML model store of ``env`` as ``name``."""
+    compiled.save(directory)
+    subprocess.run([PYTHON, "-m", "h33_bento.runners.source", "save", str(directory), "--name", name],
                    env=env, check=True, capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, service_model):
+    root = tmp_path_factory.mktemp("h33-serve")
+    env, api_keys = serve_env(root)
+    store_model(service_model, root / "compiled", env, "h33-model")
     server = Server("h33_bento.runners.service:H33Inference", env, root / "server.log")
     server.start()
     yield Deployment(server, api_keys, env, root)
@@ -1076,7 +1088,7 @@ def test_metrics_need_the_scrape_token_when_not_public(strict):
     assert httpx.get(f"{url}/metrics", timeout=30).status_code == 401
     assert httpx.get(f"{url}/metrics", headers=strict.auth("acme"), timeout=30).status_code == 401  # not a tenant's
     scraped = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {SCRAPE_TOKEN}"}, timeout=30)
-    assert scraped.status_code == 200 and 'h33_requests_total{endpoint="/metrics",method="GET",status="401"}' in scraped.text
+    assert scraped.status_code == 200 and 'h33_requests_total{endpoint="/metrics",method="GET",model="",status="401"}' in scraped.text
 
 
 def test_an_unexpected_failure_is_a_json_500_with_its_request_id_in_the_log(strict):

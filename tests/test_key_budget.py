@@ -94,3 +94,27 @@ def test_cli_key_budget(convnet, mnist_train, tmp_path):
     assert bad.returncode == 2 and "200MiB" in bad.stderr
     fits = h33("--key-budget", "2GiB")
     assert fits.returncode == 0 and "key budget 2048.0 MiB" in fits.stdout
+
+
+@pytest.mark.parametrize("lanes", [(0, 1, 2, 3, 4, 5, 6, 7), (0, 7), (5, 2, 6)])
+def test_lane_packing_composes_every_shift_from_log2_lanes_keys(lanes, convnet_compiled, convnet_client, mnist_test):
+    import openfhe
+
+    from h33_bento.ckks.serialization import EncryptedTensor
+    from h33_bento.runtime.engine import Engine
+
+    p = convnet_compiled.params
+    assert [r for r in p.rotation_indices if r % p.lanes] == [p.slots - 4, p.slots - 2, p.slots - 1]
+    engine = Engine(convnet_compiled, convnet_client.keys.evaluation_keys())
+    x = mnist_test[0][200:200 + len(lanes)]
+    singles = [[engine.deserialize(b) for b in convnet_client.encrypt(img).ciphertexts] for img in x]
+    out = engine.run_ciphertexts(engine.pack_lanes(list(zip(lanes, singles))))
+    env = EncryptedTensor(model_fingerprint=convnet_compiled.fingerprint, params_fingerprint=p.fingerprint,
+                          key_id=convnet_client.keys.key_id, shape=(p.lanes, *convnet_compiled.output_shape),
+                          lanes_used=p.lanes, level=convnet_compiled.depth, batched=True, lane=0,
+                          ciphertexts=[openfhe.Serialize(ct, openfhe.BINARY) for ct in out])
+    got = convnet_client.decrypt_logits(env)
+    assert_logits_close(got[list(lanes)], simulate(convnet_compiled, x), rel=1e-3)
+    empty = [lane for lane in range(p.lanes) if lane not in lanes]
+    if empty:  # what the program gives an all-zero input, not a misplaced request
+        assert_logits_close(got[empty], simulate(convnet_compiled, np.zeros((len(empty), *x.shape[1:]))), rel=1e-2)

@@ -22,7 +22,7 @@ from ..ckks.params import CKKSParams, SecurityLevel
 from ..ckks.timing import PrimitiveCosts, bootstrap_bound, cached_primitives, with_bootstrap
 from ..errors import CompileError
 from ..program.cost_model import CostModel, stored_costs
-from ..program.diagonals import DiagonalPlan
+from ..program.diagonals import DiagonalPlan, lane_shifts
 from ..program.report import bundle_bytes, key_sizes
 from ..program.model import CompiledModel
 from ..program.ops import Op
@@ -235,7 +235,7 @@ def keys_pass(c: Compilation) -> Compilation:
     pricing = CostModel(c.costs if c.costs is not None else stored_costs(params, _chebyshev_degrees(c.graph)), depth)
     levels = {name: max((c.levels.get(i, 0) for i in c.graph.nodes[name].inputs), default=0) for name in c.plans}
     price = key_price_ms(key_sizes(params, c.costs).get("rotation", 0)) if pricing.costs else 0.0
-    fixed = params.lanes - 1  # the lane shifts (``program.diagonals.rotation_indices``)
+    fixed = len(lane_shifts(params.lanes, params.slots))
     plans, default = choose_key_schedules(c.plans, levels, pricing, price,
                                           lambda keys: bundle_bytes(params, c.costs, keys + fixed),
                                           c.options.key_budget_bytes)

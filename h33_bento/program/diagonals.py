@@ -171,10 +171,15 @@ class DiagonalPlan:
         return out + self.bias
 
 
+
+def lane_shifts(lanes: int, slots: int) -> tuple[int, ...]:
+    """The slot rotations the server packs single requests into one ciphertext with: a move by
+    every power of two below ``lanes`` (``Engine.pack_lanes`` composes the others)."""
+    return tuple(sorted(slots - (1 << b) for b in range(max(lanes - 1, 0).bit_length())))
+
+
 def rotation_indices(plans: Iterable[DiagonalPlan], lanes: int, slots: int) -> tuple[int, ...]:
     """The slot rotations a program needs keys for: every rotation its plans use (per-lane amounts
-    scaled by the lanes), plus the lane shifts the server uses to pack single requests into one
-    ciphertext."""
+    scaled by the lanes; never a lane shift, which moves by less than a lane), plus the lane shifts."""
     rotations = {(r * lanes) % slots for plan in plans for r in plan.rotations()}
-    lane_shifts = {slots - lane for lane in range(1, lanes)}
-    return tuple(sorted(rotations | lane_shifts))
+    return tuple(sorted(rotations | set(lane_shifts(lanes, slots))))

@@ -35,6 +35,7 @@ from ..ckks.context import release_evaluation_keys, rss_bytes
 from ..ckks.keys import EvaluationKeys
 from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import EncryptedTensor
+from ..program.diagonals import lane_shifts
 from ..program.model import CompiledModel
 from ..errors import EnvelopeError, EvaluationKeysNotFoundError, SandboxUnavailableError
 from ..keystore import KeyStore
@@ -141,9 +142,7 @@ class EngineRunner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h33-engine")
         self.runs = 0
         self.recycles = 0
-        lanes = self.params.lanes
-        shifts = {self.params.slots - j for j in range(1, lanes)}
-        missing = sorted(shifts - set(self.params.rotation_indices))
+        missing = sorted(set(lane_shifts(self.params.lanes, self.params.slots)) - set(self.params.rotation_indices))
         self.can_pack = not missing
         if missing:
             logger.warning("the model's rotation keys lack the lane shifts %s: requests run one per engine "

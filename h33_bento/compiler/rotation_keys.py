@@ -12,8 +12,9 @@ The price of a key: the client uploads it once (at ``UPLOAD_MBIT_S``) and it ser
 milliseconds per run.  With a key budget the bundle must also fit: the price is raised step by
 step until it does, and the fastest fitting choice found is kept; ``KeyBudgetError`` names the
 smallest bundle found when none fits.  The search is coordinate descent (one step's schedule at a
-time, the others fixed, until none changes) from the previous price's choice: a heuristic, not
-an exact optimum, but every choice it returns is priced exactly.
+time, the others fixed, until none changes) from the previous price's choice, and at the highest
+price also from every power-of-two split shared by all steps: a heuristic, not an exact optimum, but every
+choice it returns is priced exactly.
 """
 from __future__ import annotations
 
@@ -107,16 +108,20 @@ def choose_key_schedules(plans: dict[str, DiagonalPlan], levels: dict[str, int],
     default = _descend(options, start, price)
     chosen = default
     if budget_bytes is not None and bundle_bytes(_keys(options, default)) > budget_bytes:
-        fitting, smallest, p = [], default, max(price, 1e-3 * _ms(options, default) / max(_keys(options, default), 1))
+        found, p = [], max(price, 1e-3 * _ms(options, default) / max(_keys(options, default), 1))
         for _ in range(PRICE_STEPS):
             p *= PRICE_FACTOR
             chosen = _descend(options, chosen, p)
-            if _keys(options, chosen) < _keys(options, smallest):
-                smallest = chosen
-            if bundle_bytes(_keys(options, chosen)) <= budget_bytes:
-                fitting.append(chosen)
+            found.append(chosen)
+        # descent is local: also start from every step using one power-of-two split (babies and giants shared)
+        for n1 in sorted({o.baby_step for opts in options for o in opts if not o.baby_step & (o.baby_step - 1)}):
+            start = [min(range(len(opts)), key=lambda k: (opts[k].baby_step != n1, len(opts[k].rotations)))
+                     for opts in options]
+            found.append(_descend(options, start, p))
+        fitting = [ch for ch in found if bundle_bytes(_keys(options, ch)) <= budget_bytes]
         if not fitting:
-            raise KeyBudgetError(budget_bytes, bundle_bytes(_keys(options, smallest)), bundle_bytes(0))
+            smallest = min(_keys(options, ch) for ch in found)
+            raise KeyBudgetError(budget_bytes, bundle_bytes(smallest), bundle_bytes(0))
         chosen = min(fitting, key=lambda ch: (_ms(options, ch), _keys(options, ch)))
 
     def applied(choice: list[int]) -> dict[str, DiagonalPlan]:

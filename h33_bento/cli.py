@@ -7,6 +7,7 @@ is the model owner's (encrypted-weight mode) and reads only the data owner's pub
 from __future__ import annotations
 
 import importlib
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -81,6 +82,20 @@ def _degrees(values: list[str]) -> dict[str, int]:
     return degrees
 
 
+#: byte units --key-budget accepts (binary and decimal)
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def _bytes(text: str) -> int:
+    """``200MiB``, ``1.5GiB``, ``250MB`` or a plain byte count -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if unit not in _UNITS:
+        raise typer.BadParameter(f"expected a size like 200MiB, 1.5GiB, 250MB or bytes, got {text!r}",
+                                 param_hint="--key-budget")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 @app.command("compile")
 def compile_cmd(
     model: str = typer.Argument(..., help="ONNX file, or package.module:Class of a torch module"),
@@ -101,6 +116,9 @@ def compile_cmd(
     remeasure_costs: bool = typer.Option(False, "--remeasure-costs",
                                          help="measure this machine's primitive costs again instead of reading "
                                               "its cost cache (e.g. after the machine's load changed)"),
+    key_budget: Optional[str] = typer.Option(None, "--key-budget",
+                                             help="largest evaluation-key bundle to allow, e.g. 200MiB: schedules "
+                                                  "trade predicted time for fewer rotation keys to fit it"),
 ) -> None:
     """Compile a network to a CKKS program (128-bit parameters)."""
     from .compiler import compile as compile_model
@@ -115,7 +133,8 @@ def compile_cmd(
                                  labels=labels.split(",") if labels else None, progress=True,
                                  activation_degrees=_degrees(degrees) or None, range_margin=margin,
                                  estimate_only=plan_only, measure_costs=not plan_only,
-                                 remeasure_costs=remeasure_costs)
+                                 remeasure_costs=remeasure_costs,
+                                 key_budget_bytes=_bytes(key_budget) if key_budget is not None else None)
         if not plan_only:
             compiled.save(out)
     except H33Error as exc:

@@ -36,6 +36,20 @@ class DepthExceededError(CompileError):
         self.levels_available = levels_available
 
 
+class KeyBudgetError(CompileError):
+    """No schedule the compiler finds fits the evaluation-key bundle in ``key_budget_bytes``."""
+
+    def __init__(self, budget_bytes: int, smallest_bytes: int, fixed_bytes: int) -> None:
+        super().__init__(
+            f"no schedule fits the evaluation keys in the key budget of {budget_bytes / 2**20:.1f} MiB "
+            f"({budget_bytes} bytes): the smallest bundle found is {smallest_bytes / 2**20:.1f} MiB "
+            f"({smallest_bytes} bytes), of which {fixed_bytes / 2**20:.1f} MiB are the public, relinearization, "
+            "lane-packing and bootstrapping keys no schedule changes; raise the budget, or use fewer lanes "
+            "or a shallower network (a smaller ring)"
+        )
+        self.budget_bytes, self.smallest_bytes, self.fixed_bytes = budget_bytes, smallest_bytes, fixed_bytes
+
+
 class RangeWarning(UserWarning):
     """Values left the range a polynomial activation was calibrated on, or the range a bootstrap
     needs; predictions may be wrong."""

@@ -36,6 +36,7 @@ from ..ckks.context import release_evaluation_keys, rss_bytes
 from ..ckks.keys import EvaluationKeys
 from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import EncryptedTensor
+from ..program.diagonals import lane_shifts
 from ..program.model import CompiledModel
 from ..errors import EnvelopeError, EvaluationKeysNotFoundError, SandboxUnavailableError
 from ..keystore import KeyStore
@@ -190,9 +191,7 @@ class EngineRunner:
         self._installed: dict[str, EvaluationKeys] = {}  # key_id -> bundle without its serialized keys
         self.loaded_tags: set[str] = set()  # key tags this model put in OpenFHE's maps since the last recycle
         self.runs = 0
-        lanes = self.params.lanes
-        shifts = {self.params.slots - j for j in range(1, lanes)}
-        missing = sorted(shifts - set(self.params.rotation_indices))
+        missing = sorted(set(lane_shifts(self.params.lanes, self.params.slots)) - set(self.params.rotation_indices))
         self.can_pack = not missing
         if missing:
             logger.warning("the model's rotation keys lack the lane shifts %s: requests run one per engine "

@@ -16,6 +16,7 @@ import anyio
 
 from ..ckks.sandbox import Sandbox
 from ..ckks.serialization import WIRE_VERSION, EncryptedTensor
+from ..program.diagonals import lane_shifts
 from ..program.model import CompiledModel
 from ..errors import EnvelopeError, EvaluationKeysNotFoundError, SandboxUnavailableError
 from ..keystore import KeyRecord, StagedBundle
@@ -80,7 +81,7 @@ class ServedModel:
     def model_info(self) -> dict[str, Any]:
         if self._model_info is None:
             m, p = self.compiled, self.compiled.params
-            shifts = sorted({p.slots - j for j in range(1, p.lanes)})
+            shifts = list(lane_shifts(p.lanes, p.slots))
             self._model_info = {
                 "model": {
                     "fingerprint": m.fingerprint,

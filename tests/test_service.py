@@ -40,6 +40,7 @@ from h33_bento.ckks.context import get_context  # noqa: E402
 from h33_bento.ckks.keys import EvaluationKeys, KeyChain, key_id_for  # noqa: E402
 from h33_bento.ckks.params import select_params  # noqa: E402
 from h33_bento.ckks.serialization import EncryptedTensor  # noqa: E402
+from h33_bento.program.diagonals import lane_shifts  # noqa: E402
 from h33_bento.client import FHEInferenceClient, RemoteError  # noqa: E402
 from h33_bento.errors import KeyMismatchError, ModelMismatchError  # noqa: E402
 from h33_bento.runners.config import hash_api_key, new_api_key  # noqa: E402
@@ -712,7 +713,7 @@ def test_error_answers_carry_no_server_paths_or_source_lines(deployment, service
     a rotation key its blob lacks, which fails in the engine unless the upload refuses it).  The client
     gets a clean message and the request id; the server log has the detail under that id."""
     params = service_model.params
-    shifts = {params.slots - j for j in range(1, params.lanes)}
+    shifts = set(lane_shifts(params.lanes, params.slots))
     dropped = next(r for r in params.rotation_indices if r not in shifts)
     cc = get_context(params)
     pair = cc.KeyGen()

@@ -3,11 +3,11 @@
 ``compile`` runs ``PASSES`` in order, each a function of the previous ``Compilation``::
 
     import -> fuse -> calibrate -> levels -> parameters -> quadratics -> costs -> layout
-           -> bootstraps -> diagonals -> program
+           -> bootstraps -> diagonals -> keys -> program
 
 One file per pass: ``onnx_import``/``torch_import``, ``fusion``, ``calibration``, ``levels``,
 ``parameters``, ``quadratics``, ``ckks.timing`` (the costs are measured there, or passed in),
-``layout``, ``bootstraps``, ``diagonals``, ``emit``.  The result is a ``program.CompiledModel``.
+``layout``, ``bootstraps``, ``diagonals``, ``rotation_keys``, ``emit``.  The result is a ``program.CompiledModel``.
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from ..ckks.params import CKKSParams, SecurityLevel
 from ..ckks.timing import PrimitiveCosts, bootstrap_bound, cached_primitives, with_bootstrap
 from ..errors import CompileError
-from ..program.cost_model import CostModel
-from ..program.diagonals import DiagonalPlan
+from ..program.cost_model import CostModel, stored_costs
+from ..program.diagonals import DiagonalPlan, lane_shifts
+from ..program.report import bundle_bytes, key_sizes
 from ..program.model import CompiledModel
 from ..program.ops import Op
 from .bootstraps import place_bootstraps
@@ -35,6 +36,7 @@ from .layout import Layouts, assign_layouts
 from .levels import assign_levels
 from .parameters import choose_params
 from .quadratics import lower_quadratics
+from .rotation_keys import choose_key_schedules, key_price_ms
 
 __all__ = ["compile", "CompiledModel", "Compilation", "CompileOptions", "PASSES", "load_graph"]
 
@@ -80,6 +82,7 @@ class CompileOptions:
     remeasure_costs: bool = False
     costs: PrimitiveCosts | None = None
     bootstrapping: bool | None = None
+    key_budget_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ class Compilation:
     costs: PrimitiveCosts | None = None
     layouts: Layouts | None = None
     plans: dict[str, DiagonalPlan] = field(default_factory=dict)
+    #: the default's plans (no key budget), when a budget changed them: what the report compares with
+    unbudgeted_plans: dict[str, DiagonalPlan] | None = None
     program: CompiledModel | None = None
 
     @property
@@ -155,12 +160,16 @@ def quadratics_pass(c: Compilation) -> Compilation:
     return c
 
 
+def _chebyshev_degrees(graph: Graph) -> tuple[int, ...]:
+    return tuple(sorted({len(n.attrs["coeffs"]) - 1 for n in graph.nodes.values() if n.op is Op.POLY}))
+
+
 def costs_pass(c: Compilation) -> Compilation:
     """The given cost table, or this machine's for the chosen parameters: from its cost cache, or
     measured now (and cached) on the first compile or with ``remeasure_costs``; none for estimates
     of networks too deep to run, or with ``measure_costs=False``: relative costs then."""
     o = c.options
-    degrees = tuple(sorted({len(n.attrs["coeffs"]) - 1 for n in c.graph.nodes.values() if n.op is Op.POLY}))
+    degrees = _chebyshev_degrees(c.graph)
     if o.costs is not None:
         if not o.costs.covers(c.params, degrees):
             raise CompileError(
@@ -218,9 +227,28 @@ def diagonals_pass(c: Compilation) -> Compilation:
     return replace(c, plans=extract_diagonals(c.graph, c.layouts, c.params.lane_length, c.cost_model, c.levels))
 
 
+def keys_pass(c: Compilation) -> Compilation:
+    """Every linear step's schedule chosen together for time and key bytes (``compiler.rotation_keys``),
+    priced as the report predicts: with the compile's costs, else the stored table (relative costs
+    for a ring it lacks: key bytes then only break ties, and bound the budget)."""
+    params, depth = c.params, c.params.multiplicative_depth
+    pricing = CostModel(c.costs if c.costs is not None else stored_costs(params, _chebyshev_degrees(c.graph)), depth)
+    levels = {name: max((c.levels.get(i, 0) for i in c.graph.nodes[name].inputs), default=0) for name in c.plans}
+    price = key_price_ms(key_sizes(params, c.costs).get("rotation", 0)) if pricing.costs else 0.0
+    fixed = len(lane_shifts(params.lanes, params.slots))
+    plans, default = choose_key_schedules(c.plans, levels, pricing, price,
+                                          lambda keys: bundle_bytes(params, c.costs, keys + fixed),
+                                          c.options.key_budget_bytes)
+    return replace(c, plans=plans, unbudgeted_plans=default if c.options.key_budget_bytes is not None else None)
+
+
 def program_pass(c: Compilation) -> Compilation:
-    return replace(c, program=emit_program(c.graph, c.levels, c.params, c.layouts, c.plans, c.costs, c.runnable,
-                                           c.options.labels))
+    program = emit_program(c.graph, c.levels, c.params, c.layouts, c.plans, c.costs, c.runnable, c.options.labels)
+    if c.unbudgeted_plans is not None:
+        program.metadata["key_budget"] = {
+            "budget_bytes": int(c.options.key_budget_bytes),
+            "unbudgeted_schedules": {name: [p.baby_step, p.fold_chunk] for name, p in c.unbudgeted_plans.items()}}
+    return replace(c, program=program)
 
 
 #: The compiler, in order.
@@ -235,6 +263,7 @@ PASSES: tuple[tuple[str, Callable[[Compilation], Compilation]], ...] = (
     ("layout", layout_pass),
     ("bootstraps", bootstraps_pass),
     ("diagonals", diagonals_pass),
+    ("keys", keys_pass),
     ("program", program_pass),
 )
 
@@ -256,6 +285,7 @@ def compile(
     measure_costs: bool = True,
     remeasure_costs: bool = False,
     bootstrapping: bool | None = None,
+    key_budget_bytes: int | None = None,
     progress: bool = False,
 ) -> CompiledModel:
     """Compile ``model`` for encrypted inference with ``lanes`` inputs per ciphertext.
@@ -271,6 +301,10 @@ def compile(
     128-bit parameters allow still gets an estimate (marked not runnable) instead of a
     DepthExceededError.  ``bootstrapping``: None bootstraps when the network is deeper than the
     largest ring holds, True always, False never (too deep then raises DepthExceededError).
+    The linear steps' schedules are chosen together for time and evaluation-key bytes, a key
+    priced at its upload time (``compiler.rotation_keys``); ``key_budget_bytes`` caps the predicted
+    key bundle: the fastest schedules found that fit it are chosen, or KeyBudgetError names the
+    smallest bundle found, and the report shows what the budget cost against the default.
     ``progress`` shows a bar.
     """
     options = CompileOptions(
@@ -278,7 +312,7 @@ def compile(
         lanes=lanes, labels=tuple(labels) if labels is not None else None, scale_bits=scale_bits,
         first_mod_bits=first_mod_bits, security_level=security_level, activation_degrees=activation_degrees,
         range_margin=range_margin, estimate_only=estimate_only, measure_costs=measure_costs,
-        remeasure_costs=remeasure_costs, costs=costs, bootstrapping=bootstrapping)
+        remeasure_costs=remeasure_costs, costs=costs, bootstrapping=bootstrapping, key_budget_bytes=key_budget_bytes)
     state = Compilation(source=model, options=options)
     with tqdm(PASSES, desc="compile", unit="pass", disable=not progress, leave=False) as bar:
         for name, run in bar:

@@ -14,7 +14,7 @@ import numpy as np
 from ..ckks.params import CKKSParams
 from ..ckks.timing import PrimitiveCosts
 from ..errors import CompileError
-from ..program.diagonals import DiagonalPlan
+from ..program.diagonals import DiagonalPlan, rotation_indices
 from ..program.model import CompiledModel, Step
 from ..program.ops import OPS
 from .graph import Graph
@@ -33,21 +33,16 @@ def emit_program(graph: Graph, levels: dict[str, int], params: CKKSParams, layou
                  labels: Sequence[str] | None) -> CompiledModel:
     """The ``CompiledModel`` of a lowered, laid-out graph."""
     steps: list[Step] = []
-    rotations: set[int] = set()
     for node in graph.nodes.values():
         spec = OPS[node.op]
         if not spec.in_program:
             continue
         plan = plans.get(node.name)
-        if plan is not None:
-            rotations |= plan.rotations()
         start = max((levels[i] for i in node.inputs), default=0)
         attrs = {k: _plain(node.attrs[k]) for k in spec.attrs if k in node.attrs}
         steps.append(Step(node.name, node.op, list(node.inputs), start, attrs, plan))
-    lanes = params.lanes
-    slot_rotations = {(r * lanes) % params.slots for r in rotations}
-    lane_shifts = {params.slots - lane for lane in range(1, lanes)}  # server-side lane packing
-    params = CKKSParams.model_validate({**params.model_dump(), "rotation_indices": sorted(slot_rotations | lane_shifts)})
+    rotations = rotation_indices((s.linear for s in steps if s.linear is not None), params.lanes, params.slots)
+    params = CKKSParams.model_validate({**params.model_dump(), "rotation_indices": rotations})
     input_node, out_node = graph.nodes[graph.input], graph.nodes[graph.output]
     if labels is not None and len(labels) != out_node.size:
         raise CompileError(f"{len(labels)} labels given for {out_node.size} outputs")

@@ -17,6 +17,7 @@ Giant-step rotations of one output block are hoisted too: each partial sum is ro
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Iterable
 
 import numpy as np
 
@@ -124,25 +125,37 @@ class DiagonalPlan:
         counts["diagonals"] = int(len(self.terms))
         return counts
 
-    def rotations(self) -> set[int]:
-        """Per-lane rotation amounts (mod n) this transform needs keys for."""
-        b, g = self.schedule()
-        folds = {r % self.n for chunk in self.fold_chunks() for r in chunk}
+    def rotations(self, baby_step: int | None = None, fold_chunk: int | None = None) -> set[int]:
+        """Per-lane rotation amounts (mod n) this transform needs keys for (under its schedule, or
+        the one given)."""
+        b, g = self.schedule(baby_step)
+        folds = {r % self.n for chunk in self.fold_chunks(fold_chunk) for r in chunk}
         return (set((b % self.n).tolist()) | set((g % self.n).tolist()) | folds) - {0}
 
-    def choose_schedule(self, model: CostModel, level: int) -> None:
-        """Pick the BSGS split and the fold chunking that cost least at ``level``."""
+    def baby_steps(self) -> list[int]:
+        """The BSGS splits worth considering: every n1 up to 64 and every power of two up to the
+        widest diagonal, and ``n`` (every rotation a hoisted baby)."""
         ks = np.abs(np.where(self.terms[:, 2] > self.n // 2, self.terms[:, 2] - self.n, self.terms[:, 2]))
         candidates = sorted(set(range(1, min(self.n, 64) + 1)) | {1 << p for p in range(int(np.log2(self.n)) + 1)})
         widest = int(ks.max(initial=0)) + 1
-        best = None
-        for n1 in [c for c in candidates if c <= widest] + [self.n]:  # n: every rotation a hoisted baby
-            cost = model.total(self._bsgs_counts(n1), level)
-            if best is None or cost < best[0]:
-                best = (cost, n1)
-        self.baby_step = best[1] if best else 1
-        chunks = range(1, min(MAX_FOLD_CHUNK, max(len(self.fold_steps), 1)) + 1)
-        self.fold_chunk = min(chunks, key=lambda c: (model.total(self._fold_counts(c), level), c))
+        return [c for c in candidates if c <= widest] + [self.n]
+
+    def fold_chunk_sizes(self) -> range:
+        """The fold chunkings worth considering (1 without a fold)."""
+        return range(1, min(MAX_FOLD_CHUNK, max(len(self.fold_steps), 1)) + 1)
+
+    def bsgs_ms(self, model: CostModel, level: int, baby_step: int) -> float:
+        """Predicted time of the products and baby/giant rotations with split ``baby_step``."""
+        return model.total(self._bsgs_counts(baby_step), level)
+
+    def fold_ms(self, model: CostModel, level: int, fold_chunk: int) -> float:
+        """Predicted time of the fold with chunks of ``fold_chunk`` steps."""
+        return model.total(self._fold_counts(fold_chunk), level)
+
+    def choose_schedule(self, model: CostModel, level: int) -> None:
+        """Pick the BSGS split and the fold chunking that cost least at ``level``."""
+        self.baby_step = min(self.baby_steps(), key=lambda n1: self.bsgs_ms(model, level, n1))
+        self.fold_chunk = min(self.fold_chunk_sizes(), key=lambda c: (self.fold_ms(model, level, c), c))
 
     def cost(self, model: CostModel, level: int) -> float:
         return model.total(self.counts(), level)
@@ -156,3 +169,17 @@ class DiagonalPlan:
         for f in self.fold_steps:
             out += np.roll(out, -f, axis=-1)
         return out + self.bias
+
+
+
+def lane_shifts(lanes: int, slots: int) -> tuple[int, ...]:
+    """The slot rotations the server packs single requests into one ciphertext with: a move by
+    every power of two below ``lanes`` (``Engine.pack_lanes`` composes the others)."""
+    return tuple(sorted(slots - (1 << b) for b in range(max(lanes - 1, 0).bit_length())))
+
+
+def rotation_indices(plans: Iterable[DiagonalPlan], lanes: int, slots: int) -> tuple[int, ...]:
+    """The slot rotations a program needs keys for: every rotation its plans use (per-lane amounts
+    scaled by the lanes; never a lane shift, which moves by less than a lane), plus the lane shifts."""
+    rotations = {(r * lanes) % slots for plan in plans for r in plan.rotations()}
+    return tuple(sorted(rotations | set(lane_shifts(lanes, slots))))

@@ -30,7 +30,7 @@ from ..ckks.params import CKKSParams
 from ..errors import ModelFormatError
 from ..ckks.timing import PrimitiveCosts
 from .cost_model import DEFAULT_CACHE_BYTES, CostModel, stored_costs
-from .diagonals import DiagonalPlan
+from .diagonals import DiagonalPlan, rotation_indices
 from .ops import OPS, Op
 
 FORMAT_VERSION = 2
@@ -127,6 +127,19 @@ class CompiledModel:
                  for s in self.steps]
         weights_id = hashlib.sha256(f"h33-weights:{self.fingerprint}".encode()).hexdigest()[:32]
         return replace(self, steps=steps, weights_id=weights_id, _fingerprint=None)
+
+    def unbudgeted(self) -> "CompiledModel | None":
+        """The program the same compile chooses without its key budget (the default trade of key
+        bytes against time), for the report to price against; None when compiled without one."""
+        trade = self.metadata.get("key_budget")
+        if not trade:
+            return None
+        schedules = trade["unbudgeted_schedules"]
+        steps = [replace(s, linear=replace(s.linear, baby_step=schedules[s.name][0], fold_chunk=schedules[s.name][1]))
+                 if s.name in schedules else s for s in self.steps]
+        rotations = rotation_indices((s.linear for s in steps if s.linear is not None), self.lanes, self.params.slots)
+        return replace(self, steps=steps, params=self.params.model_copy(update={"rotation_indices": rotations}),
+                       metadata={k: v for k, v in self.metadata.items() if k != "key_budget"}, _fingerprint=None)
 
     @property
     def num_classes(self) -> int:

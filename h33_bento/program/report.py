@@ -8,7 +8,7 @@ parameters; the report says so.  For a ring the table lacks, predictions are Non
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -16,6 +16,8 @@ from .cost_model import DEFAULT_CACHE_BYTES
 from .ops import OPS, Op
 
 if TYPE_CHECKING:
+    from ..ckks.params import CKKSParams
+    from ..ckks.timing import PrimitiveCosts
     from .model import CompiledModel, Step
 
 
@@ -76,15 +78,30 @@ def _keys_measured(model: "CompiledModel") -> bool:
     return model.costs is not None and bool(model.costs.key_bytes)
 
 
+def key_sizes(params: "CKKSParams", costs: "PrimitiveCosts | None") -> Mapping[str, int]:
+    """Serialized key sizes: measured at compile time, else predicted from the parameters."""
+    return costs.key_bytes if costs is not None and costs.key_bytes else params.estimated_key_bytes()
+
+
+def bootstrap_keys(params: "CKKSParams", costs: "PrimitiveCosts | None") -> int:
+    """Rotation keys the bootstraps add (only measured: 0 without bootstrap measurements)."""
+    boot = params.bootstrapping
+    measured = ((costs.ms.get("bootstraps") or {}) if costs is not None else {}).get("keys", {})
+    return sum(int(measured.get(str(s), 0)) for s in boot.slots) if boot else 0
+
+
+def bundle_bytes(params: "CKKSParams", costs: "PrimitiveCosts | None", rotations: int) -> int:
+    """Size of an evaluation-key bundle with ``rotations`` program rotation keys (plus the
+    bootstrapping keys; an upper bound: the sets may overlap)."""
+    ks = key_sizes(params, costs)
+    return ks.get("public", 0) + ks.get("mult", 0) + ks.get("rotation", 0) * (rotations
+                                                                              + bootstrap_keys(params, costs))
+
+
 def key_bundle_bytes(model: "CompiledModel") -> int:
     """Predicted size of the evaluation-key bundle: from the key sizes measured at compile time,
     else from the parameters (without the bootstrapping keys, whose count is only measured)."""
-    ks = model.costs.key_bytes if _keys_measured(model) else model.params.estimated_key_bytes()
-    boot = model.params.bootstrapping
-    measured = ((model.costs.ms.get("bootstraps") or {}) if model.costs is not None else {}).get("keys", {})
-    bootstrap_keys = sum(int(measured.get(str(s), 0)) for s in boot.slots) if boot else 0
-    rotations = len(model.params.rotation_indices) + bootstrap_keys  # an upper bound: the sets may overlap
-    return ks.get("public", 0) + ks.get("mult", 0) + ks.get("rotation", 0) * rotations
+    return bundle_bytes(model.params, model.costs, len(model.params.rotation_indices))
 
 
 #: a Python process with h33_bento, numpy and OpenFHE imported and one context built (measured: 70 MB
@@ -106,7 +123,7 @@ def peak_memory(model: "CompiledModel", cache_bytes: int = DEFAULT_CACHE_BYTES) 
     from ..ckks.keys import ROTATION_CHUNK_BYTES
 
     params = model.params
-    ks = model.costs.key_bytes if _keys_measured(model) else params.estimated_key_bytes()
+    ks = key_sizes(params, model.costs)
     per_chunk = max(1, ROTATION_CHUNK_BYTES // params.estimated_key_bytes()["rotation"])  # as keygen chunks
     rotations = len(params.rotation_indices)
     chunk = min(per_chunk, rotations) * ks.get("rotation", 0)
@@ -163,7 +180,24 @@ def summary(model: "CompiledModel") -> dict[str, Any]:
         "predicted_client_ms": _rounded(client),
         "plaintext_bytes": sum(size * n for s in model.steps if s.linear for size, n in plaintext_runs(model, s)),
         "encodes_per_run": sum(uncached_plaintexts(model).values()),
+        **key_trade(model, _rounded(predicted)),
     }
+
+
+def key_trade(model: "CompiledModel", predicted_ms: float | None) -> dict[str, Any]:
+    """What a key budget cost: the budget, and the bundle, rotation keys and predicted latency of
+    the program compiled without it (the default's choice), priced with the same costs."""
+    other = model.unbudgeted()
+    if other is None:
+        return {"key_budget_bytes": None}
+    theirs = summary(other)
+    cost = (predicted_ms - theirs["predicted_latency_ms"]
+            if predicted_ms is not None and theirs["predicted_latency_ms"] is not None else None)
+    return {"key_budget_bytes": model.metadata["key_budget"]["budget_bytes"],
+            "unbudgeted_rotation_keys": theirs["rotation_keys"],
+            "unbudgeted_key_bundle_bytes": theirs["key_bundle_bytes"],
+            "unbudgeted_predicted_latency_ms": theirs["predicted_latency_ms"],
+            "key_budget_cost_ms": _rounded(cost) if cost is not None else None}
 
 
 def render(model: "CompiledModel") -> str:
@@ -211,6 +245,11 @@ def render(model: "CompiledModel") -> str:
            f" (no costs measured, none stored for N={p.ring_dim})")
         + (f"; costs measured while the machine was busy (load average {model.costs.load:g}), so these "
            "over-predict a quiet machine" if model.costs is not None and model.costs.busy else ""),
+        *([f"key budget {summ['key_budget_bytes'] / 2**20:.1f} MiB: {summ['rotation_keys']} rotation keys "
+           f"({summ['key_bundle_bytes'] / 2**20:.1f} MiB) instead of {summ['unbudgeted_rotation_keys']} "
+           f"({summ['unbudgeted_key_bundle_bytes'] / 2**20:.1f} MiB) without it, for "
+           f"{summ['key_budget_cost_ms']:+} ms predicted per ciphertext ({summ['unbudgeted_predicted_latency_ms']} ms "
+           "without it)"] if summ["key_budget_bytes"] is not None else []),
         f"predicted peak memory: {summ['predicted_keygen_peak_bytes'] / 2**30:.2f} GiB to generate the keys "
         f"(client), {summ['predicted_server_peak_bytes'] / 2**30:.2f} GiB to install them and run (server)"
         + (" (bootstrapping precomputations not included)" if p.bootstrapping else ""),

@@ -355,13 +355,32 @@ class Engine:
 
     # ----------------------------------------------------------------- lane packing
     def pack_lanes(self, requests: Sequence[tuple[int, list[openfhe.Ciphertext]]]) -> list[openfhe.Ciphertext]:
-        """Merge single-input ciphertexts (each in lane 0) into one, request i moved to its lane."""
-        merged: list[openfhe.Ciphertext] | None = None
+        """Merge single-input ciphertexts (each in lane 0) into one, request i moved to its lane.
+
+        The lanes are merged half by half (``_shifted_sum``): requests in the upper half are summed
+        first, then moved by half the lanes at once.  Every move is by a power of two, so the bundle
+        carries log2(lanes) lane-shift keys instead of lanes - 1, and k requests in lanes 0..k-1 take
+        k - 1 rotations, as many as moving each one by its own key would.
+        """
+        by_lane: dict[int, list[openfhe.Ciphertext]] = {}
         for lane, blocks in requests:
             if not 0 <= lane < self.params.lanes:
                 raise ValueError(f"lane {lane} outside 0..{self.params.lanes - 1}")
-            shifted = [ct if lane == 0 else self.cc.EvalRotate(ct, self.params.slots - lane) for ct in blocks]
-            merged = shifted if merged is None else [self.cc.EvalAdd(a, b) for a, b in zip(merged, shifted)]
-        if merged is None:
+            by_lane[lane] = [self.cc.EvalAdd(a, b) for a, b in zip(by_lane[lane], blocks)] if lane in by_lane \
+                else blocks
+        if not by_lane:
             raise ValueError("no requests to pack")
-        return merged
+        return self._shifted_sum(by_lane, self.params.lanes)
+
+    def _shifted_sum(self, by_lane: dict[int, list[openfhe.Ciphertext]], width: int) -> list[openfhe.Ciphertext]:
+        """The sum of every ``by_lane[l]`` moved right by l lanes (all l < ``width``, a power of two)."""
+        if width == 1:
+            return by_lane[0]
+        half = width // 2
+        low = {lane: blocks for lane, blocks in by_lane.items() if lane < half}
+        high = {lane - half: blocks for lane, blocks in by_lane.items() if lane >= half}
+        out = self._shifted_sum(low, half) if low else None
+        if high:
+            moved = [self.cc.EvalRotate(ct, self.params.slots - half) for ct in self._shifted_sum(high, half)]
+            out = moved if out is None else [self.cc.EvalAdd(a, b) for a, b in zip(out, moved)]
+        return out

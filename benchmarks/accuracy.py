@@ -131,9 +131,19 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     r["recipe"]["epochs"] = epochs
     relu_history: list[dict] = []
-    relu = zoo.train(cfg.ctor(), x_tr, y_tr, epochs=epochs, lr=cfg.lr, seed=args.seed, lr_schedule=cfg.lr_schedule,
-                     augment=augment, validation=val, history=relu_history)
-    r["relu_epoch"], r["relu_val_acc"] = _kept_epoch(relu_history, epochs)
+    trained = Path(args.relu_weights) / f"{cfg.name}-relu.pt" if args.relu_weights else None
+    if trained is not None:  # a ReLU model an earlier run saved: only the polynomial part runs again
+        relu = cfg.ctor()
+        relu.load_state_dict(torch.load(trained, map_location="cpu", weights_only=True))
+        relu.eval()
+        r["relu_epoch"], r["relu_val_acc"] = None, None
+    else:
+        relu = zoo.train(cfg.ctor(), x_tr, y_tr, epochs=epochs, lr=cfg.lr, seed=args.seed,
+                         lr_schedule=cfg.lr_schedule, augment=augment, validation=val, history=relu_history)
+        r["relu_epoch"], r["relu_val_acc"] = _kept_epoch(relu_history, epochs)
+    if args.save:  # at once: fine-tuning, compiling or a deep network's run may not finish
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        torch.save(relu.state_dict(), Path(args.save) / f"{cfg.name}-relu.pt")
     r["n_train"], r["n_val"] = len(x_tr), (len(val[0]) if val is not None else 0)
     r["train_s"] = time.perf_counter() - t0
     r["relu_acc"] = _acc(zoo.predict_logits(relu, x_te), y_te)
@@ -165,10 +175,7 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
           f"{r['poly_acc']:.4f} after fine-tuning ({r['finetune_s']:.0f} s); test inputs out of range: "
           f"{r['test_out_of_range']:.2%}", flush=True)
     if args.save:  # before compiling: a deep network's compile or run may not finish
-        out = Path(args.save)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(relu.state_dict(), out / f"{cfg.name}-relu.pt")
-        torch.save(poly.state_dict(), out / f"{cfg.name}-poly.pt")
+        torch.save(poly.state_dict(), Path(args.save) / f"{cfg.name}-poly.pt")
 
     t0 = time.perf_counter()
     # (calibration data only checks bootstrap input ranges: trained polynomials are kept as they are)
@@ -257,8 +264,8 @@ def out_of_range_experiment(relu: torch.nn.Module, poly: torch.nn.Module, x: np.
     return rows
 
 
-def _pct(v: float) -> str:
-    return f"{100 * v:.2f}"
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
 
 
 def _lr(v: float) -> str:
@@ -493,6 +500,8 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="*", default=[n for n in CONFIGS if n != "resnet20"], choices=list(CONFIGS),
                         help="the ResNet-20 recipe is run on its own (hours): --datasets resnet20")
     parser.add_argument("--save", metavar="DIR", help="save each dataset's ReLU and polynomial state_dicts there")
+    parser.add_argument("--relu-weights", metavar="DIR", help="load each dataset's ReLU model from DIR "
+                        "(<dataset>-relu.pt, as --save writes it) instead of training it")
     parser.add_argument("--encrypted", type=int, default=256, help="encrypted test images for MNIST and CIFAR-10")
     parser.add_argument("--encrypted-pneumonia", type=int, default=624, help="encrypted PneumoniaMNIST test images")
     parser.add_argument("--degree", type=int, help="PolyReLU degree for every dataset (default: each dataset's)")

@@ -52,7 +52,6 @@ lengths of the blobs that follow, then the blobs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import mmap
@@ -85,13 +84,12 @@ from .context import (bootstrap_context, get_context, peak_rss_bytes, release_ev
                       release_rotation_keys, rss_bytes)
 from .canonical import CiphertextChecker
 from .keys import EvaluationKeys
-from .serialization import KEYS_MAGIC, FrameWriter
+from .serialization import KEYS_MAGIC, FrameWriter, frame_digest
 from .params import CKKSParams
 
 logger = logging.getLogger("h33_bento.sandbox")
 
 _LEN = struct.Struct(">Q")
-_DIGEST_LEN = hashlib.sha256().digest_size
 #: errors a child may report (anything else it raises is reported as TamperedDataError)
 _ERRORS: dict[str, type[EnvelopeError]] = {cls.__name__: cls for cls in (
     EnvelopeError, TamperedDataError, TruncatedDataError, KeyMismatchError, ParamsMismatchError,
@@ -125,13 +123,6 @@ def _recv(fh: IO[bytes]) -> tuple[dict[str, Any], list[bytes]]:
     (n,) = _LEN.unpack(_read_exact(fh, _LEN.size))
     header = json.loads(_read_exact(fh, n))
     return header, [_read_exact(fh, k) for k in header.pop("lengths")]
-
-
-def _frame_digest(path: Path) -> bytes:
-    """The SHA-256 a framed file ends with (which unpacking it checks against its contents)."""
-    with open(path, "rb") as fh:
-        fh.seek(-_DIGEST_LEN, os.SEEK_END)
-        return fh.read(_DIGEST_LEN)
 
 
 # --------------------------------------------------------------------------------------- parent side
@@ -372,7 +363,7 @@ class Sandbox:
         if not reply.get("ok"):
             dst.unlink(missing_ok=True)
         _raise_reply(reply)
-        self._canonical.add(_frame_digest(dst))  # src too, if it was canonical already (the same bytes)
+        self._canonical.add(frame_digest(dst))  # src too, if it was canonical already (the same bytes)
         self.bundle_memory = {k: int(reply[k]) for k in ("rss_before", "peak_rss")}
         logger.info("sandbox: key bundle %s (%.0f MiB) validated in %.2f s; the validator's peak RSS %.0f MiB, "
                     "%.0f MiB before reading it", src.name, src.stat().st_size / 2**20, time.perf_counter() - t0,
@@ -384,7 +375,7 @@ class Sandbox:
         caller's file, e.g. a locked one in a key store) or to a temporary file in ``scratch_dir``;
         either is removed once read."""
         path = Path(path)
-        if _frame_digest(path) in self._canonical:
+        if frame_digest(path) in self._canonical:
             return EvaluationKeys.from_file(path, self.params)
         if scratch is None:
             fd, scratch = tempfile.mkstemp(prefix="sandbox-", suffix=".h33k", dir=self.scratch_dir)

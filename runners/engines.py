@@ -40,7 +40,7 @@ from ..program.model import CompiledModel
 from ..errors import EnvelopeError, EvaluationKeysNotFoundError, SandboxUnavailableError
 from ..keystore import KeyStore
 from ..runtime.engine import DEFAULT_CACHE_BYTES, Engine, PlaintextCache
-from ..runtime.weights import EncryptedWeights, load_weights
+from ..runtime.weights import WeightsFile, load_weights
 from .http_errors import HTTPError, from_envelope_error, unknown_key, validator_unavailable, weights_missing
 from .metrics import Metrics, NullMetrics
 
@@ -245,16 +245,16 @@ class EngineRunner:
         self.observe_memory()
         return engine
 
-    def _weights(self, key_id: str, key_tag: str) -> EncryptedWeights | None:
-        """The key's encrypted weights for the served weightless model, validated; None in plaintext
-        mode, 409 ``weights_missing`` if none are stored."""
+    def _weights(self, key_id: str, key_tag: str) -> WeightsFile | None:
+        """The key's encrypted weights for the served weightless model, validated (read from their
+        file a batch at a time); None in plaintext mode, 409 ``weights_missing`` if none are stored."""
         if self.compiled.weight_mode == "plaintext":
             return None
         try:
-            data = self.keystore.weights_path(key_id, self.compiled.fingerprint).read_bytes()
+            return load_weights(self.keystore.weights_path(key_id, self.compiled.fingerprint), self.compiled,
+                                key_id, key_tag, self.sandbox)
         except FileNotFoundError:
             raise weights_missing(key_id) from None
-        return load_weights(data, self.compiled, key_id, key_tag, self.sandbox)
 
     def drop_engines(self) -> None:
         """Forget every engine and installed key (the key state is being flushed)."""

@@ -65,7 +65,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Iterable, Sequence
 
 from ..errors import (
     EnvelopeError,
@@ -261,16 +261,24 @@ class Sandbox:
         _raise_reply(reply)
         return list(blobs)
 
-    def canonical_weights(self, digest: bytes, groups: Sequence[tuple[int, Sequence[bytes]]], key_tag: str) -> None:
-        """Check encrypted-weight ciphertexts, each group's at its level, unless a child of this
-        sandbox already passed the frame whose SHA-256 is ``digest``; raises as
-        :meth:`canonical_ciphertexts`."""
+    def canonical_weights(self, digest: bytes, ciphertexts: Iterable[tuple[int, bytes]], key_tag: str) -> None:
+        """Check encrypted-weight ciphertexts, given as a stream of (level, blob), each at its level,
+        unless a child of this sandbox already passed the frame whose SHA-256 is ``digest``; raises
+        as :meth:`canonical_ciphertexts`.  At most ``WEIGHT_BATCH`` blobs are held at a time (one
+        child call), so a stream read from a file never has the whole file in memory."""
         if digest in self._canonical:
             return
-        for level, blobs in groups:
-            for at in range(0, len(blobs), WEIGHT_BATCH):
-                self.canonical_ciphertexts(blobs[at:at + WEIGHT_BATCH], key_tag, level)
-        self._canonical.add(digest)
+        batch: list[bytes] = []
+        level = -1
+        for at, blob in ciphertexts:
+            if batch and (at != level or len(batch) == WEIGHT_BATCH):
+                self.canonical_ciphertexts(batch, key_tag, level)
+                batch = []
+            level = at
+            batch.append(blob)
+        if batch:
+            self.canonical_ciphertexts(batch, key_tag, level)
+        self._canonical.add(digest)  # only once the stream ended (a file's digest checked again)
 
     def _checkout(self) -> _Child:
         try:

@@ -710,12 +710,11 @@ class _H33PyfuncModel:
 
         if self.compiled.weight_mode == "plaintext":
             return None
-        try:
-            return load_weights(self.key_store.weights_path(keys.key_id, self.compiled.fingerprint), self.compiled,
-                                keys.key_id, keys.key_tag, self._sandbox)
-        except FileNotFoundError:
+        path = self.key_store.weights_file(keys.key_id, self.compiled.fingerprint)
+        if path is None:
             raise WeightsNotProvisionedError(f"the key store holds no encrypted weights of model "
-                                             f"{self.compiled.fingerprint} for key {keys.key_id}") from None
+                                             f"{self.compiled.fingerprint} for key {keys.key_id}")
+        return load_weights(path, self.compiled, keys.key_id, keys.key_tag, self._sandbox)
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         """Run envelopes (``mode="encrypted"``) or plaintext inputs (``mode="simulate"``).

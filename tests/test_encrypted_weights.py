@@ -23,7 +23,7 @@ from h33_bento.errors import (
 )
 from h33_bento.program.model import CompiledModel
 from h33_bento.runtime.engine import Engine
-from h33_bento.runtime.weights import EncryptedWeights, load_weights, provision_weights
+from h33_bento.runtime.weights import EncryptedWeights, load_weights, predicted_weights_bytes, provision_weights
 
 from conftest import assert_logits_close, held_bytes
 
@@ -214,3 +214,11 @@ def test_a_weights_file_is_checked_and_loaded_a_batch_at_a_time(convnet_compiled
     with pytest.raises(TamperedDataError, match="digest"):
         load_weights(path, weightless, keys.key_id, keys.key_tag, refused)
     assert refused.calls == []
+
+
+def test_the_weights_size_is_predicted_from_the_plan_and_written_as_a_stream(convnet_compiled, weightless, weights,
+                                                                              tmp_path):
+    """What sizing a server (and the LeNet-5 benchmark's decision to run) relies on."""
+    assert predicted_weights_bytes(weightless) == predicted_weights_bytes(convnet_compiled)
+    assert abs(predicted_weights_bytes(weightless) / weights.size_bytes - 1) < 0.01
+    assert weights.write(tmp_path / "w.h33w").read_bytes() == weights.to_bytes()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -28,7 +29,7 @@ from ..ckks.keys import EvaluationKeys, KeyChain, key_id_for
 from ..ckks.params import CKKSParams
 from ..ckks.canonical import CiphertextChecker
 from ..ckks.sandbox import Sandbox
-from ..ckks.serialization import WEIGHTS_MAGIC, FrameFile, pack_frame, unpack_frame
+from ..ckks.serialization import WEIGHTS_MAGIC, FrameFile, FrameWriter, pack_frame, unpack_frame
 from ..errors import KeyMismatchError, ModelMismatchError, ParamsMismatchError, TamperedDataError
 from ..program.diagonals import DiagonalPlan
 from ..program.model import CompiledModel, Step
@@ -69,15 +70,25 @@ class EncryptedWeights:
     def size_bytes(self) -> int:
         return sum(len(b) for w in self.steps.values() for b in (*w.diagonals, *w.biases))
 
-    def to_bytes(self) -> bytes:
-        header = {
+    def _header(self) -> dict:
+        return {
             "model_fingerprint": self.model_fingerprint,
             "params_fingerprint": self.params_fingerprint,
             "key_id": self.key_id,
             "steps": [{"name": name, "level": w.level, "diagonals": len(w.diagonals), "biases": len(w.biases)}
                       for name, w in self.steps.items()],
         }
-        return pack_frame(WEIGHTS_MAGIC, header, [b for w in self.steps.values() for b in (*w.diagonals, *w.biases)])
+
+    def to_bytes(self) -> bytes:
+        return pack_frame(WEIGHTS_MAGIC, self._header(), [blob for _, _, blob in self.ciphertexts()])
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """The frame of :meth:`to_bytes` written to ``path`` blob by blob (a model owner's large
+        weights are never held twice)."""
+        with FrameWriter(path, WEIGHTS_MAGIC) as writer:
+            for _, _, blob in self.ciphertexts():
+                writer.add(blob)
+            return writer.commit(self._header())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "EncryptedWeights":
@@ -206,6 +217,18 @@ def provision_weights(compiled: CompiledModel, keys: EvaluationKeys | KeyChain) 
     steps = {s.name: _encrypt_step(checker, compiled.params, public, s) for s in compiled.steps if s.op is Op.LINEAR}
     return EncryptedWeights(compiled.without_weights().fingerprint, compiled.params.fingerprint,
                             key_id_for(public.GetKeyTag()), steps)
+
+
+def predicted_weights_bytes(model: CompiledModel) -> int:
+    """The size of a model's encrypted weights, from its plan alone: a ciphertext is two
+    polynomials over the towers left at its level (``CKKSParams.plaintext_bytes`` twice), one per
+    diagonal at its step's level and one per output block's bias a level down.  A server holds
+    about this much per tenant once its engine is built, the upload is this size, and the model
+    owner's ``provision_weights`` holds it too."""
+    p = model.params
+    return sum(2 * (len(s.linear.terms) * p.plaintext_bytes(s.level)
+                    + s.linear.out_blocks * p.plaintext_bytes(s.level + 1))
+               for s in model.steps if s.op in (Op.LINEAR, Op.ENCRYPTED_LINEAR))
 
 
 def load_weights(path: str | os.PathLike, model: CompiledModel, key_id: str, key_tag: str,

@@ -8,8 +8,9 @@ then encrypted, so the engine's ciphertext x ciphertext products sit at the same
 as its ciphertext x plaintext products.  Each ciphertext is written in the canonical encoding a
 server's sandbox checks uploads against (``ckks.canonical.CiphertextChecker``; the public key is
 usually deserialized, which changes the encoding but not the ciphertext), and a server takes
-weights only through ``load_weights``, from a file it reads as a stream (``WeightsFile``).  Biases are encrypted one level down, where they are added
-after the rescale, for every output block (a zero bias is not told apart from another one).
+weights only through ``load_weights``, from a file it reads as a stream (``WeightsFile``).
+Biases are encrypted one level down, where they are added after the rescale, for every output
+block (a zero bias is not told apart from another one).
 
 The frame (``ckks.serialization``, magic ``H33W``) names the weightless model's fingerprint, the
 CKKS parameters and the key id, so weights for another model or key are refused before any blob
@@ -135,10 +136,6 @@ class WeightsFile:
         if len(self.layout) != len(header["steps"]):
             raise TamperedDataError("encrypted weights name a step twice")
         self.digest = self.frame.digest
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(self.frame.lengths)
 
     @property
     def count(self) -> int:

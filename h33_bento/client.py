@@ -38,7 +38,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .runtime.weights import EncryptedWeights
+    from .runtime.weights import EncryptedWeights, WeightsFile
 
 
 @dataclass
@@ -175,7 +175,7 @@ class FHEInferenceClient:
         self.uses_tasks = False
         #: the last task's final status (task_id, state, done, total, timestamps), from GET /tasks/{id}
         self.last_task: dict[str, Any] = {}
-        self._weights: EncryptedWeights | bytes | None = None  # the local engine's, in encrypted-weight mode
+        self._weights: EncryptedWeights | WeightsFile | bytes | None = None  # the local engine's (encrypted mode)
         self._owner_model: CompiledModel | None = None  # a full model given in encrypted mode: provisions locally
         self._http: Any = None
         self._uploaded_key_id: str | None = None
@@ -281,9 +281,10 @@ class FHEInferenceClient:
             self._owner_model = local
         return local.without_weights()
 
-    def install_weights(self, weights: EncryptedWeights | bytes) -> None:
-        """Encrypted weights (``EncryptedWeights`` or their bytes) for the local engine, from the model
-        owner's ``provision_weights`` for this client's key."""
+    def install_weights(self, weights: EncryptedWeights | WeightsFile | bytes) -> None:
+        """Encrypted weights (``EncryptedWeights``, their bytes, or a ``WeightsFile`` read as the
+        engine loads them) for the local engine, from the model owner's ``provision_weights`` for
+        this client's key."""
         if self._http is not None or self.weight_mode != "encrypted":
             raise ValueError("install_weights is for a local engine in weight_mode='encrypted'")
         self._weights, self._engine = weights, None

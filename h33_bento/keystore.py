@@ -29,13 +29,15 @@ The first writer of a key_id owns it: storing it again returns the existing reco
 
 Encrypted weights live in their key's directory, so deleting a key deletes them.  A weights file
 is written under ``.incoming`` and renamed into place like a bundle; its contents are checked by
-whoever stores and loads it (``runtime.weights.load_weights``), the store only names the files.
-They are kept in the local directory only, not on object storage.
+whoever stores and loads it (``runtime.weights.load_weights``), the store only names the files
+and tells which weights are current by the SHA-256 their frame ends with (:meth:`KeyStore.weights_digest`).
 
 Replicas that do not share a volume share a store on object storage: with ``remote=S3Keys(...)``
 (``keystore_s3.py``) a key exists when the object store has it, and the local directory is this
-process's cache of the bundles it has used.  Lookups of a cached key ask the object store again
-after ``revalidate_s``, so a deletion through another replica shows within that time.
+process's cache of the bundles and weights it has used.  Lookups of a cached key ask the object
+store again after ``revalidate_s``, so a deletion through another replica shows within that time;
+so do the weights' digests, so weights replaced through another replica are fetched again
+(:meth:`KeyStore.weights_file`) within that time too.
 """
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ from typing import Any, BinaryIO, Callable, Iterator
 from .ckks.keys import EvaluationKeys
 from .ckks.params import CKKSParams
 from .ckks.sandbox import Sandbox
-from .errors import EnvelopeError, EvaluationKeysNotFoundError, KeyMismatchError
+from .ckks.serialization import frame_digest
+from .errors import EnvelopeError, EvaluationKeysNotFoundError, KeyMismatchError, TamperedDataError
 from .keystore_s3 import S3Keys
 
 KEY_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -144,6 +147,8 @@ class KeyStore:
         self.remote = remote
         self.revalidate_s = revalidate_s
         self._confirmed: dict[str, tuple[float, KeyRecord]] = {}  # key_id -> (when the remote said so, record)
+        # (key_id, model fingerprint) -> (when the remote said so, its weights record or None)
+        self._weights_seen: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
         if create:
             self._incoming_dir()
             self._clean_incoming()
@@ -185,19 +190,85 @@ class KeyStore:
 
     def put_weights(self, key_id: str, model_fingerprint: str, upload: Path) -> None:
         """Move a checked upload (from :meth:`incoming`) into place as ``key_id``'s weights for
-        the model, replacing what was there; ``EvaluationKeysNotFoundError`` if the key is gone."""
+        the model, replacing what was there (with a remote: on the object store first, and locally
+        only if this cache holds the key); ``EvaluationKeysNotFoundError`` if the key is gone."""
         if Path(upload).resolve().parent != self.root / INCOMING:
             raise ValueError(f"{upload} is not an upload of this store; write it in incoming()")
         rec = self.require(key_id)
         target = self.weights_path(rec.key_id, model_fingerprint)
-        with open(upload, "rb") as fh:
+        if self.remote is not None:
+            self.remote.publish_weights(key_id, model_fingerprint, upload, frame_digest(upload).hex())
+            with self._lock:
+                self._weights_seen.pop((key_id, model_fingerprint), None)
+            if not target.parent.parent.is_dir():  # this replica never used the key: it fetches them on use
+                return
+        self._place(upload, target, key_id)
+
+    def _place(self, file: Path, target: Path, key_id: str) -> None:
+        """Rename a written file of ``.incoming`` over ``target`` in a key's directory, durably."""
+        with open(file, "rb") as fh:
             os.fsync(fh.fileno())
         try:
             target.parent.mkdir(exist_ok=True)
-            os.replace(upload, target)
+            os.replace(file, target)
         except FileNotFoundError:  # the key was deleted meanwhile
             raise EvaluationKeysNotFoundError(key_id, f"it was removed from {self.root}") from None
         _fsync_dir(target.parent)
+
+    def weights_digest(self, key_id: str, model_fingerprint: str) -> bytes | None:
+        """The SHA-256 that ``key_id``'s current weights for the model end with, or None if none are
+        stored.  With a remote, the object store's record (asked again after ``revalidate_s``)."""
+        if self.remote is None:
+            try:
+                return frame_digest(self.weights_path(key_id, model_fingerprint))
+            except OSError:
+                return None
+        meta = self._weights_meta(key_id, model_fingerprint)
+        return None if meta is None else bytes.fromhex(meta["sha256"])
+
+    def _weights_meta(self, key_id: str, model_fingerprint: str, fresh: bool = False) -> dict[str, Any] | None:
+        now, key = time.monotonic(), (key_id, model_fingerprint)
+        with self._lock:
+            seen = self._weights_seen.get(key)
+        if seen is not None and not fresh and now - seen[0] < self.revalidate_s:
+            return seen[1]
+        meta = self.remote.weights_meta(key_id, model_fingerprint)
+        with self._lock:
+            self._weights_seen[key] = (now, meta)
+        return meta
+
+    def weights_file(self, key_id: str, model_fingerprint: str) -> Path | None:
+        """The local file of ``key_id``'s current weights for the model, or None if none are stored.
+
+        With a remote, a cached copy whose digest is not the object store's (asked again after
+        ``revalidate_s``) is replaced by the object store's, fetched into ``.incoming`` and renamed
+        into place; the key's bundle must be in the cache (:meth:`load`) first.
+        """
+        target = self.weights_path(key_id, model_fingerprint)
+        if self.remote is None:
+            return target if target.is_file() else None
+        try:
+            return self._cached_weights(key_id, target, self._weights_meta(key_id, model_fingerprint))
+        except EvaluationKeysNotFoundError:  # replaced between reading its record and downloading it
+            return self._cached_weights(key_id, target, self._weights_meta(key_id, model_fingerprint, fresh=True))
+
+    def _cached_weights(self, key_id: str, target: Path, meta: dict[str, Any] | None) -> Path | None:
+        """``target``, made to hold the weights object ``meta`` names (None: there are none)."""
+        if meta is None:
+            return None
+        try:
+            if frame_digest(target).hex() == meta["sha256"]:
+                return target
+        except OSError:  # not cached
+            pass
+        with self.incoming() as upload:
+            self.remote.download_weights(meta, key_id, upload.file)
+            upload.file.flush()
+            if frame_digest(upload.path).hex() != meta["sha256"]:
+                raise TamperedDataError(f"{self.remote} holds weights for key_id {key_id} that do not end with "
+                                        "the digest their record names")
+            self._place(upload.path, target, key_id)
+        return target
 
     def _stamp(self, key_id: str) -> tuple[int, ...] | None:
         """Identity of what is stored for ``key_id`` now: the stat of its meta.json."""
@@ -430,6 +501,8 @@ class KeyStore:
             self.remote.remove(key_id)
             with self._lock:
                 self._confirmed.pop(key_id, None)
+                for seen in [k for k in self._weights_seen if k[0] == key_id]:
+                    del self._weights_seen[seen]
         self._drop_local(key_id)
         return rec
 

@@ -710,12 +710,11 @@ class _H33PyfuncModel:
 
         if self.compiled.weight_mode == "plaintext":
             return None
-        try:
-            data = self.key_store.weights_path(keys.key_id, self.compiled.fingerprint).read_bytes()
-        except FileNotFoundError:
+        path = self.key_store.weights_file(keys.key_id, self.compiled.fingerprint)
+        if path is None:
             raise WeightsNotProvisionedError(f"the key store holds no encrypted weights of model "
-                                             f"{self.compiled.fingerprint} for key {keys.key_id}") from None
-        return load_weights(data, self.compiled, keys.key_id, keys.key_tag, self._sandbox)
+                                             f"{self.compiled.fingerprint} for key {keys.key_id}")
+        return load_weights(path, self.compiled, keys.key_id, keys.key_tag, self._sandbox)
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         """Run envelopes (``mode="encrypted"``) or plaintext inputs (``mode="simulate"``).

@@ -41,7 +41,7 @@ from ..program.model import CompiledModel
 from ..errors import EnvelopeError, EvaluationKeysNotFoundError, SandboxUnavailableError
 from ..keystore import KeyStore
 from ..runtime.engine import DEFAULT_CACHE_BYTES, Engine, PlaintextCache
-from ..runtime.weights import EncryptedWeights, load_weights
+from ..runtime.weights import WeightsFile, load_weights
 from .http_errors import HTTPError, from_envelope_error, unknown_key, validator_unavailable, weights_missing
 from .metrics import Metrics, NullMetrics
 
@@ -172,7 +172,10 @@ class EngineRunner:
     their next request.
 
     A weightless model (encrypted-weight mode) runs each key with the encrypted weights stored next
-    to its bundle, validated by the sandbox like the bundle (``runtime.weights.load_weights``).
+    to its bundle, validated by the sandbox like the bundle (``runtime.weights.load_weights``) and
+    read from their file a batch at a time.  An engine is rebuilt when the store's weights for its
+    key are no longer those it loaded (replaced here, by another process on the volume, or by
+    another replica on a shared store: ``KeyStore.weights_digest``).
     """
 
     def __init__(self, compiled: CompiledModel, keystore: KeyStore, sandbox: Sandbox, key_state: KeyState,
@@ -189,6 +192,7 @@ class EngineRunner:
         self.metrics = metrics or NullMetrics()
         self._engines: OrderedDict[str, Engine] = OrderedDict()
         self._installed: dict[str, EvaluationKeys] = {}  # key_id -> bundle without its serialized keys
+        self._weights_loaded: dict[str, bytes] = {}  # key_id -> digest of the weights its engine runs with
         self.loaded_tags: set[str] = set()  # key tags this model put in OpenFHE's maps since the last recycle
         self.runs = 0
         missing = sorted(set(lane_shifts(self.params.lanes, self.params.slots)) - set(self.params.rotation_indices))
@@ -209,9 +213,10 @@ class EngineRunner:
     # ----------------------------------------------------------------- engines (engine thread)
     def engine_for(self, key_id: str) -> Engine:
         engine = self._engines.get(key_id)
-        if engine is not None:
+        if engine is not None and not self._stale_weights(key_id):
             self._engines.move_to_end(key_id)
             return engine
+        self._engines.pop(key_id, None)
         if self.keystore.get(key_id) is None:
             raise unknown_key(key_id)
         slim = self._installed.get(key_id)
@@ -226,7 +231,7 @@ class EngineRunner:
     def install(self, keys: EvaluationKeys) -> Engine:
         """Install a bundle the sandbox validated (recycling first at the cap); returns its engine."""
         engine = self._engines.get(keys.key_id)
-        if engine is not None:
+        if engine is not None and not self._stale_weights(keys.key_id):
             return engine
         weights = self._weights(keys.key_id, keys.key_tag)
         if self.key_state.make_room(keys.key_tag):
@@ -238,27 +243,37 @@ class EngineRunner:
         self.key_state.tags.add(keys.key_tag)
         self._installed[keys.key_id] = engine.keys
         self._engines[keys.key_id] = engine
+        if weights is not None:
+            self._weights_loaded[keys.key_id] = weights.digest
         while len(self._engines) > self.max_engines:
             self._engines.popitem(last=False)
         self.metrics.key_installs.labels(self.metrics.model).inc()
         self.observe_memory()
         return engine
 
-    def _weights(self, key_id: str, key_tag: str) -> EncryptedWeights | None:
+    def _weights(self, key_id: str, key_tag: str) -> WeightsFile | None:
         """The key's encrypted weights for the served weightless model, validated; None in plaintext
         mode, 409 ``weights_missing`` if none are stored."""
         if self.compiled.weight_mode == "plaintext":
             return None
         try:
-            data = self.keystore.weights_path(key_id, self.compiled.fingerprint).read_bytes()
-        except FileNotFoundError:
-            raise weights_missing(key_id) from None
-        return load_weights(data, self.compiled, key_id, key_tag, self.sandbox)
+            path = self.keystore.weights_file(key_id, self.compiled.fingerprint)
+            if path is None:
+                raise weights_missing(key_id)
+            return load_weights(path, self.compiled, key_id, key_tag, self.sandbox)
+        except (FileNotFoundError, EvaluationKeysNotFoundError):  # the key was deleted meanwhile
+            raise unknown_key(key_id) from None
+
+    def _stale_weights(self, key_id: str) -> bool:
+        """Whether the store's weights for ``key_id`` are other than those its engine loaded."""
+        loaded = self._weights_loaded.get(key_id)
+        return loaded is not None and self.keystore.weights_digest(key_id, self.compiled.fingerprint) != loaded
 
     def drop_engines(self) -> None:
         """Forget every engine and installed key (the key state is being flushed)."""
         self._engines.clear()
         self._installed.clear()
+        self._weights_loaded.clear()
         self.loaded_tags.clear()
 
     def observe_memory(self) -> None:
@@ -269,6 +284,7 @@ class EngineRunner:
         """Drop the engine of a deleted key (its OpenFHE keys stay, and count, until the next recycle)."""
         self._engines.pop(key_id, None)
         self._installed.pop(key_id, None)
+        self._weights_loaded.pop(key_id, None)
 
     # ----------------------------------------------------------------- runs (engine thread)
     def run_group(self, key_id: str, assignments: Sequence[tuple[InferItem, int]]) -> list[InferResult]:

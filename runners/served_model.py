@@ -134,7 +134,7 @@ class ServedModel:
         if key_id_header and key_id_header != env.key_id:
             raise HTTPError(422, "invalid_envelope", "the X-H33-Key-Id header does not match the envelope's key_id")
         record = self.keystore.resolve(env.key_id, tenant)  # 404 unknown / 403 another tenant's
-        if m.weight_mode == "encrypted" and not self.keystore.weights_path(env.key_id, m.fingerprint).is_file():
+        if m.weight_mode == "encrypted" and self.keystore.weights_digest(env.key_id, m.fingerprint) is None:
             raise weights_missing(env.key_id)
         shape = tuple(m.input_shape)
         problems = []
@@ -197,32 +197,28 @@ class ServedModel:
         if self.compiled.weight_mode != "encrypted":
             raise HTTPError(409, "plaintext_weights", "this server's model holds its weights in the clear; it takes "
                                                       "no encrypted weights (serve its weightless artifact for that)")
-        if self.keystore.remote is not None:
-            raise HTTPError(501, "weights_not_shared", "encrypted weights are not stored on a shared (S3) key store "
-                                                       "yet; serve encrypted-weight models from a local key store")
         self.keystore.resolve(key_id, tenant)
 
     async def register_weights(self, tenant: str, key_id: str, upload: Path) -> dict[str, Any]:
-        """Check uploaded encrypted weights (frame, model, key, every ciphertext in the sandbox) and
-        store them next to ``key_id``'s bundle, replacing earlier ones; the key's engine reloads."""
+        """Check uploaded encrypted weights (frame, model, key, every ciphertext in the sandbox), read
+        from the upload's file a batch at a time, and store them next to ``key_id``'s bundle (with a
+        shared store: on the object store), replacing earlier ones; the key's engine reloads."""
         record = self.keystore.resolve(key_id, tenant)
         try:
-            data = await anyio.to_thread.run_sync(upload.read_bytes)
-            weights = await anyio.to_thread.run_sync(load_weights, data, self.compiled, key_id, record.key_tag,
+            weights = await anyio.to_thread.run_sync(load_weights, upload, self.compiled, key_id, record.key_tag,
                                                      self.sandbox)
         except EnvelopeError as exc:
             raise from_envelope_error(exc) from None
         except SandboxUnavailableError as exc:
             raise validator_unavailable(str(exc)) from None
-        size = len(data)
-        del data
+        size = upload.stat().st_size
         try:
             await anyio.to_thread.run_sync(self.keystore.put_weights, key_id, self.compiled.fingerprint, upload)
         except EvaluationKeysNotFoundError:  # deleted while the weights were checked
             raise unknown_key(key_id) from None
         await self.runner.call(self.runner.forget, key_id)
         return {"key_id": key_id, "model_fingerprint": self.compiled.fingerprint, "size_bytes": size,
-                "ciphertexts": sum(len(w.diagonals) + len(w.biases) for w in weights.steps.values())}
+                "ciphertexts": weights.count}
 
     async def delete_keys(self, tenant: str, key_id: str) -> KeyRecord:
         rec = await anyio.to_thread.run_sync(self.keystore.unregister, key_id, tenant)

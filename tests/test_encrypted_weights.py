@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import copy
 import json
+import tracemalloc
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from h33_bento import simulate
+from h33_bento.ckks import sandbox as sandbox_module
+from h33_bento.ckks.sandbox import Sandbox
 from h33_bento.client import FHEInferenceClient
 from h33_bento.errors import (
     KeyMismatchError,
@@ -20,7 +23,7 @@ from h33_bento.errors import (
 )
 from h33_bento.program.model import CompiledModel
 from h33_bento.runtime.engine import Engine
-from h33_bento.runtime.weights import EncryptedWeights, provision_weights
+from h33_bento.runtime.weights import EncryptedWeights, load_weights, predicted_weights_bytes, provision_weights
 
 from conftest import assert_logits_close, held_bytes
 
@@ -162,3 +165,60 @@ def test_encrypted_mode_without_weights_is_refused(weightless, client, convnet_c
         FHEInferenceClient(weightless, keys=client.keys)
     with pytest.raises(ValueError, match="in the clear"):
         Engine(convnet_compiled, client.keys.evaluation_keys(), weights=b"")
+
+
+class _RecordingSandbox:
+    """The sandbox's batching (``Sandbox.canonical_weights``) over a recorder of what each child call
+    would receive, so the test sees every batch without starting children."""
+
+    canonical_weights = Sandbox.canonical_weights
+
+    def __init__(self) -> None:
+        self._canonical: set[bytes] = set()
+        self.calls: list[tuple[int, int]] = []  # (level, bytes) per child call
+
+    def canonical_ciphertexts(self, blobs, key_tag, level=0):
+        self.calls.append((level, sum(map(len, blobs))))
+        return list(blobs)
+
+
+def test_a_weights_file_is_checked_and_loaded_a_batch_at_a_time(convnet_compiled, weightless, client, weights,
+                                                                mnist_test, tmp_path, monkeypatch):
+    """What a server does with an upload or a stored file (``load_weights``, then ``Engine``) never
+    holds the file's bytes whole: Python's peak allocation stays under an eighth of the file."""
+    monkeypatch.setattr(sandbox_module, "WEIGHT_BATCH", 4)
+    path = tmp_path / "weights.h33w"
+    path.write_bytes(weights.to_bytes())
+    size, blob = path.stat().st_size, max(len(b) for _, _, b in weights.ciphertexts())
+    keys, sandbox = client.keys.evaluation_keys(), _RecordingSandbox()
+    tracemalloc.start()
+    try:
+        loaded = load_weights(path, weightless, keys.key_id, keys.key_tag, sandbox)
+        engine = Engine(weightless, keys, weights=loaded)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert size > 32 * blob and peak < size / 8, f"peak {peak} of a {size}-byte file"
+    assert sum(n for _, n in sandbox.calls) == weights.size_bytes and max(n for _, n in sandbox.calls) <= 4 * blob
+    assert {name: (len(d), len(b)) for name, (d, b) in engine._weights.items()} == \
+        {name: (len(w.diagonals), len(w.biases)) for name, w in weights.steps.items()}
+    x = mnist_test[0][24:26]
+    assert_logits_close(client.decrypt_logits(engine.run(client.encrypt(x))), simulate(convnet_compiled, x), rel=1e-3)
+    calls = len(sandbox.calls)
+    load_weights(path, weightless, keys.key_id, keys.key_tag, sandbox)  # a frame it passed is not sent again
+    assert len(sandbox.calls) == calls
+    with open(path, "r+b") as fh:  # and a file whose bytes changed is refused before any blob is sent
+        fh.seek(size // 2)
+        fh.write(b"\xff" * 8)
+    refused = _RecordingSandbox()
+    with pytest.raises(TamperedDataError, match="digest"):
+        load_weights(path, weightless, keys.key_id, keys.key_tag, refused)
+    assert refused.calls == []
+
+
+def test_the_weights_size_is_predicted_from_the_plan_and_written_as_a_stream(convnet_compiled, weightless, weights,
+                                                                              tmp_path):
+    """What sizing a server (and the LeNet-5 benchmark's decision to run) relies on."""
+    assert predicted_weights_bytes(weightless) == predicted_weights_bytes(convnet_compiled)
+    assert abs(predicted_weights_bytes(weightless) / weights.size_bytes - 1) < 0.01
+    assert weights.write(tmp_path / "w.h33w").read_bytes() == weights.to_bytes()

@@ -10,6 +10,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from h33_bento.ckks.serialization import WEIGHTS_MAGIC, frame_digest, pack_frame
 from h33_bento.errors import EvaluationKeysNotFoundError
 from h33_bento.keystore import KeyStore
 from h33_bento.keystore_s3 import S3Keys
@@ -82,6 +83,73 @@ def test_a_writer_that_dies_before_its_record_leaves_no_visible_key(tmp_path, re
     other = KeyStore(tmp_path / "b", remote=remote())
     assert other.get(chains[1].key_id) is None and len(other) == 0
     assert other.put(chains[1].evaluation_keys(), "acme", params)[1]  # and the key can still be stored
+
+
+MODEL = "ab" * 16
+
+
+def _put_weights(store: KeyStore, key_id: str, fill: bytes) -> bytes:
+    """Store a weights frame (the store checks no contents: that is ``load_weights``'s) for ``MODEL``
+    as an upload would be; returns its bytes."""
+    data = pack_frame(WEIGHTS_MAGIC, {"model_fingerprint": MODEL, "params_fingerprint": "p", "key_id": key_id,
+                                      "steps": []}, [fill * 4096])
+    with store.incoming() as upload:
+        upload.file.write(data)
+        upload.file.flush()
+        store.put_weights(key_id, MODEL, upload.path)
+    return data
+
+
+def _objects(remote: S3Keys, key_id: str) -> list[str]:
+    listed = remote.client.list_objects_v2(Bucket=remote.bucket, Prefix=remote._key(key_id) + "/")
+    return sorted(o["Key"].rsplit("/", 2)[-2] + "/" + o["Key"].rsplit("/", 1)[-1] for o in listed.get("Contents", []))
+
+
+def test_weights_stored_through_one_replica_are_used_replaced_and_deleted_through_others(
+        tmp_path, remote, params, chains):
+    a = KeyStore(tmp_path / "a", remote=remote())
+    b = KeyStore(tmp_path / "b", remote=remote(), revalidate_s=0.0)
+    c = KeyStore(tmp_path / "c", remote=remote(), revalidate_s=3600.0)
+    rec, _ = a.put(chains[0].evaluation_keys(), "acme", params)
+    assert b.weights_digest(rec.key_id, MODEL) is None and b.weights_file(rec.key_id, MODEL) is None
+    first = _put_weights(a, rec.key_id, b"1")
+    assert a.weights_path(rec.key_id, MODEL).read_bytes() == first  # a holds the key: cached at once
+    assert b.weights_digest(rec.key_id, MODEL) == first[-32:]
+    b.load(rec.key_id, params)
+    assert b.weights_file(rec.key_id, MODEL).read_bytes() == first  # fetched into b's cache
+    c.load(rec.key_id, params)
+    assert c.weights_file(rec.key_id, MODEL).read_bytes() == first
+
+    second = _put_weights(a, rec.key_id, b"2")  # replaced through a: b revalidates at once, c within an hour
+    assert b.weights_digest(rec.key_id, MODEL) == second[-32:]
+    assert b.weights_file(rec.key_id, MODEL).read_bytes() == second
+    assert c.weights_digest(rec.key_id, MODEL) == first[-32:]
+    c.revalidate_s = 0.0
+    assert c.weights_file(rec.key_id, MODEL).read_bytes() == second
+    assert frame_digest(c.weights_path(rec.key_id, MODEL)) == c.weights_digest(rec.key_id, MODEL)
+    weights_objects = [o for o in _objects(a.remote, rec.key_id) if o.startswith("weights/")]
+    assert len(weights_objects) == 2  # the record and the current object: the replaced one was removed
+
+    b.delete(rec.key_id)  # deleting the key takes its weights, on the object store and in every cache
+    assert _objects(a.remote, rec.key_id) == []
+    assert a.weights_digest(rec.key_id, MODEL) is None and a.weights_file(rec.key_id, MODEL) is None
+    assert c.get(rec.key_id) is None and not c.weights_path(rec.key_id, MODEL).exists()  # c's cache is dropped
+
+
+def test_weights_for_a_key_deleted_while_they_upload_are_not_left_behind(tmp_path, remote, params, chains,
+                                                                          monkeypatch):
+    a, b = KeyStore(tmp_path / "a", remote=remote()), KeyStore(tmp_path / "b", remote=remote())
+    rec, _ = a.put(chains[1].evaluation_keys(), "acme", params)
+    real_upload = a.remote.client.upload_file
+
+    def upload_then_lose_the_key(*args, **kwargs):
+        real_upload(*args, **kwargs)
+        b.delete(rec.key_id)  # another replica deletes the key between the object and its record
+
+    monkeypatch.setattr(a.remote.client, "upload_file", upload_then_lose_the_key)
+    with pytest.raises(EvaluationKeysNotFoundError):
+        _put_weights(a, rec.key_id, b"3")
+    assert _objects(a.remote, rec.key_id) == []
 
 
 def test_the_service_config_takes_a_shared_store_url(tmp_path):

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 
+import boto3
 import httpx
 import numpy as np
 import pytest
@@ -29,8 +30,9 @@ from h33_bento.runtime.weights import provision_weights  # noqa: E402
 
 from conftest import assert_logits_close  # noqa: E402
 from test_encrypted_weights import _found, _windows  # noqa: E402
-from test_service import PYTHON, REPO, TENANTS, Server, error_code, raw_request, read_answer, reframe  # noqa: E402
-from test_service import service_model  # noqa: E402,F401  (the module-scoped fixture)
+from test_keystore_s3 import BUCKET, CREDENTIALS, s3_endpoint  # noqa: E402,F401  (moto's S3 server)
+from test_service import PYTHON, REPO, TENANTS, Server, error_code, post_infer, raw_request, read_answer  # noqa: E402
+from test_service import reframe, service_model  # noqa: E402,F401  (the module-scoped fixture)
 
 MAX_WEIGHTS_BYTES = 256 << 20
 
@@ -226,3 +228,58 @@ def test_runners_source_stores_the_weightless_artifact_for_bentoml(service_model
     out = subprocess.run([PYTHON, "-c", code], env=env, check=True, capture_output=True, text=True, timeout=300,
                          cwd=REPO).stdout.split()
     assert out == ["plaintext", "encrypted", service_model.without_weights().fingerprint]
+
+
+# --------------------------------------------------------------------------- weights on a shared key store
+@pytest.fixture(scope="module")
+def weights_replicas(weightless_deployment, s3_endpoint, tmp_path_factory):  # noqa: F811
+    """Two servers of the weightless model that share only a key store on S3 (each its own BentoML home
+    and local cache, as two pods without a shared volume), revalidating every lookup."""
+    server, _, _ = weightless_deployment
+    aws = {"AWS_ENDPOINT_URL_S3": s3_endpoint, "AWS_ACCESS_KEY_ID": CREDENTIALS["aws_access_key_id"],
+           "AWS_SECRET_ACCESS_KEY": CREDENTIALS["aws_secret_access_key"],
+           "AWS_DEFAULT_REGION": CREDENTIALS["region_name"]}
+    pods = []
+    for name in ("pod-a", "pod-b"):
+        root = tmp_path_factory.mktemp(f"weights-{name}")
+        env = {**server.env, **aws, "BENTOML_HOME": str(root / "bentoml"), "H33_KEY_STORE": str(root / "cache"),
+               "H33_KEY_STORE_URL": f"s3://{BUCKET}/weights", "H33_KEY_REVALIDATE_S": "0"}
+        pods.append((Server("h33_bento.runners.service:H33Inference", env, root / "server.log"), root / "cache"))
+    for pod, _ in pods:
+        pod.start()
+    yield pods, boto3.client("s3", endpoint_url=s3_endpoint, **CREDENTIALS)
+    for pod, _ in pods:
+        pod.stop()
+
+
+def _objects(bucket, key_id: str) -> list[str]:
+    listed = bucket.list_objects_v2(Bucket=BUCKET, Prefix=f"weights/{key_id}/").get("Contents", [])
+    return [o["Key"] for o in listed]
+
+
+def test_weights_uploaded_through_one_replica_serve_through_the_other(
+        weights_replicas, weightless_deployment, service_model, mnist_test, tmp_path):
+    (a, _), (b, b_cache) = weights_replicas[0]
+    bucket = weights_replicas[1]
+    api_key = weightless_deployment[1]["acme"]
+    x = mnist_test[0][56:60]
+    want = simulate(service_model, x).argmax(1)
+    with FHEInferenceClient(url=a.url, api_key=api_key, weight_mode="encrypted") as client:
+        key_id = client.upload_keys()
+        owner = ModelOwner(service_model, a.url, api_key)
+        owner.provision(_public_half(client, tmp_path / "first"))
+        cached = b_cache / key_id / "weights" / f"{client.model.fingerprint}.h33w"
+        assert not cached.exists()
+        resp = post_infer(b.url, api_key, client.encrypt(x).to_bytes())
+        assert resp.status_code == 200, resp.text[:300]
+        assert (client.decrypt_logits(resp.content).argmax(1) == want).all()
+        first = cached.read_bytes()  # b fetched them from the bucket into its cache
+
+        owner.provision(_public_half(client, tmp_path / "second"))  # replaced through a: a new encryption
+        resp = post_infer(b.url, api_key, client.encrypt(x).to_bytes())
+        assert resp.status_code == 200 and (client.decrypt_logits(resp.content).argmax(1) == want).all()
+        assert cached.read_bytes() != first  # b serves the new weights, not its cached copy
+        assert sum(k.endswith(".h33w") for k in _objects(bucket, key_id)) == 1  # the replaced object is gone
+
+        gone = httpx.delete(f"{b.url}/keys/{key_id}", headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+        assert gone.status_code == 200 and _objects(bucket, key_id) == []  # the key's weights went with it

@@ -52,7 +52,6 @@ lengths of the blobs that follow, then the blobs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import mmap
@@ -66,7 +65,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Iterable, Sequence
 
 from ..errors import (
     EnvelopeError,
@@ -85,13 +84,12 @@ from .context import (bootstrap_context, get_context, peak_rss_bytes, release_ev
                       release_rotation_keys, rss_bytes)
 from .canonical import CiphertextChecker
 from .keys import EvaluationKeys
-from .serialization import KEYS_MAGIC, FrameWriter
+from .serialization import KEYS_MAGIC, FrameWriter, frame_digest
 from .params import CKKSParams
 
 logger = logging.getLogger("h33_bento.sandbox")
 
 _LEN = struct.Struct(">Q")
-_DIGEST_LEN = hashlib.sha256().digest_size
 #: errors a child may report (anything else it raises is reported as TamperedDataError)
 _ERRORS: dict[str, type[EnvelopeError]] = {cls.__name__: cls for cls in (
     EnvelopeError, TamperedDataError, TruncatedDataError, KeyMismatchError, ParamsMismatchError,
@@ -125,13 +123,6 @@ def _recv(fh: IO[bytes]) -> tuple[dict[str, Any], list[bytes]]:
     (n,) = _LEN.unpack(_read_exact(fh, _LEN.size))
     header = json.loads(_read_exact(fh, n))
     return header, [_read_exact(fh, k) for k in header.pop("lengths")]
-
-
-def _frame_digest(path: Path) -> bytes:
-    """The SHA-256 a framed file ends with (which unpacking it checks against its contents)."""
-    with open(path, "rb") as fh:
-        fh.seek(-_DIGEST_LEN, os.SEEK_END)
-        return fh.read(_DIGEST_LEN)
 
 
 # --------------------------------------------------------------------------------------- parent side
@@ -270,16 +261,24 @@ class Sandbox:
         _raise_reply(reply)
         return list(blobs)
 
-    def canonical_weights(self, digest: bytes, groups: Sequence[tuple[int, Sequence[bytes]]], key_tag: str) -> None:
-        """Check encrypted-weight ciphertexts, each group's at its level, unless a child of this
-        sandbox already passed the frame whose SHA-256 is ``digest``; raises as
-        :meth:`canonical_ciphertexts`."""
+    def canonical_weights(self, digest: bytes, ciphertexts: Iterable[tuple[int, bytes]], key_tag: str) -> None:
+        """Check encrypted-weight ciphertexts, given as a stream of (level, blob), each at its level,
+        unless a child of this sandbox already passed the frame whose SHA-256 is ``digest``; raises
+        as :meth:`canonical_ciphertexts`.  At most ``WEIGHT_BATCH`` blobs are held at a time (one
+        child call), so a stream read from a file never has the whole file in memory."""
         if digest in self._canonical:
             return
-        for level, blobs in groups:
-            for at in range(0, len(blobs), WEIGHT_BATCH):
-                self.canonical_ciphertexts(blobs[at:at + WEIGHT_BATCH], key_tag, level)
-        self._canonical.add(digest)
+        batch: list[bytes] = []
+        level = -1
+        for at, blob in ciphertexts:
+            if batch and (at != level or len(batch) == WEIGHT_BATCH):
+                self.canonical_ciphertexts(batch, key_tag, level)
+                batch = []
+            level = at
+            batch.append(blob)
+        if batch:
+            self.canonical_ciphertexts(batch, key_tag, level)
+        self._canonical.add(digest)  # only once the stream ended (a file's digest checked again)
 
     def _checkout(self) -> _Child:
         try:
@@ -372,7 +371,7 @@ class Sandbox:
         if not reply.get("ok"):
             dst.unlink(missing_ok=True)
         _raise_reply(reply)
-        self._canonical.add(_frame_digest(dst))  # src too, if it was canonical already (the same bytes)
+        self._canonical.add(frame_digest(dst))  # src too, if it was canonical already (the same bytes)
         self.bundle_memory = {k: int(reply[k]) for k in ("rss_before", "peak_rss")}
         logger.info("sandbox: key bundle %s (%.0f MiB) validated in %.2f s; the validator's peak RSS %.0f MiB, "
                     "%.0f MiB before reading it", src.name, src.stat().st_size / 2**20, time.perf_counter() - t0,
@@ -384,7 +383,7 @@ class Sandbox:
         caller's file, e.g. a locked one in a key store) or to a temporary file in ``scratch_dir``;
         either is removed once read."""
         path = Path(path)
-        if _frame_digest(path) in self._canonical:
+        if frame_digest(path) in self._canonical:
             return EvaluationKeys.from_file(path, self.params)
         if scratch is None:
             fd, scratch = tempfile.mkstemp(prefix="sandbox-", suffix=".h33k", dir=self.scratch_dir)

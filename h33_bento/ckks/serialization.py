@@ -221,6 +221,8 @@ class FrameFile:
             digest = _hash_stream(fh, size - _DIGEST_LEN)
             if digest.digest() != fh.read(_DIGEST_LEN):
                 raise TamperedDataError(f"{what} does not match its digest: the bytes were modified")
+        #: the SHA-256 the frame ends with (what a sandbox remembers frames it passed by)
+        self.digest: bytes = digest.digest()
 
     def open(self) -> IO[bytes]:
         """The frame file, opened again with its own offset (Linux: through ``/proc``, so a path
@@ -270,6 +272,13 @@ class FrameFile:
                 path.unlink(missing_ok=True)
             if digest.digest() != fh.read(_DIGEST_LEN):
                 raise TamperedDataError(f"{self.what} was modified since it was opened")
+
+
+def frame_digest(path: str | os.PathLike) -> bytes:
+    """The SHA-256 a framed file ends with (which unpacking it checks against its contents)."""
+    with open(path, "rb") as fh:
+        fh.seek(-_DIGEST_LEN, os.SEEK_END)
+        return fh.read(_DIGEST_LEN)
 
 
 def _read_exact_stream(fh: IO[bytes], n: int, what: str) -> bytes:

@@ -24,7 +24,7 @@ from ..program.cost_model import DEFAULT_CACHE_BYTES
 from ..program.model import CompiledModel, Step
 from ..program.ops import Op
 from ..program.polynomials import to_openfhe_coeffs
-from .weights import EncryptedWeights, diagonal, encode
+from .weights import EncryptedWeights, WeightsFile, diagonal, encode
 
 
 class PlaintextCache:
@@ -67,7 +67,7 @@ class Engine:
     def __init__(self, compiled: CompiledModel, evaluation_keys: EvaluationKeys | bytes,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, *, cache: PlaintextCache | None = None,
                  keep_serialized_keys: bool = True, sandbox: Sandbox | None = None,
-                 weights: EncryptedWeights | bytes | None = None) -> None:
+                 weights: EncryptedWeights | WeightsFile | bytes | None = None) -> None:
         """Install ``evaluation_keys`` into OpenFHE and prepare to run ``compiled``.
 
         ``cache``: a :class:`PlaintextCache` of this model to share with other engines; without
@@ -83,8 +83,9 @@ class Engine:
         Without one (a client's own local engine), ciphertexts are deserialized directly.
 
         ``weights``: what a weightless model (``CompiledModel.without_weights``) runs with, provisioned
-        for this key (``runtime.weights.provision_weights``).  Their ciphertexts are deserialized here:
-        in a server, they must be validated already, like the keys.
+        for this key (``runtime.weights.provision_weights``).  Their ciphertexts are deserialized here,
+        one at a time (a ``WeightsFile`` is read from its file as they are); in a server, they must
+        be validated already, like the keys (``runtime.weights.load_weights``).
         """
         if not compiled.runnable:
             raise ValueError("this compiled model is an estimate only (its depth needs bootstrapping); it cannot run")
@@ -113,7 +114,7 @@ class Engine:
         self.last_timings: dict[str, float] = {}
         self._weights = self._load_weights(weights)
 
-    def _load_weights(self, weights: EncryptedWeights | bytes | None) -> dict[str, tuple[list, list]]:
+    def _load_weights(self, weights: EncryptedWeights | WeightsFile | bytes | None) -> dict[str, tuple[list, list]]:
         """Step name -> (diagonal, bias) ciphertexts; refuses weights of another model or key."""
         if self.model.weight_mode == "plaintext":
             if weights is not None:
@@ -126,8 +127,11 @@ class Engine:
         if isinstance(weights, (bytes, bytearray, memoryview)):
             weights = EncryptedWeights.from_bytes(bytes(weights))
         weights.check(self.model, self.key_id)
-        return {name: ([self._ciphertext(b, w.level) for b in w.diagonals],
-                       [self._ciphertext(b, w.level + 1) for b in w.biases]) for name, w in weights.steps.items()}
+        levels = {s.name: s.level for s in self.model.steps}
+        loaded: dict[str, tuple[list, list]] = {name: ([], []) for name in levels}
+        for name, level, blob in weights.ciphertexts():  # a bias sits one level below its step's diagonals
+            loaded[name][level != levels[name]].append(self._ciphertext(blob, level))
+        return {name: cts for name, cts in loaded.items() if cts != ([], [])}
 
     # ----------------------------------------------------------------- envelopes
     def run(self, envelope: EncryptedTensor | bytes) -> EncryptedTensor:

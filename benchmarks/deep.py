@@ -14,8 +14,9 @@ compared with ``simulate`` on the same program.  ResNet-20 uses trained weights 
 the seed architectures are untrained (only time and memory are measured; encrypted must equal
 simulate).  Each network runs in its own process under an RSS watchdog (peers/run.py's).
 
-Prints one markdown table and, with --json, the raw records.  Only ``--estimate-only`` has run
-on the 24 GB development VM: ResNet-20's keys alone are 14.8 GiB (docs/benchmarks.md).
+Prints one markdown table and, with --json, the raw records.  ResNet-20 has run encrypted on
+the 24 GB development VM (19.8 GiB peak with ``--cache-mib 256``); the seed architectures only
+with ``--estimate-only`` (docs/benchmarks.md).
 """
 from __future__ import annotations
 

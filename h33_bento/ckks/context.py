@@ -102,7 +102,6 @@ def rss_bytes() -> int:
         return 0
 
 
-
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (VmHWM; 0 where /proc is not available).  Unlike
     ``ru_maxrss``, which Linux carries over from the parent through fork and exec, it counts only
@@ -115,6 +114,7 @@ def peak_rss_bytes() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
 
 def bootstrap_context(params: CKKSParams, precompute: bool) -> openfhe.CryptoContext:
     """The shared context, set up to bootstrap at every slot count of ``params.bootstrapping``.

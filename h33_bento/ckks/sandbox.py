@@ -484,6 +484,7 @@ class _Shape:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             self.check(mm, what, tag)
 
+
 def _blank(blob: bytes, tag: str) -> bytes:
     """``blob`` with its key tag (OpenFHE writes it as text) zeroed, so keys of different tags compare."""
     return blob.replace(tag.encode(), bytes(len(tag)))

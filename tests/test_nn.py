@@ -511,3 +511,24 @@ def test_finetune_with_defaults_keeps_mnist_test_images_in_range_or_says_how_man
     assert bool(warned) == (max(last["out_of_range"], last["val_out_of_range"]) > hnn.RANGE_BOUND)
     test_share = hnn.out_of_range(model, mnist_test[0]).share
     assert test_share < hnn.RANGE_BOUND or warned
+
+
+
+def test_sequential_calibration_measures_each_range_behind_the_polynomials_before_it() -> None:
+    """In ResNet-20 with degree-2 ReLUs every approximation shifts the next layers' inputs: ranges
+    measured on the exact network are left by every input; measured behind the polynomials before
+    them, none are."""
+    torch.manual_seed(0)
+    model = zoo.ResNet20().eval()
+    x = torch.randn(64, 3, 32, 32)
+    exact, behind = copy.deepcopy(model), copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RangeWarning)
+        hnn.polyfy(exact, x, degrees={"relu": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RangeWarning)  # calibrate_ranges' own check finds nothing outside
+        hnn.polyfy(behind, x, degrees={"relu": 2}, sequential=True)
+    assert hnn.out_of_range(exact, x).share > 0.9
+    assert hnn.out_of_range(behind, x).share == 0.0
+    first_exact, first_behind = hnn.poly_modules(exact)[0][1], hnn.poly_modules(behind)[0][1]
+    assert (first_behind.lower, first_behind.upper) == (first_exact.lower, first_exact.upper)

@@ -172,7 +172,7 @@ def main() -> None:
             cmd += ["--imagenet"] if args.imagenet else []
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
             run = run_worker(cmd, str(log_path), int(args.mem_limit_gb * 2**20), 1 << 20, args.timeout_h * 3600)
-            record = json.loads(out.read_text()) if out.is_file() else {"name": name, "input": [3, 32, 32]}
+            record = json.loads(out.read_text()) if out.is_file() else {"name": name, "input": [3, 224, 224] if args.imagenet else [3, 32, 32]}
             record.update(status=run["status"], wall_s=run["wall_s"], worker_peak_gib=run["peak_rss_kib"] / 2**20)
             if run["status"] != "ok":
                 record["why"] = run.get("why") or tail(str(log_path))

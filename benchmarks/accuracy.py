@@ -151,7 +151,9 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     r["n_train"], r["n_val"] = len(x_tr), (len(val[0]) if val is not None else 0)
     r["train_s"] = time.perf_counter() - t0
     r["relu_acc"] = _acc(zoo.predict_logits(relu, x_te), y_te)
-    print(f"[{cfg.name}] ReLU model ({epochs} epochs, kept epoch {r['relu_epoch']}, {r['train_s']:.0f} s): "
+    how = f"loaded from {trained}" if trained is not None else \
+        f"{epochs} epochs, kept epoch {r['relu_epoch']}, {r['train_s']:.0f} s"
+    print(f"[{cfg.name}] ReLU model ({how}): "
           f"top-1 {r['relu_acc']:.4f}", flush=True)
 
     poly = copy.deepcopy(relu)

@@ -168,7 +168,9 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     history: list[dict] = []
     ft_epochs = r["recipe"]["finetune_epochs"] = 1 if args.quick else (args.finetune_epochs or cfg.finetune_epochs)
-    hnn.finetune(poly, (x_tr, y_tr), epochs=ft_epochs, lr=cfg.finetune_lr, coeff_lr=cfg.coeff_lr, seed=args.seed,
+    ft_lr = r["recipe"]["finetune_lr"] = args.finetune_lr or cfg.finetune_lr
+    c_lr = r["recipe"]["coeff_lr"] = args.coeff_lr or cfg.coeff_lr
+    hnn.finetune(poly, (x_tr, y_tr), epochs=ft_epochs, lr=ft_lr, coeff_lr=c_lr, seed=args.seed,
                  teacher=relu, lr_schedule=cfg.lr_schedule, augment=augment, freeze_bn=True, validation=val,
                  history=history)
     r["finetune_epoch"], r["poly_val_acc"] = _kept_epoch(history, ft_epochs)
@@ -514,6 +516,8 @@ def main() -> None:
     parser.add_argument("--degree", type=int, help="PolyReLU degree for every dataset (default: each dataset's)")
     parser.add_argument("--epochs", type=int, help="ReLU training epochs for every dataset (default: each recipe's)")
     parser.add_argument("--finetune-epochs", type=int, help="polynomial fine-tuning epochs (default: each recipe's)")
+    parser.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default: each recipe's)")
+    parser.add_argument("--coeff-lr", type=float, help="polynomial coefficients' learning rate (default: each recipe's)")
     parser.add_argument("--margin", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")

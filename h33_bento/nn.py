@@ -721,8 +721,8 @@ def calibrate_ranges(model: nn.Module, data: Any, margin: float = 0.1, batch_siz
     order, the forward order of a ``Sequential`` or a ResNet) already polynomial, one pass over
     ``data`` per activation.  Deep networks of low-degree polynomials need it: there each
     approximation shifts the next layer's inputs, and ranges measured on the exact network are left
-    by every input (ResNet-20 with degree-2 PolyReLU: 100% of inputs out of range from the 7th
-    activation on).
+    by every input (ResNet-20 with degree-2 PolyReLU: 100% of CIFAR-10 training inputs out of
+    range at the 7th residual block's first activation, the 14th of 19).
 
     With ``check`` a final pass runs the polynomials themselves and warns (``RangeWarning``)
     where their inputs still leave a range.  Returns the new ranges by module path.

@@ -38,6 +38,10 @@ from run import run_worker, tail  # noqa: E402  (the peer suite's watchdog)
 MODELS = ("resnet20", "resnet18", "vgg16", "mobilenet_v2", "efficientnet_b0")
 
 
+def _input_shape(args: argparse.Namespace) -> tuple[int, int, int]:
+    return (3, 224, 224) if args.imagenet else (3, 32, 32)
+
+
 def _child(name: str, args: argparse.Namespace) -> dict:
     """Compile ``name`` and (unless estimating) run it encrypted; one JSON record."""
     import resource
@@ -51,7 +55,7 @@ def _child(name: str, args: argparse.Namespace) -> dict:
     from h33_bento.program.report import peak_memory
     from h33_bento.runtime.engine import Engine
 
-    shape = (3, 224, 224) if args.imagenet else (3, 32, 32)
+    shape = _input_shape(args)
     if name == "resnet20":
         model = zoo.resnet20(degrees={"relu": 2})
         if args.weights:
@@ -172,7 +176,7 @@ def main() -> None:
             cmd += ["--imagenet"] if args.imagenet else []
             print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
             run = run_worker(cmd, str(log_path), int(args.mem_limit_gb * 2**20), 1 << 20, args.timeout_h * 3600)
-            record = json.loads(out.read_text()) if out.is_file() else {"name": name, "input": [3, 224, 224] if args.imagenet else [3, 32, 32]}
+            record = json.loads(out.read_text()) if out.is_file() else {"name": name, "input": list(_input_shape(args))}
             record.update(status=run["status"], wall_s=run["wall_s"], worker_peak_gib=run["peak_rss_kib"] / 2**20)
             if run["status"] != "ok":
                 record["why"] = run.get("why") or tail(str(log_path))

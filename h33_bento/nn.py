@@ -730,11 +730,13 @@ def calibrate_ranges(model: nn.Module, data: Any, margin: float = 0.1, batch_siz
     if margin < 0:
         raise ValueError("margin must be non-negative")
     polys = poly_modules(model)
-    passes = [[j >= i for j in range(len(polys))] for i in range(len(polys))] if sequential else [True]
+    # (exact flags of one pass, the activations it refits): one pass for all, or one per activation
+    passes = ([([j >= i for j in range(len(polys))], polys[i:i + 1]) for i in range(len(polys))]
+              if sequential else [(True, polys)])
     ranges: dict[str, tuple[float, float]] = {}
-    for i, flags in enumerate(passes):
+    for flags, refitted in passes:
         observed = _record(model, data, batch_size, exact=flags)
-        for name, m in polys[i:i + 1] if sequential else polys:
+        for name, m in refitted:
             if name not in observed:
                 continue
             lo, hi = observed[name]

@@ -171,7 +171,6 @@ class DiagonalPlan:
         return out + self.bias
 
 
-
 def lane_shifts(lanes: int, slots: int) -> tuple[int, ...]:
     """The slot rotations the server packs single requests into one ciphertext with: a move by
     every power of two below ``lanes`` (``Engine.pack_lanes`` composes the others)."""

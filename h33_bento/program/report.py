@@ -74,13 +74,13 @@ def predicted_ms(model: "CompiledModel", step: "Step", cache_bytes: int = DEFAUL
     return cost_model.total(counts, step.level)
 
 
-def _keys_measured(model: "CompiledModel") -> bool:
-    return model.costs is not None and bool(model.costs.key_bytes)
+def _keys_measured(costs: "PrimitiveCosts | None") -> bool:
+    return costs is not None and bool(costs.key_bytes)
 
 
 def key_sizes(params: "CKKSParams", costs: "PrimitiveCosts | None") -> Mapping[str, int]:
     """Serialized key sizes: measured at compile time, else predicted from the parameters."""
-    return costs.key_bytes if costs is not None and costs.key_bytes else params.estimated_key_bytes()
+    return costs.key_bytes if _keys_measured(costs) else params.estimated_key_bytes()
 
 
 def bootstrap_keys(params: "CKKSParams", costs: "PrimitiveCosts | None") -> int:
@@ -172,7 +172,7 @@ def summary(model: "CompiledModel") -> dict[str, Any]:
         "key_bundle_bytes": key_bundle_bytes(model),
         "predicted_keygen_peak_bytes": memory["keygen"],
         "predicted_server_peak_bytes": memory["server"],
-        "key_sizes": "measured" if _keys_measured(model) else "parameters",
+        "key_sizes": "measured" if _keys_measured(model.costs) else "parameters",
         # where the predictions come from: "measured" at compile time, "cached" (measured on this
         # machine by an earlier compile, ``ckks.timing.cached_primitives``), the "stored" table, or None
         "costs": model.costs.origin if model.costs is not None else ("stored" if c else None),

@@ -57,6 +57,8 @@ class Config:
     finetune_lr: float = 1e-3
     #: learning rate of the trainable polynomial coefficients
     coeff_lr: float = 1e-2
+    #: weight of ``finetune``'s range penalty (``nn.range_penalty``)
+    penalty: float = 10.0
     #: PolyReLU degree (4 and 5 cost 4 levels, 6 to 13 cost 5)
     degree: int = 4
     lr_schedule: str = "constant"
@@ -121,7 +123,7 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     r: dict = {"dataset": cfg.label, "model": cfg.ctor.__name__, "train": cfg.train_desc, "test": cfg.test_desc,
                "n_test": int(len(x_te)), "val": cfg.val,
                "recipe": {k: getattr(cfg, k) for k in ("epochs", "lr", "finetune_epochs", "finetune_lr", "coeff_lr",
-                                                       "lr_schedule", "augment")}}
+                                                       "penalty", "lr_schedule", "augment")}}
     val = None
     if cfg.val == "official":
         val = zoo._data(cfg.dataset, "val")
@@ -170,7 +172,8 @@ def run_dataset(cfg: Config, args: argparse.Namespace) -> dict:
     ft_epochs = r["recipe"]["finetune_epochs"] = 1 if args.quick else (args.finetune_epochs or cfg.finetune_epochs)
     ft_lr = r["recipe"]["finetune_lr"] = args.finetune_lr or cfg.finetune_lr
     c_lr = r["recipe"]["coeff_lr"] = args.coeff_lr or cfg.coeff_lr
-    hnn.finetune(poly, (x_tr, y_tr), epochs=ft_epochs, lr=ft_lr, coeff_lr=c_lr, seed=args.seed,
+    weight = r["recipe"]["penalty"] = args.penalty or cfg.penalty
+    hnn.finetune(poly, (x_tr, y_tr), epochs=ft_epochs, lr=ft_lr, coeff_lr=c_lr, penalty=weight, seed=args.seed,
                  teacher=relu, lr_schedule=cfg.lr_schedule, augment=augment, freeze_bn=True, validation=val,
                  history=history)
     r["finetune_epoch"], r["poly_val_acc"] = _kept_epoch(history, ft_epochs)
@@ -518,6 +521,8 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, help="polynomial fine-tuning epochs (default: each recipe's)")
     parser.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default: each recipe's)")
     parser.add_argument("--coeff-lr", type=float, help="polynomial coefficients' learning rate (default: each recipe's)")
+    parser.add_argument("--penalty", type=float, help="weight of the fine-tuning range penalty (default: each "
+                        "recipe's)")
     parser.add_argument("--margin", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")

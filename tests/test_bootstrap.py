@@ -25,6 +25,7 @@ from h33_bento.ckks.timing import measure_bootstrap  # noqa: E402
 from h33_bento.client import FHEInferenceClient  # noqa: E402
 from h33_bento.errors import RangeWarning, TamperedDataError  # noqa: E402
 from h33_bento.program.ops import Op  # noqa: E402
+from h33_bento.program.report import peak_memory  # noqa: E402
 from h33_bento.runtime.engine import Engine  # noqa: E402
 
 from conftest import assert_logits_close  # noqa: E402
@@ -125,6 +126,14 @@ def test_deep_mlp_is_compiled_with_bootstraps_and_runs_encrypted(deep_mlp, data)
     summary = compiled.summary()
     assert summary["bootstraps"] == len(boots) and summary["predicted_latency_ms"] > 0
     assert "bootstraps: " in compiled.report and "slots -> level" in compiled.report
+    # the server's predicted peak counts the precomputations measured for each slot count it uses
+    measured = compiled.costs.ms["bootstraps"]["precompute"]  # also of the slot counts placement tried
+    precompute = [measured[str(s)] for s in p.bootstrapping.slots]
+    assert min(precompute) > 0
+    without = dataclasses.replace(compiled, costs=dataclasses.replace(compiled.costs, ms={
+        **compiled.costs.ms, "bootstraps": {k: v for k, v in compiled.costs.ms["bootstraps"].items() if k != "precompute"}}))
+    assert peak_memory(compiled)["server"] - peak_memory(without)["server"] == sum(precompute)
+    assert "precomputations not measured" in without.report and "precomputations not" not in compiled.report
     x = data[:8]
     sim = simulate(compiled, x)
     assert_logits_close(sim, _torch(model, x), rel=1e-6)  # a bootstrap is the identity on its range
@@ -230,3 +239,4 @@ def test_one_128_bit_bootstrap():
     assert measured["error"] < 1e-3 * measured["bound"]
     assert measured["error_after_levels"] < 1e-3 * measured["bound"]  # still right after using every level
     assert measured["ms"] > 0 and measured["keys"] > 0
+    assert measured["precompute_bytes"] > 1 << 20  # plaintexts of N=2^16 polynomials, megabytes at least

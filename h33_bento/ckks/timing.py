@@ -366,8 +366,9 @@ def bootstrap_bound(params: CKKSParams) -> float:
 def measure_bootstrap(params: CKKSParams, slots: int, refresh: bool = False) -> dict[str, float]:
     """What one bootstrap at ``slots`` slots costs here: ``ms`` per ciphertext, ``levels_after``
     (the depth-1 operations a bootstrapped ciphertext still allows, counted by running them),
-    ``error`` (max absolute error on values spread over +-``bound``), ``bound``, and ``keys``
-    (the rotation keys its setup needs).
+    ``error`` (max absolute error on values spread over +-``bound``), ``bound``, ``keys``
+    (the rotation keys its setup needs) and ``precompute_bytes`` (the resident memory its
+    precomputations take: what a server holds per slot count besides the keys).
 
     Measured in a child process: the throwaway keys and precomputations take gigabytes at
     N=2^16, and OpenFHE cannot free one key's evaluation keys without dropping everyone's.  The
@@ -375,7 +376,8 @@ def measure_bootstrap(params: CKKSParams, slots: int, refresh: bool = False) -> 
     """
     cache = cache_path("bootstrap", f"{params.cost_key}:{slots}")
     cached = None if refresh else _read_cache(cache)
-    if cached is not None and all(k in cached for k in ("ms", "levels_after", "error", "bound", "keys")):
+    if cached is not None and all(k in cached for k in ("ms", "levels_after", "error", "bound", "keys",
+                                                                  "precompute_bytes")):
         return cached
     request = json.dumps({"params": params.model_dump(mode="json"), "slots": slots})
     done = subprocess.run([sys.executable, "-m", "h33_bento.ckks.timing"], input=request, capture_output=True,
@@ -397,18 +399,22 @@ def with_bootstrap(costs: PrimitiveCosts, params: CKKSParams, slots: int, refres
     stats = dict(costs.ms.get("bootstraps") or {})
     stats.update(levels_after=measured["levels_after"], bound=measured["bound"],
                  error={**stats.get("error", {}), str(slots): measured["error"]},
-                 keys={**stats.get("keys", {}), str(slots): measured["keys"]})
+                 keys={**stats.get("keys", {}), str(slots): measured["keys"]},
+                 precompute={**stats.get("precompute", {}), str(slots): measured["precompute_bytes"]})
     return replace(costs, ms={**costs.ms, f"{BOOTSTRAP}{slots}": round(measured["ms"], 1), "bootstraps": stats})
 
 
 def _measure_bootstrap_here(params: CKKSParams, slots: int, repeat: int = 2) -> dict[str, float]:
     import openfhe
 
-    from .context import bootstrap_context
+    from .context import bootstrap_context, get_context, rss_bytes
 
     boot = params.bootstrapping.model_copy(update={"slots": (slots,)})
     params = params.model_copy(update={"bootstrapping": boot, "rotation_indices": ()})
+    get_context(params)
+    before = rss_bytes()
     cc = bootstrap_context(params, precompute=True)
+    precompute = max(0, rss_bytes() - before)
     keys = cc.KeyGen()
     cc.EvalMultKeyGen(keys.secretKey)
     cc.EvalBootstrapKeyGen(keys.secretKey, slots)
@@ -440,7 +446,8 @@ def _measure_bootstrap_here(params: CKKSParams, slots: int, repeat: int = 2) -> 
 
     return {"ms": float(np.median(times)), "levels_after": levels, "error": error(out),
             "error_after_levels": error(cur), "bound": bound,
-            "keys": len(cc.GetExistingEvalAutomorphismKeyIndices(keys.publicKey.GetKeyTag()))}
+            "keys": len(cc.GetExistingEvalAutomorphismKeyIndices(keys.publicKey.GetKeyTag())),
+            "precompute_bytes": precompute}
 
 
 if __name__ == "__main__":  # the child process of measure_bootstrap

@@ -83,10 +83,15 @@ def key_sizes(params: "CKKSParams", costs: "PrimitiveCosts | None") -> Mapping[s
     return costs.key_bytes if _keys_measured(costs) else params.estimated_key_bytes()
 
 
+def _bootstrap_stats(costs: "PrimitiveCosts | None") -> dict[str, Any]:
+    """What ``ckks.timing.with_bootstrap`` measured of the bootstraps (empty where nothing was)."""
+    return (costs.ms.get("bootstraps") or {}) if costs is not None else {}
+
+
 def bootstrap_keys(params: "CKKSParams", costs: "PrimitiveCosts | None") -> int:
     """Rotation keys the bootstraps add (only measured: 0 without bootstrap measurements)."""
     boot = params.bootstrapping
-    measured = ((costs.ms.get("bootstraps") or {}) if costs is not None else {}).get("keys", {})
+    measured = _bootstrap_stats(costs).get("keys", {})
     return sum(int(measured.get(str(s), 0)) for s in boot.slots) if boot else 0
 
 
@@ -117,8 +122,9 @@ def peak_memory(model: "CompiledModel", cache_bytes: int = DEFAULT_CACHE_BYTES) 
     or one slot count's bootstrapping keys, which OpenFHE makes at once).  The server holds the
     whole bundle once installed (each chunk is deserialized from a file, which costs nothing
     beyond the keys it builds), the plaintext cache, and the ciphertexts of the widest step: its
-    input, hoisted baby-step rotations and output per block.  Bootstrapping precomputations are
-    not included.
+    input, hoisted baby-step rotations and output per block, and the bootstrapping precomputations
+    measured per slot count (``ckks.timing.measure_bootstrap``; none where they were not measured,
+    see :func:`_precomputations_measured`).
     """
     from ..ckks.keys import ROTATION_CHUNK_BYTES
 
@@ -128,9 +134,11 @@ def peak_memory(model: "CompiledModel", cache_bytes: int = DEFAULT_CACHE_BYTES) 
     rotations = len(params.rotation_indices)
     chunk = min(per_chunk, rotations) * ks.get("rotation", 0)
     boot = params.bootstrapping
-    measured = ((model.costs.ms.get("bootstraps") or {}) if model.costs is not None else {}).get("keys", {})
+    stats = _bootstrap_stats(model.costs)
+    measured = stats.get("keys", {})
     boot_chunk = max((int(measured.get(str(s), 0)) for s in boot.slots), default=0) * ks.get("rotation", 0) \
         if boot else 0
+    precomputed = sum(int(stats.get("precompute", {}).get(str(s), 0)) for s in boot.slots) if boot else 0
     largest = max(chunk, boot_chunk)
     ct = ks.get("ciphertext", params.estimated_key_bytes()["ciphertext"])
     blocks = model.blocks()
@@ -139,8 +147,14 @@ def peak_memory(model: "CompiledModel", cache_bytes: int = DEFAULT_CACHE_BYTES) 
     plaintexts = sum(size * n for s in model.steps if s.linear for size, n in plaintext_runs(model, s))
     return {
         "keygen": PROCESS_BYTES + ks.get("public", 0) + ks.get("mult", 0) + largest,
-        "server": PROCESS_BYTES + key_bundle_bytes(model) + min(cache_bytes, plaintexts) + working,
+        "server": PROCESS_BYTES + key_bundle_bytes(model) + min(cache_bytes, plaintexts) + working + precomputed,
     }
+
+
+def _precomputations_measured(model: "CompiledModel") -> bool:
+    """Whether ``peak_memory`` counts the bootstrapping precomputations of every slot count."""
+    boot = model.params.bootstrapping
+    return boot is None or all(str(s) in _bootstrap_stats(model.costs).get("precompute", {}) for s in boot.slots)
 
 
 def _rounded(value: float) -> float | None:
@@ -252,7 +266,7 @@ def render(model: "CompiledModel") -> str:
            "without it)"] if summ["key_budget_bytes"] is not None else []),
         f"predicted peak memory: {summ['predicted_keygen_peak_bytes'] / 2**30:.2f} GiB to generate the keys "
         f"(client), {summ['predicted_server_peak_bytes'] / 2**30:.2f} GiB to install them and run (server)"
-        + (" (bootstrapping precomputations not included)" if p.bootstrapping else ""),
+        + ("" if _precomputations_measured(model) else " (bootstrapping precomputations not measured, not included)"),
         f"plaintext diagonals and biases: {summ['plaintext_bytes'] / 2**20:.0f} MiB encoded"
         + (f"; {summ['encodes_per_run']} re-encoded per run with the default "
            f"{DEFAULT_CACHE_BYTES / 2**30:.0f} GiB engine cache (included above)" if summ["encodes_per_run"] else

@@ -44,13 +44,12 @@ def _input_shape(args: argparse.Namespace) -> tuple[int, int, int]:
 
 def _child(name: str, args: argparse.Namespace) -> dict:
     """Compile ``name`` and (unless estimating) run it encrypted; one JSON record."""
-    import resource
-
     import numpy as np
     import torch
 
     torch.set_num_threads(2)
     from h33_bento import FHEInferenceClient, compile, simulate, zoo
+    from h33_bento.ckks.context import peak_rss_bytes
     from h33_bento.program.ops import Op
     from h33_bento.program.report import peak_memory
     from h33_bento.runtime.engine import Engine
@@ -79,7 +78,7 @@ def _child(name: str, args: argparse.Namespace) -> dict:
                   bootstrap_ms={k: v for k, v in (compiled.costs.ms if compiled.costs else {}).items()
                                 if k.startswith("bootstrap_")},
                   bootstrap_stats=(compiled.costs.ms.get("bootstraps") if compiled.costs else None),
-                  compile_peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+                  compile_peak_gib=peak_rss_bytes() / 2**30)
     print(json.dumps({"phase": "compiled", "summary": s}), flush=True)
     if args.estimate_only or args.imagenet:
         return record
@@ -114,7 +113,7 @@ def _child(name: str, args: argparse.Namespace) -> dict:
         encrypted_correct=int((got.argmax(1) == y_te[:len(images)]).sum()),
         bootstrap_s_measured=float(sum(timings[b.name] for b in boots)) / 1000.0,
         steps_s_measured=float(sum(timings.values())) / 1000.0,
-        peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        peak_gib=peak_rss_bytes() / 2**30,
     )
     return record
 

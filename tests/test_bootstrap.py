@@ -23,7 +23,7 @@ from h33_bento.ckks.params import select_bootstrap_params  # noqa: E402
 from h33_bento.ckks.sandbox import Sandbox  # noqa: E402
 from h33_bento.ckks.timing import measure_bootstrap  # noqa: E402
 from h33_bento.client import FHEInferenceClient  # noqa: E402
-from h33_bento.errors import RangeWarning, TamperedDataError  # noqa: E402
+from h33_bento.errors import CompileError, RangeWarning, TamperedDataError  # noqa: E402
 from h33_bento.program.ops import Op  # noqa: E402
 from h33_bento.program.report import peak_memory  # noqa: E402
 from h33_bento.runtime.engine import Engine  # noqa: E402
@@ -217,6 +217,49 @@ def test_a_bootstrapped_bundle_passes_the_sandbox_and_one_without_its_bootstrapp
         engine = Engine(compiled, keys, sandbox=sb)
         x = data[:8]
         assert_logits_close(client.decrypt_logits(engine.run(client.encrypt(x))), simulate(compiled, x), rel=1e-2)
+
+
+def test_a_residual_join_beyond_the_bootstrap_bound_is_scaled_through_its_operands():
+    """A ResNet block's join: the previous activation (read by the next linear map and the
+    shortcut) plus the branch, bootstrapped, then an activation.  The join's range is 10x the
+    bound; its operands' producers are scaled down and their other readers absorb the inverse."""
+    import scipy.sparse as sp
+
+    from h33_bento.compiler.bootstraps import _fit_ranges
+    from h33_bento.compiler.calibration import output_ranges
+    from h33_bento.compiler.graph import Graph, Node
+
+    rng = np.random.default_rng(0)
+
+    def linear(name, inp, scale):
+        return Node(name, Op.LINEAR, [inp], (4,), {"matrix": sp.csr_matrix(rng.normal(size=(4, 4)) * scale),
+                                                  "bias": rng.normal(size=4)})
+
+    def poly(name, inp, lo, hi):
+        return Node(name, Op.POLY, [inp], (4,), {"coeffs": np.array([0.5, 0.3, 0.2]), "lower": lo, "upper": hi})
+
+    g = Graph({}, "x", "out")
+    g.add(Node("x", Op.INPUT, [], (4,)))
+    g.add(linear("stem", "x", 1.0))
+    g.add(poly("act", "stem", -4.0, 4.0))
+    g.add(linear("branch", "act", 40.0))
+    g.add(Node("join", Op.ADD, ["branch", "act"], (4,)))
+    g.add(Node("boot", Op.BOOTSTRAP, ["join"], (4,), {"slots": 4, "period": 4, "level": 0, "bound": 1.0}))
+    g.add(poly("act2", "boot", -200.0, 200.0))
+    g.add(linear("out", "act2", 1.0))
+    x = rng.uniform(-1, 1, (32, 4))
+    before, ranges = g.evaluate(x), output_ranges(g, x)
+    assert max(map(abs, ranges["join"])) > 10.0
+    scaled = copy.deepcopy(g)
+    _fit_ranges(scaled, ranges, bound=1.0, margin=0.0, sparse={})
+    after = output_ranges(scaled, x)
+    assert max(map(abs, after["join"])) == pytest.approx(1.0)  # the bootstrap's input now fits
+    assert np.allclose(scaled.evaluate(x), before)  # and the network computes what it did
+    assert np.allclose(after["branch"], np.array(ranges["branch"]) * (after["join"][1] / ranges["join"][1]))
+
+    g.nodes["join"].inputs = ["branch", "x"]  # a shortcut straight from the input: nothing can absorb it
+    with pytest.raises(CompileError, match="cannot absorb a rescaling"):
+        _fit_ranges(g, output_ranges(g, x), bound=1.0, margin=0.0, sparse={})
 
 
 def test_simulate_warns_when_a_value_leaves_the_bootstrap_range(deep_mlp, data):

@@ -20,8 +20,9 @@ program: each slot count needs its own set of bootstrapping keys.
 
 Ranges: every slot of a bootstrap's input must stay within ``ckks.timing.bootstrap_bound``.
 The calibrated range of each bootstrapped tensor is checked; a linear or polynomial producer
-whose range exceeds the bound is scaled down, and its linear or polynomial consumers absorb the
-inverse scale, so no level is spent on it.
+whose range exceeds the bound is scaled down (a residual add through its operands' producers),
+and the linear or polynomial ops that read what was scaled absorb the inverse scale, so no level
+is spent on it.
 """
 from __future__ import annotations
 
@@ -291,7 +292,13 @@ def _scale_input(node: Node, factor: float) -> None:
 
 def _fit_ranges(graph: Graph, ranges: dict[str, tuple[float, float]], bound: float, margin: float,
                 sparse: dict[str, tuple[int, int]]) -> None:
-    """Scale down each bootstrapped tensor whose calibrated range exceeds ``bound``."""
+    """Scale down each bootstrapped tensor whose calibrated range exceeds ``bound``.
+
+    The tensor's producer computes it ``factor`` times smaller and every reader of it (through the
+    bootstrap or not) absorbs ``1 / factor``.  A residual join (an add) is scaled through its
+    operands: each operand's linear or polynomial producer is scaled, and that producer's other
+    readers absorb the inverse (a ResNet's identity shortcut: the previous block's activation,
+    read by the next convolution too)."""
     for boot in [v for v in graph.nodes.values() if v.op is Op.BOOTSTRAP]:
         source = graph.nodes[boot.inputs[0]]
         periods = sparse.get(source.name, (0, 1))[1]
@@ -299,12 +306,18 @@ def _fit_ranges(graph: Graph, ranges: dict[str, tuple[float, float]], bound: flo
         if peak <= bound:
             continue
         factor = bound / peak
-        consumers = graph.consumers(boot.name)
-        if source.op not in (Op.LINEAR, Op.POLY) or any(c.op not in (Op.LINEAR, Op.POLY) for c in consumers):
+        producers = [source] if source.op is not Op.ADD else [graph.nodes[i] for i in dict.fromkeys(source.inputs)]
+        # readers of the scaled tensors: the bootstrap's, the source's others, each operand's others
+        readers = [c for c in graph.consumers(source.name) if c is not boot] + graph.consumers(boot.name)
+        if source.op is Op.ADD:
+            readers += [c for p in producers for c in graph.consumers(p.name) if c is not source]
+        if any(p.op not in (Op.LINEAR, Op.POLY) for p in producers) or any(
+                c.op not in (Op.LINEAR, Op.POLY) for c in readers):
             raise CompileError(
                 f"values up to {peak:.3g} reach the bootstrap after {source.name!r}, beyond the +-{bound:.3g} "
                 "it handles, and its neighbours cannot absorb a rescaling; normalize that tensor (BatchNorm) "
                 "or lower its range")
-        _scale_output(source, factor)
-        for consumer in consumers:
-            _scale_input(consumer, factor)
+        for producer in producers:
+            _scale_output(producer, factor)
+        for reader in readers:
+            _scale_input(reader, factor)

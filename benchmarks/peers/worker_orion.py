@@ -157,7 +157,8 @@ def main() -> None:
         calib = torch.utils.data.TensorDataset(torch.tensor(data["calib"]), torch.zeros(len(data["calib"])))
         orion.fit(net, torch.utils.data.DataLoader(calib, batch_size=1))
         t_fit = time.perf_counter()
-        phase(args.json, "compile (diagonals, bootstrap placement, bootstrapping keys)")
+        phase(args.json, "compile (diagonals, bootstrap placement)")
+        _phase_per_bootstrapper(scheme, args.json)
         input_level = orion.compile(net)
     t_done = time.perf_counter()
     out = quiet.getvalue()
@@ -198,6 +199,18 @@ def main() -> None:
         f"err {result['max_abs_err']:.2e}")
     write_result(args.json, result)
     os._exit(0)  # skip Orion's __del__ hooks into the Go runtime at interpreter exit
+
+
+def _phase_per_bootstrapper(scheme, json_path: str) -> None:
+    """Record each bootstrapper's key generation as a phase: Orion makes one per slot count inside
+    ``orion.compile``, each with its own bootstrapping key set, the likeliest place to run out of memory."""
+    generate = scheme.bootstrapper.generate_bootstrapper
+
+    def traced(slots: int):
+        phase(json_path, f"compile: bootstrapping keys for 2^{int(slots).bit_length() - 1} slots")
+        return generate(slots)
+
+    scheme.bootstrapper.generate_bootstrapper = traced
 
 
 class _Tee(io.TextIOBase):

@@ -1,9 +1,10 @@
 """The benchmark networks as plain torch modules for our framework (project venv).
 
 ConvNet, LeNet-5 and ResNet-20 come from ``h33_bento.zoo`` (``zoo.ConvNet``, ``zoo.LeNet5``, the
-Orion variant; ``zoo.ResNet20`` with degree-2 ``PolyReLU`` activations, :func:`poly_resnet20`).  Orion's LoLA is built here from Orion's layer hyper-parameters unless the zoo gains
-one with the same shapes (``zoo.LoLA``); the zoo's ``LolaMnist`` is a different network
-(k5 s2 p1, no BatchNorm) and is not used.  Whatever module names a model uses, its weights are
+Orion variant; ``zoo.ResNet20`` with degree-2 ``PolyReLU`` activations, :func:`poly_resnet20`).
+Orion's LoLA is built here from Orion's layer hyper-parameters unless the zoo gains one with the
+same shapes (``zoo.LoLA``); the zoo's ``LolaMnist`` is a different network (k5 s2 p1, no
+BatchNorm) and is not used.  Whatever module names a model uses, its weights are
 exchanged under the canonical (Orion) names of ``common.LAYERS``.
 """
 from __future__ import annotations

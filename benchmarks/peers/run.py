@@ -6,9 +6,11 @@
         --frameworks h33,orion,tenseal --images 8 --repeat 3
 
 Every network is trained once in torch (project venv, ``prepare.py``; ResNet-20's trained weights
-come from ``--resnet20-weights``) and the same weights are loaded by every framework.  Each (network, framework) pair then runs in its own subprocess, in
-its own venv, one after the other, under an RSS watchdog (killed and reported "OOM" above
---mem-limit-gb, or when the machine's available memory drops below --min-free-gb).  Peak memory
+come from ``--resnet20-weights``) and the same weights are loaded by every framework.  Each
+(network, framework) pair then runs in its own subprocess, in its own venv, one after the other,
+under an RSS watchdog (killed and reported "OOM" above --mem-limit-gb, or when the machine's
+available memory drops below --min-free-gb; a worker the kernel kills, or whose log says it ran
+out of memory, is reported "OOM" too).  Peak memory
 is the worker's ru_maxrss (os.wait4).  All parameters are 128-bit secure (see common.py).
 
 Writes one markdown table (ratios against the best peer) to --results (and prints it), every
@@ -335,8 +337,6 @@ def main() -> None:
     ap.add_argument("--force-train", action="store_true")
     ap.add_argument("--resnet20-weights", help="resnet20: the trained polynomial ResNet-20 "
                     "(benchmarks/accuracy.py --datasets resnet20 --save DIR writes DIR/resnet20-poly.pt)")
-    ap.add_argument("--profile-runs", type=int, default=5,
-                    help="h33: more 8-image requests for the per-layer profile (0: none; ResNet-20's take minutes each)")
     args = ap.parse_args()
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
@@ -389,7 +389,6 @@ def main() -> None:
                     os.remove(stale)
             cmd = [py[fw], os.path.join(HERE, WORKER[fw]), "--network", net, "--data", d,
                    "--images", str(args.images), "--repeat", str(args.repeat), "--json", js]
-            cmd += ["--profile-runs", str(args.profile_runs)] if fw == "h33" else []
             logp = os.path.join(args.out, "logs", f"{fw}_{net}.log")
             log(f"{net}/{fw}: running (log {rel(logp)}) ...")
             r = run_worker(cmd, logp, mem_limit_kib, min_free_kib, args.timeout)

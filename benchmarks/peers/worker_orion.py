@@ -208,7 +208,9 @@ def _phase_per_bootstrapper(scheme, json_path: str) -> None:
 
     def traced(slots: int):
         phase(json_path, f"compile: bootstrapping keys for 2^{int(slots).bit_length() - 1} slots")
-        return generate(slots)
+        out = generate(slots)
+        phase(json_path, "compile: layers (plaintext diagonals, rotation keys)")  # unless another follows
+        return out
 
     scheme.bootstrapper.generate_bootstrapper = traced
 

@@ -4,7 +4,8 @@ Imported by every worker, whatever its venv (ours: Python 3.10; Orion's: 3.11; T
 so it must not import h33_bento, orion or tenseal.
 
 * ``LAYERS``: for every network, its parametric layers in forward order with the *canonical*
-  names (Orion's attribute names).  The trained weights are saved once under these names
+  names (Orion's attribute names; for ResNet-20, ``zoo.ResNet20``'s, which the Orion worker
+  mirrors).  The trained weights are saved once under these names
   (``<net>.pt``, a torch state dict, and ``<net>.npz``, the same arrays for workers without
   torch); each framework maps them onto its own module names.
 * ``ORION_PARAMS`` / ``TENSEAL_PARAMS``: the 128-bit parameters the peers run with.
@@ -19,10 +20,30 @@ import sys
 import time
 from typing import Any, Callable
 
-NETWORKS = ("convnet", "lola", "lenet5")
+NETWORKS = ("convnet", "lola", "lenet5", "resnet20")
 FRAMEWORKS = ("h33", "orion", "tenseal")
 
-#: net -> [(canonical name, kind)], kind in conv | linear | bn; forward order.
+#: ResNet-20's stride per basic block (``zoo.ResNet20``: 3 stages of 3 blocks, 16/32/64 channels);
+#: the stride-2 blocks have a 1x1 projection shortcut.
+RESNET20_STRIDES = (1, 1, 1, 2, 1, 1, 2, 1, 1)
+
+
+def _resnet20_layers() -> list[tuple[str, str]]:
+    """``zoo.ResNet20``'s module names, polynomial activations included (their trained
+    coefficients are part of the weights)."""
+    out = [("stem.0", "conv"), ("stem.1", "bn"), ("stem.2", "poly")]
+    for i, stride in enumerate(RESNET20_STRIDES):
+        b = f"layers.{i}"
+        out += [(f"{b}.conv1", "conv"), (f"{b}.bn1", "bn"), (f"{b}.act1", "poly"),
+                (f"{b}.conv2", "conv"), (f"{b}.bn2", "bn")]
+        if stride != 1:
+            out += [(f"{b}.shortcut.0", "conv"), (f"{b}.shortcut.1", "bn")]
+        out.append((f"{b}.act2", "poly"))
+    return out + [("fc", "linear")]
+
+
+#: net -> [(canonical name, kind)], kind in conv | linear | bn | poly; forward order.
+#: poly: a ``PolyActivation``'s Chebyshev coefficients and [lower, upper] range.
 LAYERS: dict[str, list[tuple[str, str]]] = {
     # conv 1->4 k7 s3 -> x^2 -> fc 256->64 -> x^2 -> fc 64->10 (TenSEAL's tutorial network)
     "convnet": [("conv", "conv"), ("fc1", "linear"), ("fc2", "linear")],
@@ -32,6 +53,7 @@ LAYERS: dict[str, list[tuple[str, str]]] = {
     #                     fc 3136->512, BN, x^2, fc 512->10
     "lenet5": [("conv1", "conv"), ("bn1", "bn"), ("conv2", "conv"), ("bn2", "bn"),
                ("fc1", "linear"), ("bn3", "bn"), ("fc2", "linear")],
+    "resnet20": _resnet20_layers(),
 }
 
 TITLES = {
@@ -39,9 +61,18 @@ TITLES = {
     "lola": "LoLA (Orion's: conv 1->5 k2 s2 + BN, x^2, fc 980->100 + BN, x^2, fc 100->10)",
     "lenet5": "LeNet-5 (Orion's: conv 1->32 k5 s2 p2 + BN, x^2, conv 32->64 k5 s2 p2 + BN, x^2, "
               "fc 3136->512 + BN, x^2, fc 512->10)",
+    "resnet20": "ResNet-20 (zoo.ResNet20: conv3x3 16 + BN, 3x3 basic blocks of 16/32/64 channels with 1x1 "
+                "projection shortcuts at the stride-2 ones, avgpool, fc 64->10; trained degree-2 PolyReLU "
+                "activations)",
 }
 
-_BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+_KEYS = {"conv": ("weight", "bias"), "linear": ("weight", "bias"),
+         "bn": ("weight", "bias", "running_mean", "running_var"), "poly": ("coeffs", "range")}
+
+
+def _keys(module: Any, kind: str) -> list[str]:
+    """The tensors a layer of ``kind`` carries (a convolution without bias has no ``bias``)."""
+    return [k for k in _KEYS[kind] if getattr(module, k, None) is not None]
 
 # ------------------------------------------------------------------------ 128-bit parameters
 #
@@ -55,11 +86,24 @@ HE_STD_128_MAX_LOGQP = {13: 218, 14: 438, 15: 881, 16: 1747}
 #: default H = 192 is a sparse secret, below the table's assumption).  One level per linear
 #: layer (BN folded into it) and per x^2, no bootstrapping:
 #:   convnet, lola: 5 levels; lenet5: 7 levels.
+#: resnet20: Orion's own ResNet parameter set (configs/resnet.yml in baahl-nyu/orion: LogN 16,
+#: LogQ [55, 40 x 10], LogP [61 x 3], scale 2^40), with bootstrapping (ORION_BOOT_LOGP).
 ORION_PARAMS: dict[str, dict[str, Any]] = {
     "convnet": {"LogN": 13, "LogQ": [29] + [26] * 5, "LogP": [29, 29], "LogScale": 26},
     "lola": {"LogN": 13, "LogQ": [29] + [26] * 5, "LogP": [29, 29], "LogScale": 26},
     "lenet5": {"LogN": 14, "LogQ": [45] + [35] * 7, "LogP": [45, 45], "LogScale": 35},
+    "resnet20": {"LogN": 16, "LogQ": [55] + [40] * 10, "LogP": [61] * 3, "LogScale": 40},
 }
+
+#: Bits of modulus Lattigo v6's default bootstrapping circuit adds above the residual LogQ (what
+#: Orion's NewBootstrapper builds, setting only LogN, LogP, Xs and LogSlots): CoeffsToSlots
+#: 4 x 56 + EvalMod 8 x 60 + SlotsToCoeffs 3 x 39 = 821 (circuits/ckks/bootstrapping/parameters_literal.go).
+LATTIGO_BOOTSTRAP_BITS = 821
+
+#: Key-switching primes of the bootstrapping parameters.  Orion's resnet.yml has 8 x 61, which
+#: makes the bootstrapping ring 455 + 821 + 488 = 1764 bits, above 1747 at N=2^16; one prime less
+#: gives 1703.
+ORION_BOOT_LOGP: dict[str, list[int]] = {"resnet20": [61] * 7}
 
 #: TenSEAL (SEAL) parameters: as in TenSEAL's MNIST tutorial, 218 bits at N=8192 (the
 #: last prime is SEAL's special prime), 6 levels for the 5 the network needs.
@@ -75,73 +119,88 @@ def check_128(logn: int, logqp: int) -> None:
         raise ValueError(f"log2(QP) = {logqp} > {limit}: not 128-bit secure at N=2^{logn}")
 
 
+def orion_logqp(net: str) -> tuple[int, int | None]:
+    """log2(QP) of Orion's parameters for ``net``: the residual ring and, with bootstrapping,
+    the bootstrapping ring (residual Q + the circuit's moduli + its own P); None without."""
+    p = ORION_PARAMS[net]
+    residual = sum(p["LogQ"]) + sum(p["LogP"])
+    if net not in ORION_BOOT_LOGP:
+        return residual, None
+    return residual, sum(p["LogQ"]) + LATTIGO_BOOTSTRAP_BITS + sum(ORION_BOOT_LOGP[net])
+
+
 def orion_config(net: str) -> dict[str, Any]:
     p = dict(ORION_PARAMS[net])
-    check_128(p["LogN"], sum(p["LogQ"]) + sum(p["LogP"]))
+    for logqp in orion_logqp(net):
+        if logqp is not None:
+            check_128(p["LogN"], logqp)
     n = 1 << p["LogN"]
-    return {
+    config = {
         "ckks_params": {**p, "H": round(2 * n / 3), "RingType": "Standard"},
         "orion": {"margin": 2, "embedding_method": "hybrid", "backend": "lattigo", "fuse_modules": True,
                   "debug": False, "io_mode": "none"},
     }
+    if net in ORION_BOOT_LOGP:
+        config["boot_params"] = {"LogP": ORION_BOOT_LOGP[net]}
+    return config
 
 
 # ------------------------------------------------------------------------ weights
 
-def canonical_from_modules(model: Any, net: str) -> "dict[str, Any]":
-    """Canonical state dict of a torch model whose parametric layers are, in module order,
-    the layers of ``LAYERS[net]`` (whatever the model calls them)."""
+#: networks whose torch definition carries the canonical names (matched by name, not by module order).
+BY_NAME = frozenset({"resnet20"})
+
+
+def _layers(model: Any, net: str) -> list[tuple[Any, str, str]]:
+    """(module, canonical name, kind) for every layer of ``LAYERS[net]`` in a torch model: by name
+    for ``BY_NAME`` networks, else the model's parametric layers in module order, type-checked."""
     import torch
 
+    spec = LAYERS[net]
+    if net in BY_NAME:
+        return [(model.get_submodule(name), name, kind) for name, kind in spec]
     mods = [m for m in model.modules()
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm))]
-    spec = LAYERS[net]
     if len(mods) != len(spec):
         raise ValueError(f"{type(model).__name__}: {len(mods)} parametric layers, expected {len(spec)} for {net}")
-    out = {}
     for m, (name, kind) in zip(mods, spec):
         want = {"conv": torch.nn.Conv2d, "linear": torch.nn.Linear,
                 "bn": torch.nn.modules.batchnorm._BatchNorm}[kind]
         if not isinstance(m, want):
             raise ValueError(f"{net}: layer {name} is a {type(m).__name__}, expected {kind}")
-        keys = _BN_KEYS if kind == "bn" else ("weight", "bias")
-        for k in keys:
-            out[f"{name}.{k}"] = getattr(m, k).detach().clone().float()
-    return out
+    return [(m, name, kind) for m, (name, kind) in zip(mods, spec)]
+
+
+def _copy(layers: list[tuple[Any, str, str]], net: str, sd: "dict[str, Any]") -> None:
+    import torch
+
+    with torch.no_grad():
+        for m, name, kind in layers:
+            for k in _keys(m, kind):
+                src = torch.as_tensor(sd[f"{name}.{k}"])
+                dst = getattr(m, k)
+                if tuple(dst.shape) != tuple(src.shape):
+                    raise ValueError(f"{net}.{name}.{k}: shape {tuple(src.shape)} vs {tuple(dst.shape)}")
+                dst.copy_(src.to(dst.dtype))
+
+
+def canonical_from_modules(model: Any, net: str) -> "dict[str, Any]":
+    """Canonical state dict of a torch model whose parametric layers are, in module order,
+    the layers of ``LAYERS[net]`` (whatever the model calls them; by name for ``BY_NAME``)."""
+    return {f"{name}.{k}": getattr(m, k).detach().clone().float()
+            for m, name, kind in _layers(model, net) for k in _keys(m, kind)}
 
 
 def load_canonical_into(model: Any, net: str, sd: "dict[str, Any]") -> None:
     """Copy a canonical state dict into ``model`` (inverse of canonical_from_modules)."""
-    import torch
-
-    mods = [m for m in model.modules()
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm))]
-    if len(mods) != len(LAYERS[net]):
-        raise ValueError(f"{type(model).__name__}: {len(mods)} parametric layers, expected {len(LAYERS[net])}")
-    with torch.no_grad():
-        for m, (name, kind) in zip(mods, LAYERS[net]):
-            for k in (_BN_KEYS if kind == "bn" else ("weight", "bias")):
-                src = torch.as_tensor(sd[f"{name}.{k}"])
-                dst = getattr(m, k)
-                if tuple(dst.shape) != tuple(src.shape):
-                    raise ValueError(f"{net}.{name}.{k}: shape {tuple(src.shape)} vs {tuple(dst.shape)}")
-                dst.copy_(src.to(dst.dtype))
+    _copy(_layers(model, net), net, sd)
 
 
 def load_canonical_by_name(model: Any, net: str, sd: "dict[str, Any]") -> None:
     """Copy a canonical state dict into a model whose layers carry the canonical names
-    (Orion's models: their modules are not torch.nn.Conv2d/Linear subclasses)."""
-    import torch
-
-    with torch.no_grad():
-        for name, kind in LAYERS[net]:
-            m = model.get_submodule(name)
-            for k in (_BN_KEYS if kind == "bn" else ("weight", "bias")):
-                src = torch.as_tensor(sd[f"{name}.{k}"])
-                dst = getattr(m, k)
-                if tuple(dst.shape) != tuple(src.shape):
-                    raise ValueError(f"{net}.{name}.{k}: shape {tuple(src.shape)} vs {tuple(dst.shape)}")
-                dst.copy_(src.to(dst.dtype))
+    (Orion's models: their modules are not torch.nn.Conv2d/Linear subclasses).  Polynomial
+    activations are not copied: an Orion activation is built from its coefficients."""
+    _copy([(model.get_submodule(name), name, kind) for name, kind in LAYERS[net] if kind != "poly"], net, sd)
 
 
 # ------------------------------------------------------------------------ timing / results

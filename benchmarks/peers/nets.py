@@ -1,9 +1,10 @@
-"""The three benchmark networks as plain torch modules for our framework (project venv).
+"""The benchmark networks as plain torch modules for our framework (project venv).
 
-ConvNet and LeNet-5 come from ``h33_bento.zoo`` (``zoo.ConvNet``, ``zoo.LeNet5``, the Orion
-variant).  Orion's LoLA is built here from Orion's layer hyper-parameters unless the zoo gains
-one with the same shapes (``zoo.LoLA``); the zoo's ``LolaMnist`` is a different network
-(k5 s2 p1, no BatchNorm) and is not used.  Whatever module names a model uses, its weights are
+ConvNet, LeNet-5 and ResNet-20 come from ``h33_bento.zoo`` (``zoo.ConvNet``, ``zoo.LeNet5``, the
+Orion variant; ``zoo.ResNet20`` with degree-2 ``PolyReLU`` activations, :func:`poly_resnet20`).
+Orion's LoLA is built here from Orion's layer hyper-parameters unless the zoo gains one with the
+same shapes (``zoo.LoLA``); the zoo's ``LolaMnist`` is a different network (k5 s2 p1, no
+BatchNorm) and is not used.  Whatever module names a model uses, its weights are
 exchanged under the canonical (Orion) names of ``common.LAYERS``.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
              "fc2.weight": (10, 100)},
     "lenet5": {"conv1.weight": (32, 1, 5, 5), "bn1.weight": (32,), "conv2.weight": (64, 32, 5, 5),
                "bn2.weight": (64,), "fc1.weight": (512, 3136), "bn3.weight": (512,), "fc2.weight": (10, 512)},
+    "resnet20": {"stem.0.weight": (16, 3, 3, 3), "stem.2.coeffs": (3,), "layers.8.conv2.weight": (64, 64, 3, 3),
+                 "fc.weight": (10, 64)},
 }
 
 #: learning rates of the zoo's recipes for the same kind of network.
@@ -69,6 +72,15 @@ class OrionLeNet5(nn.Module):
         return self.fc2(self.act3(self.bn3(self.fc1(x.flatten(1)))))
 
 
+def poly_resnet20(weights: str | None = None) -> nn.Module:
+    """ResNet-20 with every ReLU a degree-2 ``PolyReLU`` (the network ``benchmarks/accuracy.py
+    --datasets resnet20 --save DIR`` trains), loaded with that state dict when ``weights`` is given."""
+    model = zoo.resnet20(degrees={"relu": 2})
+    if weights:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
 def _matches(model: nn.Module, net: str) -> bool:
     try:
         sd = canonical_from_modules(model, net)
@@ -89,6 +101,8 @@ def build(net: str) -> tuple[nn.Module, str]:
     elif net == "lenet5":
         candidates = [(f"h33_bento.zoo.{n}", getattr(zoo, n)) for n in ("LeNet5", "LeNet") if hasattr(zoo, n)]
         candidates.append(("benchmarks/peers/nets.py:OrionLeNet5", OrionLeNet5))
+    elif net == "resnet20":
+        candidates = [("h33_bento.zoo.resnet20(degrees={'relu': 2})", poly_resnet20)]
     else:
         raise ValueError(f"unknown network {net!r}")
     for origin, ctor in candidates:

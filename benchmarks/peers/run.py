@@ -5,10 +5,12 @@
     .venv/bin/python benchmarks/peers/run.py --networks convnet,lola,lenet5 \
         --frameworks h33,orion,tenseal --images 8 --repeat 3
 
-Every network is trained once in torch (project venv, ``prepare.py``) and the same weights are
-loaded by every framework.  Each (network, framework) pair then runs in its own subprocess, in
-its own venv, one after the other, under an RSS watchdog (killed and reported "OOM" above
---mem-limit-gb, or when the machine's available memory drops below --min-free-gb).  Peak memory
+Every network is trained once in torch (project venv, ``prepare.py``; ResNet-20's trained weights
+come from ``--resnet20-weights``) and the same weights are loaded by every framework.  Each
+(network, framework) pair then runs in its own subprocess, in its own venv, one after the other,
+under an RSS watchdog (killed and reported "OOM" above --mem-limit-gb, or when the machine's
+available memory drops below --min-free-gb; a worker the kernel kills, or whose log says it ran
+out of memory, is reported "OOM" too).  Peak memory
 is the worker's ru_maxrss (os.wait4).  All parameters are 128-bit secure (see common.py).
 
 Writes one markdown table (ratios against the best peer) to --results (and prints it), every
@@ -32,11 +34,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from common import (FRAMEWORKS, HE_STD_128_MAX_LOGQP, NETWORKS, ORION_PARAMS, TENSEAL_PARAMS,  # noqa: E402
-                    TITLES)
+from common import (FRAMEWORKS, HE_STD_128_MAX_LOGQP, LATTIGO_BOOTSTRAP_BITS, NETWORKS, ORION_BOOT_LOGP,  # noqa: E402
+                    ORION_PARAMS, TENSEAL_PARAMS, TITLES, orion_logqp)
 
 WORKER = {"h33": "worker_h33.py", "orion": "worker_orion.py", "tenseal": "worker_tenseal.py"}
 PEERS = ("orion", "tenseal")
+#: what others published, for a network a peer cannot run here (other CPUs: an order of magnitude only)
+PUBLISHED = {"resnet20": "Orion about 1,040 s per image (1 thread, Xeon E5-2690 v4), OpenFHE's "
+                         "LowMemoryFHEResNet20 about 384 s per image (2 threads, Ryzen 9 7950X)"}
 NAMES = {"h33": "h33-bento", "orion": "Orion 1.0.2", "tenseal": "TenSEAL 0.3.16"}
 
 
@@ -119,9 +124,23 @@ def run_worker(cmd: list[str], log_path: str, mem_limit_kib: int, min_free_kib: 
     out = {"rc": proc.returncode, "peak_rss_kib": int(usage.ru_maxrss), "wall_s": time.perf_counter() - t0}
     if killed:
         out.update(status=killed["status"], why=killed["why"])
+    elif proc.returncode == -signal.SIGKILL:  # not ours: the kernel's OOM killer
+        out.update(status="oom", why=f"killed by SIGKILL outside the watchdog (out of memory), RSS peak "
+                                     f"{usage.ru_maxrss / 2**20:.1f} GiB")
+    elif proc.returncode != 0 and _out_of_memory(log_path):
+        out.update(status="oom", why=_out_of_memory(log_path))
     else:
         out["status"] = "ok" if proc.returncode == 0 else "failed"
     return out
+
+
+#: how an allocation failure reads in a worker's log: the Go runtime (Orion's Lattigo), Python, C++.
+_OOM_MARKS = ("runtime: out of memory", "MemoryError", "std::bad_alloc", "Cannot allocate memory")
+
+
+def _out_of_memory(log_path: str) -> str | None:
+    """The log line that says the worker ran out of memory, if one does."""
+    return next((ln for ln in tail(log_path, 40).splitlines() if any(m in ln for m in _OOM_MARKS)), None)
 
 
 def tail(path: str, n: int = 15) -> str:
@@ -150,7 +169,8 @@ def params_str(r: dict) -> str:
     if r["framework"] == "h33" and p:
         return f"N=2^{p['ring_dim'].bit_length() - 1}, depth {p['multiplicative_depth']}, 2^{p['scale_bits']}"
     if r["framework"] == "orion" and p:
-        return f"N=2^{p['LogN']}, logQP {p['logQP']}, 2^{p['LogScale']}"
+        boot = f" (bootstrapping {p['bootLogQP']})" if p.get("bootLogQP") else ""
+        return f"N=2^{p['LogN']}, logQP {p['logQP']}{boot}, 2^{p['LogScale']}"
     if r["framework"] == "tenseal" and p:
         n = p["poly_modulus_degree"]
         return f"N=2^{n.bit_length() - 1}, logQP {p['logQP']}, 2^{p['scale_bits']}"
@@ -194,7 +214,8 @@ def table(results: list[dict], networks: list[str], frameworks: list[str], k: in
             else:
                 for key, _, fmt in METRICS:
                     v = r.get(key)
-                    cells.append("" if v is None else fmt(v) + ratio(v, best[key]))
+                    bound = ">= " if key == "key_bundle_bytes" and r.get("key_bundle_lower_bound") else ""
+                    cells.append("" if v is None else bound + fmt(v) + ratio(v, best[key]))
                 cells.append(f"{r.get('correct', '')}")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -210,10 +231,16 @@ def details(results: list[dict], k: int) -> str:
         if st == "ok":
             if r["framework"] == "h33":
                 detail = f"compile {r['compile_s']:.1f} s + keygen {r['keygen_s']:.1f} s"
+                if "install_s" in r:
+                    detail += (f" + key installation {r['install_s']:.1f} s; {r['bootstraps']} bootstraps, "
+                               f"{r['cache_mib']} MiB plaintext cache")
             elif r["framework"] == "orion":
                 detail = (f"init_scheme {r['init_scheme_s']:.1f} s + fit {r['fit_s']:.1f} s + "
                           f"compile {r['compile_s']:.1f} s; {r['galois_keys']} Galois keys + relin, "
                           f"{r['key_bytes_each'] / 2**20:.1f} MiB each")
+                if r.get("bootstrapper_logslots"):
+                    detail += (f"; {r['bootstraps']} bootstraps, one bootstrapper (own key set, not counted) "
+                               f"per logslots {r['bootstrapper_logslots']}")
             else:
                 detail = f"context + keygen {r['keygen_s']:.1f} s"
             vals = [f"{r['cold_request_ms']:.0f}", f"{r['single_server_ms']:.0f}",
@@ -275,10 +302,13 @@ def security_notes(networks: list[str]) -> str:
            + ", ".join(f"log2(QP) <= {v} at N=2^{k}" for k, v in HE_STD_128_MAX_LOGQP.items()) + "):", ""]
     for net in networks:
         p = ORION_PARAMS[net]
-        qp = sum(p["LogQ"]) + sum(p["LogP"])
+        qp, boot_qp = orion_logqp(net)
+        limit = HE_STD_128_MAX_LOGQP[p["LogN"]]
+        boot = (f"bootstrapping (Lattigo's default circuit, {LATTIGO_BOOTSTRAP_BITS} bits of moduli, key switching "
+                f"LogP={ORION_BOOT_LOGP[net]}): log2(QP) = {boot_qp} <= {limit}" if boot_qp else "no bootstrapping")
         out.append(f"- Orion {net}: LogN={p['LogN']}, LogQ={p['LogQ']}, LogP={p['LogP']} -> log2(QP) = {qp} <= "
-                   f"{HE_STD_128_MAX_LOGQP[p['LogN']]}; standard ring, ternary secret of Hamming weight "
-                   f"round(2N/3) = {round(2 * (1 << p['LogN']) / 3)}, scale 2^{p['LogScale']}, no bootstrapping.")
+                   f"{limit}; standard ring, ternary secret of Hamming weight "
+                   f"round(2N/3) = {round(2 * (1 << p['LogN']) / 3)}, scale 2^{p['LogScale']}; {boot}.")
         if net in TENSEAL_PARAMS:
             t = TENSEAL_PARAMS[net]
             out.append(f"- TenSEAL {net}: N={t['poly_modulus_degree']}, coeff_mod_bit_sizes="
@@ -291,9 +321,11 @@ def security_notes(networks: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--networks", default=",".join(NETWORKS))
+    ap.add_argument("--networks", default=",".join(n for n in NETWORKS if n != "resnet20"),
+                    help="comma-separated; resnet20 (not trained here, hours encrypted) only when named, "
+                    "with --resnet20-weights")
     ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
-    ap.add_argument("--images", type=int, default=8, help="real MNIST test images (the amortized batch)")
+    ap.add_argument("--images", type=int, default=8, help="real test images (the amortized batch)")
     ap.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
     ap.add_argument("--epochs", type=int, default=3, help="training epochs (weights cached in --out)")
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
@@ -305,12 +337,16 @@ def main() -> None:
     for fw in FRAMEWORKS:
         ap.add_argument(f"--{fw}-python", default=default_python(fw), help=f"interpreter of the {fw} venv")
     ap.add_argument("--force-train", action="store_true")
+    ap.add_argument("--resnet20-weights", help="resnet20: the trained polynomial ResNet-20 "
+                    "(benchmarks/accuracy.py --datasets resnet20 --save DIR writes DIR/resnet20-poly.pt)")
     args = ap.parse_args()
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     for n in networks:
         if n not in NETWORKS:
             ap.error(f"unknown network {n!r} (choose from {', '.join(NETWORKS)})")
+    if "resnet20" in networks and not args.resnet20_weights:
+        ap.error("resnet20 needs --resnet20-weights (it is not trained here)")
     for f in frameworks:
         if f not in FRAMEWORKS:
             ap.error(f"unknown framework {f!r} (choose from {', '.join(FRAMEWORKS)})")
@@ -333,6 +369,7 @@ def main() -> None:
         d = os.path.join(args.out, net)
         cmd = [py["h33"], os.path.join(HERE, "prepare.py"), "--network", net, "--out", args.out,
                "--images", str(args.images), "--epochs", str(args.epochs)] + (["--force"] if args.force_train else [])
+        cmd += ["--weights", args.resnet20_weights] if net == "resnet20" else []
         log(f"{net}: preparing trained weights ...")
         r = run_worker(cmd, os.path.join(args.out, "logs", f"prepare_{net}.log"), mem_limit_kib, min_free_kib,
                        args.timeout)
@@ -402,7 +439,7 @@ def main() -> None:
         "",
         f"Ratios `(r x)` are against the best peer (Orion or TenSEAL) for that network and column; lower is "
         f"better everywhere. Latencies are client-observed (encrypt + server + decrypt), median of {args.repeat} "
-        f"run(s) after one untimed warm-up request. `ms/image @{k}`: {k} real MNIST test images end to end, divided "
+        f"run(s) after one untimed warm-up request. `ms/image @{k}`: {k} real test images end to end, divided "
         f"by {k} (h33-bento packs up to 8 images in one ciphertext; Orion and TenSEAL encrypt one image per "
         f"ciphertext, so theirs are {k} sequential requests). Setup: from a trained torch model to ready-to-infer "
         "(compile + key generation). Eval keys: the evaluation-key bundle a server needs (relinearization + "
@@ -415,8 +452,14 @@ def main() -> None:
     ]
     for net in networks:
         m = prep_meta[net]
-        md.append(f"- {net}: {TITLES[net]}; trained {m['epochs']} epochs on 5,000 MNIST images "
-                  f"(test accuracy {m['test_accuracy_10k']:.4f}); torch definition `{m['torch_definition']}`.")
+        how = (f"weights {rel(m['weights'])}" if "weights" in m else
+               f"trained {m['epochs']} epochs on 5,000 MNIST images")
+        md.append(f"- {net}: {TITLES[net]}; {how} (test accuracy {m['test_accuracy']:.4f} on {m['test_images']:,} "
+                  f"{m['dataset']} test images); torch definition `{m['torch_definition']}`.")
+        orion = next((r for r in results if r["network"] == net and r["framework"] == "orion"), None)
+        if net in PUBLISHED and orion is not None and orion.get("status") != "ok":
+            md.append(f"  Orion did not complete here ({orion.get('status')}: {orion.get('why', '')}); "
+                      f"published figures instead: {PUBLISHED[net]}.")
     md += ["", security_notes(networks), "", "Details:", "", details(results, k), ""]
     prof = profiles(results)
     if prof:

@@ -33,6 +33,8 @@ UNSUPPORTED = {
     "lenet5": "TenSEAL's conv2d_im2col only evaluates a convolution on a client-side im2col-encoded image; "
               "LeNet-5's second conv on an encrypted activation would be a dense 6272x3136 mm at N=2^14 "
               "(impractical: thousands of rotations and a 20M-entry matrix per image)",
+    "resnet20": "TenSEAL has no bootstrapping (its issues #410 and #480), and ResNet-20's depth fits no "
+                "128-bit ring without it",
 }
 
 #: conv geometry per network (kernel, stride); padding must be 0 for im2col_encoding.

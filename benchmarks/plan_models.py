@@ -4,12 +4,12 @@ EfficientNet-B0, all polynomial + average pooling) and write them to docs/models
     python benchmarks/plan_models.py                 # print the summary table and plans
     python benchmarks/plan_models.py --write docs/models.md
 
-Each model is compiled with ``compile(model, (3, 32, 32), estimate_only=True, measure_costs=False)``
-in its own process (so its peak memory is its own).  The primitive costs behind the predicted
-latency and key sizes are measured once, here, at the parameters every plan lands on (N=2^16,
-depth 30: the largest ring at 128-bit security), and attached to each plan.  Bootstraps are the
-compiler's estimate; their cost is not included in the latency (the bootstrapping wave will
-measure it).
+Each model is compiled at 128-bit security with its bootstraps placed where the predicted total is
+least, ``compile(model, (3, 32, 32), calibration_data=..., estimate_only=True)``, in its own process
+(so its peak memory is its own).  The compile measures what it prices with on this machine: the
+primitives at the bootstrappable parameters and a bootstrap at every slot count placement tries
+(both cached per machine, ``$H33_CACHE_DIR``), so the predicted latency includes the bootstraps.
+Running them encrypted is ``benchmarks/deep.py``.
 """
 from __future__ import annotations
 
@@ -17,10 +17,8 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -68,29 +66,35 @@ compiled = compile(model, input_shape)               # the trained polynomials, 
 """
 
 
-def _child(name: str, costs_path: str) -> None:
+def _child(name: str) -> None:
     """Compile one architecture and print a JSON record (runs in its own process)."""
     import torch
 
     torch.set_num_threads(2)
-    from h33_bento import PrimitiveCosts, compile, zoo
+    from h33_bento import compile, zoo
+    from h33_bento.ckks.context import peak_rss_bytes
+    from h33_bento.program.ops import Op
 
-    model = zoo.CIFAR_ARCHITECTURES[name]()
+    model = zoo.CIFAR_ARCHITECTURES[name]().eval()
     params = sum(p.numel() for p in model.parameters())
+    calib = zoo._data("cifar10", "train")[0][:256]
     t0 = time.perf_counter()
-    compiled = compile(model, (3, 32, 32), estimate_only=True, measure_costs=False)
+    compiled = compile(model, (3, 32, 32), calibration_data=calib, estimate_only=True)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    with open(costs_path) as fh:
-        measured = json.load(fh)
-    compiled = compiled.with_costs(PrimitiveCosts.from_json(measured["costs"]))
-    summary = compiled.summary()
     ops: dict[str, int] = {}
+    by_slots: dict[str, int] = {}
+    blocks = compiled.blocks()
     for s in compiled.steps:
         ops[s.op.value] = ops.get(s.op.value, 0) + 1
+        if s.op is Op.BOOTSTRAP:
+            by_slots[str(s.attrs["slots"])] = by_slots.get(str(s.attrs["slots"]), 0) + blocks[s.name]
+    p = compiled.params
     print(json.dumps({
-        "name": name, "parameters": params, "compile_s": seconds, "peak_rss_gib": peak, "summary": summary,
-        "ops": ops, "ring_dim": compiled.params.ring_dim, "depth_available": compiled.params.multiplicative_depth,
+        "name": name, "parameters": params, "compile_s": seconds, "peak_rss_gib": peak_rss_bytes() / 2**30,
+        "summary": compiled.summary(), "ops": ops, "ring_dim": p.ring_dim, "depth_available": p.multiplicative_depth,
+        "bootstrap_slots": list(p.bootstrapping.slots) if p.bootstrapping else [],
+        "ciphertext_bootstraps_by_slots": by_slots,
+        "costs": compiled.costs.to_json() if compiled.costs is not None else None,
         "runnable": compiled.runnable, "report": compiled.report,
     }))
 
@@ -117,24 +121,11 @@ def _small_models() -> list[dict]:
     return rows
 
 
-def _measure_costs(degrees: tuple[int, ...]) -> dict:
-    """Primitive costs and key sizes at N=2^16, depth 30 (what every CIFAR plan uses)."""
-    from h33_bento.ckks.params import MAX_RING_DIM, CKKSParams, max_depth
-    from h33_bento.ckks.timing import measure_primitives
-
-    params = CKKSParams(ring_dim=MAX_RING_DIM, multiplicative_depth=max_depth(MAX_RING_DIM), scale_bits=40,
-                        first_mod_bits=60, lanes=8)
-    t0 = time.perf_counter()
-    costs = measure_primitives(params, degrees, repeat=2)
-    return {"costs": costs.to_json(), "seconds": time.perf_counter() - t0,
-            "ring_dim": params.ring_dim, "depth": params.multiplicative_depth}
-
-
 def _gib(b: float) -> str:
     return f"{b / 2**30:.1f} GiB"
 
 
-def render(records: list[dict], measured: dict, command: str, total_s: float, small: list[dict]) -> str:
+def render(records: list[dict], command: str, total_s: float, small: list[dict]) -> str:
     lines = [
         "# Model zoo: compile plans of the seed architectures",
         "",
@@ -142,13 +133,14 @@ def render(records: list[dict], measured: dict, command: str, total_s: float, sm
         "`h33_bento.zoo` with their usual activations and pooling and converted by `h33_bento.nn.polyfy`:",
         "ReLU -> `PolyReLU` (degree 4, 4 levels), ReLU6 -> `PolyReLU6` (degree 4), SiLU -> `PolySiLU` and",
         "Sigmoid -> `PolySigmoid` (degree 7, 5 levels), MaxPool -> AvgPool. The weights are untrained and the",
-        "activation ranges placeholders; neither changes a plan (levels, rotations and keys depend on the",
-        "architecture only).",
+        "activation ranges calibrated on 256 CIFAR-10 training images; neither changes a plan much (levels,",
+        "rotations and keys depend on the architecture; only where the bootstraps' inputs are mapped does).",
         "",
-        "Every model passes the compiler's ONNX import, fusion, calibration, level planning, layout and",
-        "diagonal planning through `compile(model, (3, 32, 32), estimate_only=True, measure_costs=False)`. None",
-        "fits the 30 levels that the largest 128-bit ring (N=2^16, 40-bit scale) holds, so none is",
-        "runnable yet: running them encrypted needs bootstrapping, which is the next wave.",
+        "Every model is compiled at 128-bit security (N=2^16, a sparse-encapsulated secret, depth 24) with",
+        "its bootstraps placed by the compiler where the predicted total is least, priced with costs",
+        "measured on this machine, bootstraps included: `compile(model, (3, 32, 32), calibration_data=x,",
+        "estimate_only=True)` (estimate-only: the diagonals are counted, not materialized). Running them",
+        "encrypted is `benchmarks/deep.py` (docs/benchmarks.md).",
         "",
         "Reproduce with:",
         "",
@@ -156,64 +148,62 @@ def render(records: list[dict], measured: dict, command: str, total_s: float, sm
         command,
         "```",
         "",
-        f"({platform.machine()}, {os.cpu_count()} cores shared with other jobs, torch threads = 2; the whole",
-        f"script took {total_s / 60:.1f} min.)",
+        f"({platform.machine()}, {os.cpu_count()} cores, torch threads = 2; the whole script took "
+        f"{total_s / 60:.1f} min, measuring included.)",
         "",
-        "| model | parameters | levels needed | bootstraps (estimate) | ciphertext bootstraps | rotations per run | rotation keys | key bundle | predicted latency per 8 images (without bootstraps) | compile time | peak memory |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | parameters | bootstraps | ciphertext bootstraps | bootstrap slots | rotation keys | key bundle "
+        "| predicted s per 8 images | of which bootstraps | predicted server peak | compile time | compile peak |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in records:
         s = r["summary"]
         lat = s["predicted_latency_ms"]
+        boot_ms = r["costs"]["ms"] if r["costs"] else {}
+        boot_s = sum(n * boot_ms.get(f"bootstrap_{slots}", float("nan"))
+                     for slots, n in r["ciphertext_bootstraps_by_slots"].items()) / 1000
         lines.append(
-            f"| {r['name']} | {r['parameters'] / 1e6:.1f}M | {s['levels']} | {s['bootstraps']} | "
-            f"{s['ciphertext_bootstraps']} | {s['rotations_per_run']} | {s['rotation_keys']} | "
-            f"{_gib(s['key_bundle_bytes'])} | {lat / 1000:.0f} s | {r['compile_s']:.0f} s | {r['peak_rss_gib']:.1f} GiB |"
-            if lat is not None else
-            f"| {r['name']} | {r['parameters'] / 1e6:.1f}M | {s['levels']} | {s['bootstraps']} | "
-            f"{s['ciphertext_bootstraps']} | {s['rotations_per_run']} | {s['rotation_keys']} | "
-            f"{_gib(s['key_bundle_bytes'])} | n/a | {r['compile_s']:.0f} s | {r['peak_rss_gib']:.1f} GiB |"
-        )
-    c = measured["costs"]["ms"]
+            f"| {r['name']} | {r['parameters'] / 1e6:.1f}M | {s['bootstraps']} | {s['ciphertext_bootstraps']} | "
+            f"{', '.join(map(str, r['bootstrap_slots'])) or '-'} | {s['rotation_keys']} | "
+            f"{_gib(s['key_bundle_bytes'])} | {f'{lat / 1000:.0f} s' if lat is not None else 'n/a'} | {boot_s:.0f} s | "
+            f"{_gib(s['predicted_server_peak_bytes'])} | {r['compile_s']:.0f} s | {r['peak_rss_gib']:.1f} GiB |")
+    first = next((r for r in records if r["costs"]), None)
     lines += [
         "",
         "How to read the columns:",
         "",
-        "* **levels needed**: multiplicative depth of the longest path (each fused linear block 1, x^2 and",
-        "  ciphertext products 1, a degree-4 Chebyshev series 4, degree 7 5).",
-        "* **bootstraps (estimate)**: `h33_bento.program.report.bootstrap_estimate`: a fresh ciphertext has the ring's",
-        "  30 levels, each bootstrap restores 10 (`BootstrapConfig.levels_after`, the project's default",
-        "  assumption, not yet measured), and a tensor is bootstrapped right before the first step that",
-        "  would run out. *Ciphertext bootstraps* multiplies each by the tensor's ciphertext count (a 64x32x32",
-        "  tensor spans 16 ciphertexts of 8 lanes x 4096 values). An estimate, not a schedule.",
-        "* **rotations per run / rotation keys**: from the BSGS diagonal plans of the chosen slot layouts.",
-        "* **key bundle**: public + relinearization key + one rotation key per index, each at its measured",
-        "  serialized size at N=2^16, depth 30"
-        f" ({_gib(measured['costs']['key_bytes'].get('rotation', 0))} per rotation key).",
-        "* **predicted latency**: sum over steps of the primitive operations each needs, priced with the",
-        "  costs measured at that step's level (below; after the first 30 levels, as if right after a",
-        "  bootstrap), including re-encoding on every run the plaintext diagonals that do not fit the",
-        "  engine's default 2 GiB cache (tens of GiB here). Bootstraps themselves are **not** included:",
-        "  they have not been measured here.",
-        "",
-        f"Primitive costs measured once at N=2^16, depth 30 ({measured['seconds']:.0f} s to measure; ms, median of 2",
-        f"or more, at levels {c['levels'][0]} / {c['levels'][len(c['levels']) // 2]} / {c['levels'][-1]}):",
-        ", ".join(f"{label} {' / '.join(f'{c[key][i]:.1f}' for i in (0, len(c['levels']) // 2, -1))}"
-                  for label, key in (("rotate", "rotate"), ("hoisted rotate", "fast_rotate"),
-                                     ("hoisting precompute", "precompute"), ("extended-basis rotate", "rotate_ext"),
-                                     ("ModDown", "key_switch_down"), ("plaintext multiply", "mult_plain"),
-                                     ("add", "add"), ("ciphertext multiply", "mult_cipher"), ("encode", "encode")))
-        + "".join(f", Chebyshev degree {k.split('_')[1]} {v:.0f} (top level)" for k, v in c.items()
-                  if k.startswith("chebyshev_"))
-        + ".",
-        "",
-        "Compiler changes these plans needed: estimate-only compiles import matrices in float32; fusion scales",
-        "rows/columns for diagonal factors (BatchNorm) instead of a sparse product; diagonal planning finds",
-        "distinct diagonals with a bitmap, in chunks; layout candidates and costs are memoized; the",
-        "grid-layout search has a work budget (per layer and per graph) beyond which layers keep the compact",
-        "and plane-grid layouts (docs/architecture.md); a plan reports bootstraps instead of assuming none.",
+        "* **bootstraps**: bootstrap steps in the program; *ciphertext bootstraps* counts each once per",
+        "  ciphertext its tensor spans (a 64x32x32 tensor spans 16 ciphertexts of 8 lanes x 4096 values).",
+        "  *Bootstrap slots*: the slot counts they run at (sparse ones where a tensor fills fewer slots).",
+        "* **rotation keys / key bundle**: the program's rotation keys (BSGS diagonal plans of the chosen",
+        "  slot layouts, after the key-budget pass), plus the bootstrapping keys, at their measured sizes.",
+        "* **predicted s per 8 images**: one 8-lane pass, every step priced with the primitive costs",
+        "  measured at its level, and every bootstrap at its measured cost for its slot count (the next",
+        "  column), including re-encoding on every run the plaintext diagonals that do not fit the engine's",
+        "  default 2 GiB cache.",
+        "* **predicted server peak**: `program.report.peak_memory`: the installed bundle, the plaintext",
+        "  cache, the widest step's ciphertexts and the measured bootstrapping precomputations. Above the",
+        "  24 GB of this machine it cannot run here.",
         "",
     ]
+    if first is not None:
+        c = first["costs"]["ms"]
+        boots = {n: r["costs"]["ms"][f"bootstrap_{n}"] for r in records if r["costs"] for n in r["bootstrap_slots"]}
+        load = first["costs"]["load"]
+        lines += [
+            f"Primitive costs measured at N=2^16, depth {first['depth_available']}, {first['costs']['measured_at']}"
+            f" (load average {load:g} on {os.cpu_count()} cores"
+            + (": other jobs shared the cores, so these and the predictions above are pessimistic" if load >
+               (os.cpu_count() or 1) else "") + f"; ms, at levels {c['levels'][0]} / "
+            f"{c['levels'][len(c['levels']) // 2]} / {c['levels'][-1]}):",
+            ", ".join(f"{label} {' / '.join(f'{c[key][i]:.1f}' for i in (0, len(c['levels']) // 2, -1))}"
+                      for label, key in (("rotate", "rotate"), ("hoisted rotate", "fast_rotate"),
+                                         ("hoisting precompute", "precompute"), ("extended-basis rotate", "rotate_ext"),
+                                         ("ModDown", "key_switch_down"), ("plaintext multiply", "mult_plain"),
+                                         ("add", "add"), ("ciphertext multiply", "mult_cipher"), ("encode", "encode")))
+            + "; one bootstrap per ciphertext at the slot counts the plans use: " + ", ".join(f"{n} slots {v / 1000:.1f} s"
+                                                                for n, v in sorted(boots.items())) + ".",
+            "",
+        ]
     lines += NN_SECTION.rstrip("\n").split("\n") + [""]
     lines += [
         "## Small networks (run encrypted without bootstrapping)",
@@ -257,37 +247,28 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     parser.add_argument("--write", metavar="PATH", help="write the markdown report here (e.g. docs/models.md)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--costs", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child, args.costs)
+        _child(args.child)
         return
     t_start = time.perf_counter()
-    print("measuring primitive costs at N=2^16 ...", flush=True)
-    measured = _measure_costs((4, 7))
     records = []
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(measured, fh)
-        costs_path = fh.name
-    try:
-        for name in args.models:
-            print(f"compiling {name} ...", flush=True)
-            out = subprocess.run([sys.executable, __file__, "--child", name, "--costs", costs_path],
-                                 check=True, capture_output=True, text=True, cwd=ROOT)
-            record = json.loads(out.stdout.strip().splitlines()[-1])
-            s = record["summary"]
-            print(f"  {name}: {record['compile_s']:.0f} s, peak {record['peak_rss_gib']:.1f} GiB, levels {s['levels']}, "
-                  f"bootstraps {s['bootstraps']}, rotations {s['rotations_per_run']}, keys {s['rotation_keys']}, "
-                  f"predicted {s['predicted_latency_ms']} ms", flush=True)
-            records.append(record)
-    finally:
-        os.unlink(costs_path)
+    for name in args.models:
+        print(f"compiling {name} (measuring costs the first time) ...", flush=True)
+        out = subprocess.run([sys.executable, __file__, "--child", name], check=True, capture_output=True, text=True,
+                             cwd=ROOT)
+        record = json.loads(out.stdout.strip().splitlines()[-1])
+        s = record["summary"]
+        print(f"  {name}: {record['compile_s']:.0f} s, peak {record['peak_rss_gib']:.1f} GiB, bootstraps "
+              f"{s['bootstraps']} ({s['ciphertext_bootstraps']} ciphertext), keys {s['rotation_keys']}, "
+              f"predicted {s['predicted_latency_ms']} ms", flush=True)
+        records.append(record)
     command = "python benchmarks/plan_models.py" + (f" --write {args.write}" if args.write else "")
     if args.models != list(MODELS):
         command += " --models " + " ".join(args.models)
     print("planning the small networks ...", flush=True)
     small = _small_models()
-    text = render(records, measured, command, time.perf_counter() - t_start, small)
+    text = render(records, command, time.perf_counter() - t_start, small)
     if args.write:
         Path(args.write).write_text(text)
         print(f"wrote {args.write}")

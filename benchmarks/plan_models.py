@@ -5,7 +5,7 @@ EfficientNet-B0, all polynomial + average pooling) and write them to docs/models
     python benchmarks/plan_models.py --write docs/models.md
 
 Each model is compiled at 128-bit security with its bootstraps placed where the predicted total is
-least, ``compile(model, (3, 32, 32), calibration_data=..., estimate_only=True)``, in its own process
+least, ``compile(model, (3, 32, 32), estimate_only=True)``, in its own process
 (so its peak memory is its own).  The compile measures what it prices with on this machine: the
 primitives at the bootstrappable parameters and a bootstrap at every slot count placement tries
 (both cached per machine, ``$H33_CACHE_DIR``), so the predicted latency includes the bootstraps.
@@ -77,9 +77,8 @@ def _child(name: str) -> None:
 
     model = zoo.CIFAR_ARCHITECTURES[name]().eval()
     params = sum(p.numel() for p in model.parameters())
-    calib = zoo._data("cifar10", "train")[0][:256]
     t0 = time.perf_counter()
-    compiled = compile(model, (3, 32, 32), calibration_data=calib, estimate_only=True)
+    compiled = compile(model, (3, 32, 32), estimate_only=True)
     seconds = time.perf_counter() - t0
     ops: dict[str, int] = {}
     by_slots: dict[str, int] = {}
@@ -133,14 +132,14 @@ def render(records: list[dict], command: str, total_s: float, small: list[dict])
         "`h33_bento.zoo` with their usual activations and pooling and converted by `h33_bento.nn.polyfy`:",
         "ReLU -> `PolyReLU` (degree 4, 4 levels), ReLU6 -> `PolyReLU6` (degree 4), SiLU -> `PolySiLU` and",
         "Sigmoid -> `PolySigmoid` (degree 7, 5 levels), MaxPool -> AvgPool. The weights are untrained and the",
-        "activation ranges calibrated on 256 CIFAR-10 training images; neither changes a plan much (levels,",
-        "rotations and keys depend on the architecture; only where the bootstraps' inputs are mapped does).",
+        "activation ranges placeholders; neither changes a plan (levels, rotations, keys and bootstraps depend",
+        "on the architecture only; the bootstraps' input ranges are checked when a program is compiled to run).",
         "",
         "Every model is compiled at 128-bit security (N=2^16, a sparse-encapsulated secret, depth 24) with",
         "its bootstraps placed by the compiler where the predicted total is least, priced with costs",
-        "measured on this machine, bootstraps included: `compile(model, (3, 32, 32), calibration_data=x,",
-        "estimate_only=True)` (estimate-only: the diagonals are counted, not materialized). Running them",
-        "encrypted is `benchmarks/deep.py` (docs/benchmarks.md).",
+        "measured on this machine, bootstraps included: `compile(model, (3, 32, 32), estimate_only=True)`",
+        "(estimate-only: the diagonals are counted, not materialized). Running them encrypted is",
+        "`benchmarks/deep.py` (docs/benchmarks.md).",
         "",
         "Reproduce with:",
         "",

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/peers/prepare.py --network resnet20 --out benchmarks/peers/out \
         --weights DIR/resnet20-poly.pt
 
-ResNet-20 is not trained here (hours): ``--weights`` is the polynomial state dict
+ResNet-20 is not trained here (half an hour and more): ``--weights`` is the polynomial state dict
 ``benchmarks/accuracy.py --datasets resnet20 --save DIR`` writes; its images are CIFAR-10 test
 images and its calibration batch the first 256 CIFAR-10 training images (as ``benchmarks/deep.py``).
 

@@ -158,7 +158,7 @@ def _layers(model: Any, net: str) -> list[tuple[Any, str, str]]:
 
     spec = LAYERS[net]
     if net in BY_NAME:
-        return [(model.get_submodule(name), name, kind) for name, kind in spec]
+        return _named(model, net)
     mods = [m for m in model.modules()
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm))]
     if len(mods) != len(spec):
@@ -169,6 +169,11 @@ def _layers(model: Any, net: str) -> list[tuple[Any, str, str]]:
         if not isinstance(m, want):
             raise ValueError(f"{net}: layer {name} is a {type(m).__name__}, expected {kind}")
     return [(m, name, kind) for m, (name, kind) in zip(mods, spec)]
+
+
+def _named(model: Any, net: str) -> list[tuple[Any, str, str]]:
+    """(module, canonical name, kind) for every layer of ``LAYERS[net]``, looked up by name."""
+    return [(model.get_submodule(name), name, kind) for name, kind in LAYERS[net]]
 
 
 def _copy(layers: list[tuple[Any, str, str]], net: str, sd: "dict[str, Any]") -> None:
@@ -200,7 +205,7 @@ def load_canonical_by_name(model: Any, net: str, sd: "dict[str, Any]") -> None:
     """Copy a canonical state dict into a model whose layers carry the canonical names
     (Orion's models: their modules are not torch.nn.Conv2d/Linear subclasses).  Polynomial
     activations are not copied: an Orion activation is built from its coefficients."""
-    _copy([(model.get_submodule(name), name, kind) for name, kind in LAYERS[net] if kind != "poly"], net, sd)
+    _copy([layer for layer in _named(model, net) if layer[2] != "poly"], net, sd)
 
 
 # ------------------------------------------------------------------------ timing / results
